@@ -1,0 +1,1 @@
+"""Letterpress HTTP front door (FastAPI). Thin: no GPU, no model imports."""

@@ -1,0 +1,130 @@
+"""One settings object for every process (pydantic-settings, `LETTERPRESS_` prefix, nested groups).
+
+Nested fields use a double underscore: `LETTERPRESS_DATABASE__URL`, `LETTERPRESS_STORAGE__URL`,
+`LETTERPRESS_MODEL__ID`, `LETTERPRESS_WORKER__LEASE_TTL_S`, ...
+"""
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEV_SECRET = "dev-insecure-secret"
+
+
+class DatabaseSettings(BaseModel):
+    url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/letterpress"
+    pool_size: int = 5
+
+
+class RedisSettings(BaseModel):
+    url: str = "redis://127.0.0.1:6379/0"
+    # Seconds a delivered-but-unacked Celery message stays invisible before Redis redelivers it. Postgres leases
+    # recover lost work much sooner (see docs/RELIABILITY.md); this only bounds the worst case.
+    visibility_timeout_s: int = 3600
+
+
+class StorageSettings(BaseModel):
+    # `s3://bucket/prefix` or `file:///absolute/dir`
+    url: str = "file://./.letterpress/storage"
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+    access_key_id: str | None = None
+    secret_access_key: SecretStr | None = None
+    presign_ttl_s: int = 900
+    max_retries: int = 5
+
+
+class ModelSettings(BaseModel):
+    # Hub id or local path. Empty: the tiny random-weight model under LETTERPRESS_HOME when there is no GPU,
+    # `ideogram-ai/ideogram-4-nf4` when there is one.
+    id: str = ""
+    # auto | bf16 | nf4 | nf4-dequant | fp8 | fp32
+    variant: str = "auto"
+    revision: str | None = None
+    hf_token: SecretStr | None = None
+    hf_home: str | None = None
+    offline: bool = False
+    # Use the worker's equivalent fast path (tight text padding, no mask when unpadded, cached projections).
+    fast_path: bool = True
+    compile: bool = False
+
+
+class ApiSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    default_preset: str = "V4_DEFAULT_20"
+    max_width: int = 2048
+    max_height: int = 2048
+    min_side: int = 256
+    max_metadata_bytes: int = 4096
+    page_size_max: int = 200
+
+
+class WorkerSettings(BaseModel):
+    lease_ttl_s: int = 30
+    heartbeat_s: float = 5.0
+    progress_min_interval_s: float = 1.0
+    max_attempts: int = 3
+    maintenance_period_s: int = 15
+    # Seconds the running job may keep going after a drain starts (SIGTERM or spot notice).
+    drain_grace_s: float = 90.0
+    spot_notice_url: str | None = None
+    spot_poll_s: float = 5.0
+    # Jobs re-enqueued by maintenance when queued longer than this without a claim (lost enqueues).
+    requeue_after_s: int = 60
+    concurrency: int = 1
+
+
+class WebhookSettings(BaseModel):
+    allow_loopback: bool = False
+    timeout_s: float = 15.0
+    retry_schedule_s: list[float] = Field(default_factory=lambda: [0, 5, 300, 1800, 7200, 18000, 36000, 36000])
+    jitter: float = 0.1
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LETTERPRESS_", env_nested_delimiter="__", extra="ignore")
+
+    env: Literal["dev", "test", "prod"] = "dev"
+    home: Path = Path("./.letterpress")
+    secret_key: SecretStr = SecretStr(DEV_SECRET)
+    database: DatabaseSettings = DatabaseSettings()
+    redis: RedisSettings = RedisSettings()
+    storage: StorageSettings = StorageSettings()
+    model: ModelSettings = ModelSettings()
+    api: ApiSettings = ApiSettings()
+    worker: WorkerSettings = WorkerSettings()
+    webhooks: WebhookSettings = WebhookSettings()
+
+    @model_validator(mode="after")
+    def _refuse_default_secret_in_prod(self) -> "Settings":
+        if self.env == "prod" and self.secret_key.get_secret_value() == DEV_SECRET:
+            raise ValueError("LETTERPRESS_SECRET_KEY must be set to a real secret when LETTERPRESS_ENV=prod")
+        return self
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
+
+
+def reset_settings_cache() -> None:
+    """For tests and the CLI, which change the environment after import."""
+    get_settings.cache_clear()
+
+
+def hf_env(model: ModelSettings) -> dict[str, str]:
+    """Environment the Hugging Face libraries read (token, cache, offline mode)."""
+    env = {}
+    if model.hf_token is not None:
+        env["HF_TOKEN"] = model.hf_token.get_secret_value()
+    if model.hf_home:
+        env["HF_HOME"] = model.hf_home
+    if model.offline:
+        env["HF_HUB_OFFLINE"] = "1"
+    return {**{k: v for k, v in os.environ.items() if k in ("HF_TOKEN", "HF_HOME", "HF_HUB_OFFLINE")}, **env}

@@ -1,0 +1,1 @@
+"""Letterpress GPU workers: Celery tasks, the warm pipeline runner, maintenance."""
