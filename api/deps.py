@@ -1,0 +1,45 @@
+"""FastAPI dependencies as `Annotated` aliases: SessionDep, SettingsDep, StorageDep, CurrentTenant."""
+from __future__ import annotations
+
+from typing import Annotated, Iterator
+
+from fastapi import Depends, Header, Request
+from sqlalchemy.orm import Session
+
+from common.auth import authenticate
+from common.db import session_factory
+from common.models import Tenant
+from common.settings import Settings, get_settings
+from common.storage import Storage
+
+
+def get_session() -> Iterator[Session]:
+    """One session per request, committed by the handler at the edge; rolled back if it raised."""
+    session = session_factory()()
+    try:
+        yield session
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+def get_storage(request: Request) -> Storage:
+    return request.app.state.storage
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+StorageDep = Annotated[Storage, Depends(get_storage)]
+
+
+def current_tenant(session: SessionDep, authorization: Annotated[str | None, Header()] = None) -> Tenant:
+    key = None
+    if authorization:
+        scheme, _, value = authorization.partition(" ")
+        key = value.strip() if scheme.lower() == "bearer" else None
+    return authenticate(session, key)
+
+
+CurrentTenant = Annotated[Tenant, Depends(current_tenant)]

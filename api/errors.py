@@ -1,0 +1,55 @@
+"""One handler family mapping errors to status codes and `{"error": {"type", "message", "field"?}}` bodies."""
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from common.errors import LetterpressError
+from common.job_request import RequestError
+
+log = logging.getLogger(__name__)
+
+
+def _field_of(loc: tuple) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    return ".".join(parts) or ".".join(str(p) for p in loc)
+
+
+def error_response(status: int, type_: str, message: str, field: str | None = None, *,
+                   headers: dict[str, str] | None = None, **extra) -> JSONResponse:
+    body = {"type": type_, "message": message, **extra}
+    if field:
+        body["field"] = field
+    return JSONResponse(status_code=status, content={"error": body}, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(LetterpressError)
+    async def _domain(_: Request, exc: LetterpressError):
+        return error_response(exc.status_code, exc.type, exc.message, exc.field)
+
+    @app.exception_handler(RequestError)
+    async def _request(_: Request, exc: RequestError):
+        return error_response(422, "invalid_request", str(exc), exc.field)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError):
+        errors = [{"field": _field_of(tuple(e["loc"])), "message": e["msg"]} for e in exc.errors()]
+        first = errors[0] if errors else {"field": None, "message": "invalid request"}
+        return error_response(422, "validation_error", first["message"], first["field"], errors=errors)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException):
+        return error_response(exc.status_code, "http_error", str(exc.detail))
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(DBAPIError)
+    async def _database_down(_: Request, exc: Exception):
+        log.error("database unavailable: %s", exc)
+        return error_response(503, "service_unavailable", "the database is unavailable; retry shortly",
+                              headers={"Retry-After": "5"})

@@ -1,0 +1,26 @@
+"""The FastAPI app. `uvicorn api.main:app` (or `letterpress api`)."""
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI
+
+from api.errors import install_error_handlers
+from api.routers import health, jobs
+from common.settings import get_settings
+from common.storage import open_storage
+
+
+def create_app() -> FastAPI:
+    settings = get_settings()
+    app = FastAPI(title="Letterpress", version="0.1.0",
+                  description="Queue-backed batch image generation for Ideogram 4")
+    app.state.storage = open_storage(settings.storage)
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(jobs.router)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return app
+
+
+app = create_app()

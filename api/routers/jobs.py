@@ -1,0 +1,139 @@
+"""/v1/jobs: submit, read, list (cursor pagination), cancel, and serve images of local storage to their owner."""
+from __future__ import annotations
+
+import base64
+import uuid
+import logging
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import FileResponse, RedirectResponse
+from sqlalchemy import and_, or_, select
+
+from api.deps import CurrentTenant, SessionDep, SettingsDep, StorageDep
+from api.schemas import ImageOut, JobList, JobOut, Progress
+from common import jobs as job_states
+from common.errors import InvalidRequest, NotFound
+from common.job_request import JobRequest, to_params
+from common.models import Job, JobStatus
+from common.queue import enqueue_generate
+from common.storage import Storage
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+REQUEST_FIELDS = ("prompt", "caption", "preset", "width", "height", "seed", "num_images", "steps", "guidance_scale")
+
+
+def image_url(request: Request, storage: Storage, job: Job, key: str, index: int) -> str:
+    return storage.presigned_url(key) or str(request.url_for("get_job_image", job_id=str(job.id), index=index))
+
+
+def job_out(request: Request, session, storage: Storage, job: Job) -> JobOut:
+    total = job.progress_total or job.params["steps"]
+    self_url = str(request.url_for("get_job", job_id=str(job.id)))
+    return JobOut(
+        id=str(job.id), status=job.status, queue=job.queue,
+        request={k: job.params[k] for k in REQUEST_FIELDS if job.params.get(k) is not None},
+        metadata=job.metadata_,
+        progress=Progress(step=job.progress_step, total=total, fraction=round(job.progress_step / total, 4)),
+        queue_position=job_states.queue_position(session, job=job),
+        attempts=job.attempts, max_attempts=job.max_attempts, preemptions=job.preemptions, error=job.error,
+        images=[ImageOut(index=i.index, seed=i.seed, url=image_url(request, storage, job, i.key, i.index), key=i.key,
+                         sha256=i.sha256, width=i.width, height=i.height, size_bytes=i.size_bytes)
+                for i in job.images],
+        timings=job.timings, created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
+        urls={"self": self_url, "cancel": self_url + "/cancel"},
+    )
+
+
+def enqueue_committed(session, job: Job) -> None:
+    """After commit: hand the id to Redis. If Redis is down the job stays queued with enqueued_at NULL and the
+    maintenance loop enqueues it later; the request still succeeds (Postgres holds the job)."""
+    try:
+        enqueue_generate(job.id, job.queue)
+    except Exception as exc:  # noqa: BLE001 - any broker failure: record and move on, maintenance re-enqueues
+        log.warning("enqueue of job %s failed, maintenance will retry: %s", job.id, exc)
+        return
+    job_states.mark_enqueued(session, [job.id])
+    session.commit()
+
+
+@router.post("", status_code=202, response_model=JobOut)
+def create_job(body: JobRequest, request: Request, response: Response, session: SessionDep, tenant: CurrentTenant,
+               settings: SettingsDep, storage: StorageDep,
+               idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> JobOut:
+    params = to_params(body, settings.api)
+    if body.webhook_url is not None:
+        from common.webhooks.ssrf import UnsafeURLError, check_url
+        try:
+            check_url(body.webhook_url, allow_loopback=settings.webhooks.allow_loopback)
+        except UnsafeURLError as exc:
+            raise InvalidRequest(f"webhook_url refused: {exc}", field="webhook_url") from None
+    job, created = job_states.create_job(
+        session, tenant_id=tenant.id, params=params, idempotency_key=idempotency_key, metadata=body.metadata,
+        webhook_url=body.webhook_url, max_attempts=settings.worker.max_attempts)
+    session.commit()
+    if created:
+        enqueue_committed(session, job)
+    else:
+        response.status_code = 200
+    response.headers["Location"] = str(request.url_for("get_job", job_id=str(job.id)))
+    return job_out(request, session, storage, job)
+
+
+@router.get("/{job_id}", response_model=JobOut, name="get_job")
+def get_job(job_id: str, request: Request, session: SessionDep, tenant: CurrentTenant,
+            storage: StorageDep) -> JobOut:
+    return job_out(request, session, storage, job_states.get_job(session, job_id, tenant_id=tenant.id))
+
+
+@router.post("/{job_id}/cancel", response_model=JobOut)
+def cancel_job(job_id: str, request: Request, session: SessionDep, tenant: CurrentTenant,
+               storage: StorageDep) -> JobOut:
+    job = job_states.cancel(session, job=job_states.get_job(session, job_id, tenant_id=tenant.id))
+    session.commit()
+    return job_out(request, session, storage, job)
+
+
+def _encode_cursor(job: Job) -> str:
+    return base64.urlsafe_b64encode(f"{job.created_at.isoformat()}|{job.id}".encode()).decode()
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        created, jid = base64.urlsafe_b64decode(cursor.encode()).decode().split("|")
+        return datetime.fromisoformat(created), uuid.UUID(jid)
+    except Exception:  # noqa: BLE001 - any garbage is the caller's
+        raise InvalidRequest("cursor is not one this API returned", field="cursor") from None
+
+
+@router.get("", response_model=JobList)
+def list_jobs(request: Request, session: SessionDep, tenant: CurrentTenant, storage: StorageDep,
+              status: Annotated[str | None, Query(pattern="^(" + "|".join(JobStatus.ALL) + ")$")] = None,
+              limit: Annotated[int, Query(ge=1, le=200)] = 50,
+              cursor: str | None = None) -> JobList:
+    """Newest first; `next_cursor` continues after the last item."""
+    query = select(Job).where(Job.tenant_id == tenant.id)
+    if status:
+        query = query.where(Job.status == status)
+    if cursor:
+        created, jid = _decode_cursor(cursor)
+        query = query.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < jid)))
+    rows = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
+    page = rows[:limit]
+    return JobList(data=[job_out(request, session, storage, j) for j in page], has_more=len(rows) > limit,
+                   next_cursor=_encode_cursor(page[-1]) if len(rows) > limit else None)
+
+
+@router.get("/{job_id}/images/{index}", name="get_job_image")
+def get_job_image(job_id: str, index: int, session: SessionDep, tenant: CurrentTenant, storage: StorageDep):
+    job = job_states.get_job(session, job_id, tenant_id=tenant.id)
+    image = next((i for i in job.images if i.index == index), None)
+    if image is None:
+        raise NotFound(f"job {job_id} has no image {index}")
+    path = storage.local_path(image.key)
+    if path is not None:
+        return FileResponse(path, media_type="image/png")
+    return RedirectResponse(storage.presigned_url(image.key), status_code=307)

@@ -1,0 +1,43 @@
+"""API keys: `lp_<random>` shown once, stored as SHA-256 (keys are high-entropy, so a plain hash suffices)."""
+from __future__ import annotations
+
+import hashlib
+import secrets
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from common.errors import AuthenticationError
+from common.models import ApiKey, Tenant
+
+KEY_PREFIX = "lp_"
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def get_or_create_tenant(session: Session, name: str) -> Tenant:
+    tenant = session.scalar(select(Tenant).where(Tenant.name == name))
+    if tenant is None:
+        tenant = Tenant(name=name)
+        session.add(tenant)
+        session.flush()
+    return tenant
+
+
+def create_api_key(session: Session, *, tenant: Tenant, name: str) -> str:
+    """Create a key and return it in clear: the only time it is ever visible."""
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    session.add(ApiKey(tenant_id=tenant.id, name=name, prefix=key[:10], key_hash=hash_key(key)))
+    session.flush()
+    return key
+
+
+def authenticate(session: Session, key: str | None) -> Tenant:
+    if not key:
+        raise AuthenticationError("missing API key: send `Authorization: Bearer <key>`")
+    api_key = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None)))
+    if api_key is None:
+        raise AuthenticationError("invalid API key")
+    return api_key.tenant

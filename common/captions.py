@@ -1,0 +1,43 @@
+"""The Ideogram 4 structured caption schema. The model is trained on these JSON captions; a caption is
+serialized to compact JSON and fed to the text encoder exactly like a text prompt."""
+from __future__ import annotations
+
+import json
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Text = Annotated[str, Field(min_length=1, max_length=2000)]
+
+
+class ObjectElement(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["obj"]
+    desc: Text
+
+
+class TextElement(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: Annotated[str, Field(min_length=1, max_length=500)]
+    desc: Text | None = None
+
+
+Element = Annotated[Union[ObjectElement, TextElement], Field(discriminator="type")]
+
+
+class CompositionalDeconstruction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    background: Text
+    elements: list[Element] = Field(default_factory=list, max_length=64)
+
+
+class Caption(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    high_level_description: Text
+    compositional_deconstruction: CompositionalDeconstruction
+
+    def to_prompt_text(self) -> str:
+        """The exact string the text encoder sees (stable key order, no whitespace, so it caches and
+        reproduces byte for byte)."""
+        return json.dumps(self.model_dump(exclude_none=True), separators=(",", ":"), ensure_ascii=False)

@@ -1,0 +1,113 @@
+"""What a caller may ask for, validated once for every entry point (REST jobs, batch lines, the CLI).
+
+Ideogram API names where one exists: `rendering_speed`, `magic_prompt`, `seed`, `num_images`, `resolution`.
+`to_params()` normalizes a request into the job's stored `params`: everything the worker needs, with the seed
+chosen by the server when omitted, so the stored job alone reproduces its images.
+"""
+from __future__ import annotations
+
+import json
+import secrets
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from common.captions import Caption
+from common.presets import PRESETS, RENDERING_SPEED, get_preset
+from common.settings import ApiSettings
+
+MAX_SEED = 2**32 - 1
+PresetName = Literal["V4_QUALITY_48", "V4_HIGH_34", "V4_DEFAULT_20", "V4_FAST_16", "V4_TURBO_12"]
+
+
+class JobRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str | None = Field(None, min_length=1, max_length=8000)
+    caption: Caption | None = None
+    preset: PresetName | None = None
+    rendering_speed: Literal["TURBO", "DEFAULT", "QUALITY"] | None = None
+    width: int | None = Field(None, ge=16, le=8192)
+    height: int | None = Field(None, ge=16, le=8192)
+    resolution: str | None = Field(None, pattern=r"^\d+x\d+$", description="WIDTHxHEIGHT, e.g. 1024x1024")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    num_images: int = Field(1, ge=1, le=8)
+    steps: int | None = Field(None, ge=1, le=200)
+    guidance_scale: float | None = Field(None, ge=0.0, le=30.0)
+    magic_prompt: bool = False
+    metadata: dict[str, Any] | None = None
+    webhook_url: str | None = Field(None, max_length=2048)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_blank(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("prompt must not be blank")
+        return v
+
+    @model_validator(mode="after")
+    def _one_of_prompt_or_caption(self) -> "JobRequest":
+        if (self.prompt is None) == (self.caption is None):
+            raise ValueError("give exactly one of `prompt` (text) or `caption` (structured)")
+        if self.preset and self.rendering_speed:
+            raise ValueError("give `preset` or `rendering_speed`, not both")
+        if self.resolution and (self.width or self.height):
+            raise ValueError("give `resolution` or `width`/`height`, not both")
+        if self.magic_prompt:
+            raise ValueError("magic_prompt is not available on this server (no prompt_enhancer_head loaded)")
+        return self
+
+
+class RequestError(ValueError):
+    """A request that parses but breaks a server limit; carries the field it names."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+def _check_side(name: str, value: int, lo: int, hi: int) -> None:
+    if value % 16:
+        raise RequestError(name, f"{name} must be a multiple of 16, got {value}")
+    if not lo <= value <= hi:
+        raise RequestError(name, f"{name} must be between {lo} and {hi}, got {value}")
+
+
+def to_params(req: JobRequest, api: ApiSettings) -> dict[str, Any]:
+    """Normalize a validated request into stored job params. Raises RequestError naming the field."""
+    preset_name = req.preset or (RENDERING_SPEED[req.rendering_speed] if req.rendering_speed else api.default_preset)
+    preset = get_preset(preset_name)
+    if req.resolution:
+        width, height = (int(x) for x in req.resolution.split("x"))
+        _check_side("resolution", width, api.min_side, api.max_width)
+        _check_side("resolution", height, api.min_side, api.max_height)
+    else:
+        width, height = req.width or 1024, req.height or 1024
+        _check_side("width", width, api.min_side, api.max_width)
+        _check_side("height", height, api.min_side, api.max_height)
+    if req.metadata is not None and len(json.dumps(req.metadata)) > api.max_metadata_bytes:
+        raise RequestError("metadata", f"metadata must serialize to at most {api.max_metadata_bytes} bytes")
+    steps = req.steps or preset.steps
+    seed_generated = req.seed is None
+    seed = secrets.randbelow(MAX_SEED - 8) if seed_generated else req.seed
+    params: dict[str, Any] = {
+        "preset": preset.name, "width": width, "height": height, "steps": steps, "mu": preset.mu, "std": preset.std,
+        "guidance_schedule": list(preset.guidance_schedule(steps, req.guidance_scale)),
+        "guidance_scale": req.guidance_scale, "seed": seed, "seed_generated": seed_generated,
+        "num_images": req.num_images,
+    }
+    if req.caption is not None:
+        params["caption"] = req.caption.model_dump(exclude_none=True)
+        params["prompt_text"] = req.caption.to_prompt_text()
+    else:
+        params["prompt"] = req.prompt
+        params["prompt_text"] = req.prompt
+    return params
+
+
+def image_seeds(params: dict[str, Any]) -> list[int]:
+    """One seed per image: seed, seed+1, ... (wrapping), so image i is reproducible on its own."""
+    return [(params["seed"] + i) % (MAX_SEED + 1) for i in range(params["num_images"])]
+
+
+assert set(PRESETS) == set(PresetName.__args__)  # the Literal and the table must agree

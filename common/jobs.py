@@ -1,0 +1,247 @@
+"""The job state machine and its SQL: one home for every status transition.
+
+    queued -> running -> succeeded | failed | canceled
+    running -> queued            (preempted: free; lease expired / crash: counts as an attempt)
+    queued  -> canceled          (at once)      running -> canceled (the worker stops at the next step)
+
+Every write made by a running attempt carries `WHERE lease_token = :mine` (the fencing token). A write that
+matches no row raises LeaseLost: another attempt owns the job, and this one must stop without touching
+anything. Functions take a session and keyword arguments; the caller commits (at the request or task edge).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.orm import Session
+
+from common.errors import Conflict, LeaseLost, NotFound
+from common.models import Job, JobImage, JobStatus
+
+S = JobStatus
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def request_hash(params: dict[str, Any], metadata: dict | None, webhook_url: str | None) -> str:
+    """Hash of what the caller asked for, to tell an idempotent replay from a conflicting reuse of a key.
+    `params["seed"]` is excluded when the server picked it."""
+    body = {"params": {k: v for k, v in params.items() if k != "seed" or not params.get("seed_generated")},
+            "metadata": metadata, "webhook_url": webhook_url}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def create_job(session: Session, *, tenant_id: uuid.UUID, params: dict[str, Any], queue: str = "interactive",
+               idempotency_key: str | None = None, metadata: dict | None = None, webhook_url: str | None = None,
+               max_attempts: int = 3) -> tuple[Job, bool]:
+    """Insert a queued job. Returns (job, created). The same Idempotency-Key with the same request returns the
+    existing job (created=False); with another request it raises Conflict."""
+    digest = request_hash(params, metadata, webhook_url)
+    if idempotency_key is not None:
+        existing = session.scalar(select(Job).where(Job.tenant_id == tenant_id,
+                                                    Job.idempotency_key == idempotency_key))
+        if existing is not None:
+            if existing.request_hash != digest:
+                raise Conflict("Idempotency-Key was already used with a different request", field="Idempotency-Key")
+            return existing, False
+    job = Job(tenant_id=tenant_id, queue=queue, status=S.QUEUED, params=params, request_hash=digest,
+              idempotency_key=idempotency_key, metadata_=metadata, webhook_url=webhook_url, attempts=0,
+              max_attempts=max_attempts, preemptions=0, cancel_requested=False, progress_step=0,
+              progress_total=params["steps"])
+    session.add(job)
+    session.flush()
+    return job, True
+
+
+def get_job(session: Session, job_id: uuid.UUID | str, *, tenant_id: uuid.UUID | None = None) -> Job:
+    """A job by id; another tenant's job is NotFound (no existence leak)."""
+    try:
+        jid = uuid.UUID(str(job_id))
+    except ValueError:
+        raise NotFound(f"job {job_id} not found") from None
+    job = session.get(Job, jid)
+    if job is None or (tenant_id is not None and job.tenant_id != tenant_id):
+        raise NotFound(f"job {job_id} not found")
+    return job
+
+
+def mark_enqueued(session: Session, job_ids: list[uuid.UUID]) -> None:
+    session.execute(update(Job).where(Job.id.in_(job_ids)).values(enqueued_at=func.now()))
+
+
+@dataclass(frozen=True)
+class Claim:
+    job_id: uuid.UUID
+    token: uuid.UUID
+    attempt: int
+    tenant_id: uuid.UUID
+    params: dict[str, Any]
+
+
+def claim(session: Session, *, job_id: uuid.UUID, worker_id: str, ttl_s: float) -> Claim | None:
+    """Take the job for one attempt if it is queued, or running under an expired lease with attempts left.
+    Returns None when someone else holds it or it is finished: a duplicate delivery is a no-op."""
+    token = uuid.uuid4()
+    row = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.cancel_requested.is_(False), Job.attempts < Job.max_attempts,
+               or_(Job.status == S.QUEUED, and_(Job.status == S.RUNNING, Job.lease_expires_at < func.now())))
+        .values(status=S.RUNNING, lease_token=token, lease_expires_at=func.now() + timedelta(seconds=ttl_s),
+                attempts=Job.attempts + 1, worker_id=worker_id, progress_step=0,
+                started_at=func.coalesce(Job.started_at, func.now()))
+        .returning(Job.attempts, Job.tenant_id, Job.params)
+    ).one_or_none()
+    if row is None:
+        return None
+    return Claim(job_id=job_id, token=token, attempt=row.attempts, tenant_id=row.tenant_id, params=row.params)
+
+
+def _fenced(job_id: uuid.UUID, token: uuid.UUID):
+    return update(Job).where(Job.id == job_id, Job.lease_token == token, Job.status == S.RUNNING)
+
+
+def heartbeat(session: Session, *, job_id: uuid.UUID, token: uuid.UUID, ttl_s: float,
+              progress_step: int | None = None, progress_total: int | None = None) -> bool:
+    """Renew the lease (and record progress). Returns whether cancellation was requested.
+    Raises LeaseLost when the token no longer owns the job."""
+    values: dict[str, Any] = {"lease_expires_at": func.now() + timedelta(seconds=ttl_s)}
+    if progress_step is not None:
+        values["progress_step"] = progress_step
+    if progress_total is not None:
+        values["progress_total"] = progress_total
+    row = session.execute(_fenced(job_id, token).values(**values).returning(Job.cancel_requested)).one_or_none()
+    if row is None:
+        raise LeaseLost(f"job {job_id}: lease lost")
+    return bool(row.cancel_requested)
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    index: int
+    seed: int
+    key: str
+    sha256: str
+    width: int
+    height: int
+    size_bytes: int
+
+
+def complete(session: Session, *, job_id: uuid.UUID, token: uuid.UUID, images: list[StoredImage],
+             timings: dict[str, float] | None = None) -> None:
+    """running -> succeeded, with its images, in one transaction. Only after the images are stored."""
+    row = session.execute(
+        _fenced(job_id, token)
+        .values(status=S.SUCCEEDED, finished_at=func.now(), lease_token=None, lease_expires_at=None,
+                progress_step=Job.progress_total, error=None, timings=timings)
+        .returning(Job.id)
+    ).one_or_none()
+    if row is None:
+        raise LeaseLost(f"job {job_id}: lease lost before completion")
+    session.query(JobImage).filter(JobImage.job_id == job_id).delete()
+    session.add_all(JobImage(job_id=job_id, **vars(img)) for img in images)
+
+
+def fail(session: Session, *, job_id: uuid.UUID, token: uuid.UUID, error: dict[str, Any], retryable: bool) -> str:
+    """End an attempt with an error. A retryable error returns the job to `queued` while attempts remain;
+    otherwise, or when they are exhausted, it ends `failed`. Returns the new status."""
+    job = session.execute(select(Job.attempts, Job.max_attempts).where(Job.id == job_id, Job.lease_token == token,
+                                                                       Job.status == S.RUNNING)).one_or_none()
+    if job is None:
+        raise LeaseLost(f"job {job_id}: lease lost before recording failure")
+    if retryable and job.attempts < job.max_attempts:
+        status, values = S.QUEUED, {"error": error}
+    else:
+        if retryable:
+            error = {"type": "attempts_exhausted", "message": f"gave up after {job.attempts} attempts",
+                     "last_error": error}
+        status, values = S.FAILED, {"error": error, "finished_at": func.now()}
+    session.execute(_fenced(job_id, token).values(status=status, lease_token=None, lease_expires_at=None, **values))
+    return status
+
+
+def release_preempted(session: Session, *, job_id: uuid.UUID, token: uuid.UUID) -> None:
+    """running -> queued after a spot notice or SIGTERM: the attempt is given back (preemptions are free)."""
+    row = session.execute(
+        _fenced(job_id, token)
+        .values(status=S.QUEUED, lease_token=None, lease_expires_at=None, attempts=Job.attempts - 1,
+                preemptions=Job.preemptions + 1, progress_step=0, enqueued_at=None)
+        .returning(Job.id)
+    ).one_or_none()
+    if row is None:
+        raise LeaseLost(f"job {job_id}: lease lost before release")
+
+
+def finish_canceled(session: Session, *, job_id: uuid.UUID, token: uuid.UUID) -> None:
+    """running -> canceled once the worker has stopped generating for a cancel request."""
+    session.execute(_fenced(job_id, token).values(status=S.CANCELED, finished_at=func.now(), lease_token=None,
+                                                  lease_expires_at=None))
+
+
+def cancel(session: Session, *, job: Job) -> Job:
+    """queued -> canceled at once; running -> cancel requested (the worker stops at the next step boundary);
+    finished -> Conflict."""
+    if job.status in S.TERMINAL:
+        raise Conflict(f"job {job.id} is already {job.status}", field="status")
+    result = session.execute(update(Job).where(Job.id == job.id, Job.status == S.QUEUED)
+                             .values(status=S.CANCELED, finished_at=func.now(), cancel_requested=True))
+    if result.rowcount == 0:  # running (or just claimed): the attempt sees the flag at its next heartbeat
+        session.execute(update(Job).where(Job.id == job.id, Job.status == S.RUNNING).values(cancel_requested=True))
+    session.refresh(job)
+    return job
+
+
+def queue_position(session: Session, *, job: Job) -> int | None:
+    """How many queued jobs of the same queue are ahead of this one (0 = next)."""
+    if job.status != S.QUEUED:
+        return None
+    return session.scalar(select(func.count()).select_from(Job).where(
+        Job.status == S.QUEUED, Job.queue == job.queue, Job.created_at < job.created_at))
+
+
+def recover_expired_leases(session: Session) -> tuple[list[tuple[uuid.UUID, str]], list[uuid.UUID]]:
+    """Maintenance: running jobs whose lease expired (worker gone) go back to `queued` when attempts remain,
+    or end `failed` (attempts_exhausted). Returns ([(requeued id, queue)], [dead-lettered ids])."""
+    requeued = session.execute(
+        update(Job)
+        .where(Job.status == S.RUNNING, Job.lease_expires_at < func.now(), Job.attempts < Job.max_attempts,
+               Job.cancel_requested.is_(False))
+        .values(status=S.QUEUED, lease_token=None, lease_expires_at=None, enqueued_at=None,
+                error={"type": "lease_expired", "message": "the worker stopped renewing its lease"})
+        .returning(Job.id, Job.queue)
+    ).all()
+    canceled = session.execute(
+        update(Job)
+        .where(Job.status == S.RUNNING, Job.lease_expires_at < func.now(), Job.cancel_requested.is_(True))
+        .values(status=S.CANCELED, lease_token=None, lease_expires_at=None, finished_at=func.now())
+        .returning(Job.id)
+    ).all()
+    dead = session.execute(
+        update(Job)
+        .where(Job.status == S.RUNNING, Job.lease_expires_at < func.now(), Job.attempts >= Job.max_attempts)
+        .values(status=S.FAILED, lease_token=None, lease_expires_at=None, finished_at=func.now(),
+                error=func.jsonb_build_object("type", "attempts_exhausted", "message",
+                                              "the job's worker was lost on every attempt",
+                                              "last_error", func.coalesce(Job.error, func.jsonb_build_object())))
+        .returning(Job.id)
+    ).all()
+    return [(r.id, r.queue) for r in requeued], [r.id for r in dead] + [r.id for r in canceled]
+
+
+def lost_enqueues(session: Session, *, queue: str, stale_after_s: float | None,
+                  limit: int = 1000) -> list[uuid.UUID]:
+    """Queued jobs of `queue` whose message may be lost: never enqueued (Redis was down at submit), and, when
+    `stale_after_s` is given (the caller saw the broker queue empty), enqueued longer ago than that (Redis
+    restarted or flushed). Re-enqueueing is safe: a duplicate delivery is a no-op at claim."""
+    lost = Job.enqueued_at.is_(None)
+    if stale_after_s is not None:
+        lost = or_(lost, Job.enqueued_at < func.now() - timedelta(seconds=stale_after_s))
+    return list(session.scalars(
+        select(Job.id).where(Job.status == S.QUEUED, Job.queue == queue, lost).order_by(Job.created_at).limit(limit)
+    ))

@@ -1,0 +1,48 @@
+"""Ideogram 4 sampling presets (DESIGN.md): steps, logit-normal (mu, std), and the guidance schedule
+(7.0 for the main steps, 3.0 for the final "polish" steps)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MAIN_GUIDANCE = 7.0
+POLISH_GUIDANCE = 3.0
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    steps: int
+    mu: float
+    std: float
+    polish_steps: int
+
+    def guidance_schedule(self, steps: int | None = None, guidance_scale: float | None = None) -> tuple[float, ...]:
+        """Per-step guidance. A constant `guidance_scale` override replaces the schedule; a `steps` override keeps
+        the preset's number of polish steps at the end."""
+        n = steps or self.steps
+        if guidance_scale is not None:
+            return (float(guidance_scale),) * n
+        polish = min(self.polish_steps, max(n - 1, 0))
+        return (MAIN_GUIDANCE,) * (n - polish) + (POLISH_GUIDANCE,) * polish
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset("V4_QUALITY_48", 48, 0.0, 1.5, 3),
+        Preset("V4_HIGH_34", 34, 0.0, 1.6875, 2),
+        Preset("V4_DEFAULT_20", 20, 0.0, 1.75, 2),
+        Preset("V4_FAST_16", 16, 0.25, 1.8375, 1),
+        Preset("V4_TURBO_12", 12, 0.5, 1.75, 1),
+    )
+}
+
+# Ideogram API `rendering_speed` values mapped onto presets.
+RENDERING_SPEED = {"QUALITY": "V4_QUALITY_48", "DEFAULT": "V4_DEFAULT_20", "TURBO": "V4_TURBO_12"}
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise KeyError(f"unknown preset {name!r}; one of {', '.join(PRESETS)}") from None

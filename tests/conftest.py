@@ -1,0 +1,131 @@
+"""Real parts for the whole suite, started once per session unless given by URL:
+
+- Postgres: LETTERPRESS_TEST_DATABASE_URL (a server we may create databases on), else a throwaway server
+- Redis: LETTERPRESS_TEST_REDIS_URL, else a throwaway redis-server
+- S3: a moto S3 API server subprocess
+- the tiny random-weight Ideogram 4, built locally once
+- the API (uvicorn) and a Celery worker process running the tiny model on the CPU, both real subprocesses
+
+Tests isolate by tenant: each test gets its own tenant and API key, so tests never see each other's jobs.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.support import ApiClient, Processes, make_tenant, wait_http
+
+TEST_DB = "letterpress_test"
+
+
+@pytest.fixture(scope="session")
+def services(tmp_path_factory):
+    from common.localstack import PostgresServer, RedisServer, S3Server
+
+    root = tmp_path_factory.mktemp("services")
+    started = []
+    db_url = os.environ.get("LETTERPRESS_TEST_DATABASE_URL")
+    if db_url:
+        pg = None
+    else:
+        pg = PostgresServer(root / "pg", fsync=False)
+        pg.start()
+        started.append(pg)
+    redis_url = os.environ.get("LETTERPRESS_TEST_REDIS_URL")
+    redis = None
+    if not redis_url:
+        redis = RedisServer(root / "redis")
+        redis.start()
+        started.append(redis)
+        redis_url = redis.url()
+    s3 = S3Server(root / "s3")
+    s3.start()
+    started.append(s3)
+    s3.create_bucket("letterpress-test")
+    if pg is not None:
+        pg.create_database(TEST_DB)
+        db_url = pg.url(TEST_DB)
+    else:
+        db_url = _fresh_database(db_url)
+    yield {"pg": pg, "redis": redis, "s3": s3, "database_url": db_url, "redis_url": redis_url, "root": root}
+    for server in reversed(started):
+        server.stop()
+
+
+def _fresh_database(server_url: str) -> str:
+    from sqlalchemy import create_engine, text
+
+    name = f"letterpress_test_{uuid.uuid4().hex[:8]}"
+    engine = create_engine(server_url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    engine.dispose()
+    return server_url.rsplit("/", 1)[0] + "/" + name
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from common.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def stack_env(services, tiny_model, tmp_path_factory) -> dict[str, str]:
+    """The environment every process of the test stack shares; also applied to this process."""
+    from common.db import get_engine, migrate
+    from common.settings import reset_settings_cache
+
+    env = {
+        "LETTERPRESS_ENV": "test",
+        "LETTERPRESS_HOME": str(tmp_path_factory.mktemp("home")),
+        "LETTERPRESS_DATABASE__URL": services["database_url"],
+        "LETTERPRESS_REDIS__URL": services["redis_url"],
+        "LETTERPRESS_STORAGE__URL": "s3://letterpress-test/images",
+        "LETTERPRESS_STORAGE__ENDPOINT_URL": services["s3"].endpoint_url,
+        "LETTERPRESS_STORAGE__ACCESS_KEY_ID": "test",
+        "LETTERPRESS_STORAGE__SECRET_ACCESS_KEY": "test",
+        "LETTERPRESS_MODEL__ID": str(tiny_model),
+        "LETTERPRESS_WORKER__LEASE_TTL_S": "6",
+        "LETTERPRESS_WORKER__HEARTBEAT_S": "1",
+        "LETTERPRESS_WORKER__PROGRESS_MIN_INTERVAL_S": "0.2",
+        "LETTERPRESS_WORKER__MAINTENANCE_PERIOD_S": "1",
+        "LETTERPRESS_WORKER__REQUEUE_AFTER_S": "5",
+        "LETTERPRESS_WEBHOOKS__ALLOW_LOOPBACK": "true",
+    }
+    os.environ.update(env)
+    reset_settings_cache()
+    get_engine.cache_clear()
+    migrate()
+    return env
+
+
+@pytest.fixture(scope="session")
+def processes(stack_env, tmp_path_factory):
+    procs = Processes(stack_env, tmp_path_factory.mktemp("logs"))
+    yield procs
+    procs.stop_all()
+
+
+@pytest.fixture(scope="session")
+def api_url(processes) -> str:
+    return processes.start_api()
+
+
+@pytest.fixture(scope="session")
+def worker(processes, api_url):
+    """One real Celery worker process with the tiny model, warm before the first test uses it."""
+    return processes.start_worker("w1")
+
+
+@pytest.fixture
+def tenant(stack_env):
+    return make_tenant()
+
+
+@pytest.fixture
+def client(api_url, tenant) -> ApiClient:
+    return ApiClient(api_url, tenant.key)

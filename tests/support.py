@@ -1,0 +1,146 @@
+"""Helpers for tests with real processes: an API client that polls, and a process manager for the API and
+Celery workers (start, SIGTERM, SIGKILL, wait until ready)."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=2).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.2, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"{what} not reached within {timeout}s")
+
+
+@dataclass
+class TenantKey:
+    id: uuid.UUID
+    name: str
+    key: str
+
+
+def make_tenant(name: str | None = None) -> TenantKey:
+    from common.auth import create_api_key, get_or_create_tenant
+    from common.db import session_scope
+
+    name = name or f"tenant-{uuid.uuid4().hex[:8]}"
+    with session_scope() as session:
+        tenant = get_or_create_tenant(session, name)
+        key = create_api_key(session, tenant=tenant, name=name)
+        return TenantKey(id=tenant.id, name=name, key=key)
+
+
+class ApiClient:
+    def __init__(self, base_url: str, key: str | None):
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.base_url = base_url
+        self.http = httpx.Client(base_url=base_url, headers=headers, timeout=30)
+
+    def submit(self, body: dict, **kw) -> httpx.Response:
+        return self.http.post("/v1/jobs", json=body, **kw)
+
+    def get(self, job_id: str) -> dict:
+        resp = self.http.get(f"/v1/jobs/{job_id}")
+        resp.raise_for_status()
+        return resp.json()
+
+    def wait(self, job_id: str, timeout: float = 120.0, statuses=("succeeded", "failed", "canceled")) -> dict:
+        return wait_until(lambda: (j := self.get(job_id))["status"] in statuses and j, timeout,
+                          what=f"job {job_id} in {statuses}")
+
+
+class Processes:
+    """Real subprocesses of the stack, sharing one environment."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path):
+        self.env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+        self.log_dir = log_dir
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def _spawn(self, name: str, cmd: list[str], extra_env: dict | None = None) -> subprocess.Popen:
+        log = open(self.log_dir / f"{name}.log", "ab")
+        proc = subprocess.Popen(cmd, cwd=REPO, env={**self.env, **(extra_env or {})}, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def log(self, name: str) -> str:
+        path = self.log_dir / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def start_api(self) -> str:
+        port = free_port()
+        self._spawn("api", [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port",
+                            str(port), "--log-level", "warning"])
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url + "/healthz")
+        return url
+
+    def start_worker(self, name: str, extra_env: dict | None = None, wait: bool = True) -> subprocess.Popen:
+        offset = len(self.log(name))
+        cmd = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool", "solo",
+               "--concurrency", "1", "-Q", "interactive,batch", "-n", f"{name}@%h", "--loglevel", "INFO",
+               "--without-gossip", "--without-mingle"]
+        proc = self._spawn(name, cmd, extra_env)
+        if wait:
+            wait_until(lambda: "ready." in self.log(name)[offset:] or proc.poll() is not None, 120,
+                       what=f"worker {name} ready")
+            if proc.poll() is not None:
+                raise RuntimeError(f"worker {name} died at start:\n{self.log(name)[-4000:]}")
+        return proc
+
+    def signal(self, name: str, sig: int) -> None:
+        proc = self.procs[name]
+        if proc.poll() is None:
+            os.killpg(proc.pid, sig)
+
+    def wait_exit(self, name: str, timeout: float = 60) -> int:
+        return self.procs[name].wait(timeout=timeout)
+
+    def stop(self, name: str) -> None:
+        proc = self.procs.get(name)
+        if proc is None or proc.poll() is not None:
+            return
+        self.signal(name, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.signal(name, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+    def stop_all(self) -> None:
+        for name in list(self.procs):
+            self.stop(name)

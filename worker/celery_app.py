@@ -1,0 +1,55 @@
+"""The Celery worker process: `celery -A worker.celery_app worker --pool solo` (one process per GPU).
+
+At start it loads the pipeline once (warm) and starts the maintenance thread and, when configured, the spot-notice
+watcher. The `jobs.generate` task runs one attempt; its payload is the job id only.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+
+from celery import signals
+
+from common.queue import GENERATE_TASK, get_celery
+from common.settings import get_settings
+from common.storage import open_storage
+from worker.attempt import AttemptContext, run_attempt
+from worker.drain import Drain, SpotNoticeWatcher
+from worker.maintenance import MaintenanceThread
+from worker.runner import PipelineRunner
+
+log = logging.getLogger(__name__)
+app = get_celery()
+_ctx: AttemptContext | None = None
+
+
+def context() -> AttemptContext:
+    global _ctx
+    if _ctx is None:
+        settings = get_settings()
+        gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "cpu")
+        _ctx = AttemptContext(settings=settings, runner=PipelineRunner(settings), storage=open_storage(settings.storage),
+                              drain=Drain(settings.worker.drain_grace_s),
+                              worker_id=f"{socket.gethostname()}:{os.getpid()}:gpu{gpu}")
+    return _ctx
+
+
+@signals.worker_init.connect
+def _warm_up(**_) -> None:
+    ctx = context()
+    ctx.runner.load()
+    MaintenanceThread(ctx.settings).start()
+    if ctx.settings.worker.spot_notice_url:
+        SpotNoticeWatcher(ctx.settings.worker.spot_notice_url, ctx.drain, ctx.settings.worker.spot_poll_s).start()
+
+
+@signals.worker_shutting_down.connect
+def _start_drain(sig=None, how=None, **_) -> None:
+    context().drain.start(f"{sig} ({how} shutdown)")
+
+
+@app.task(name=GENERATE_TASK)
+def generate_job(job_id: str) -> str:
+    return run_attempt(uuid.UUID(job_id), context())

@@ -1,0 +1,75 @@
+"""`letterpress worker`: one Celery worker process per visible GPU, each pinned with CUDA_VISIBLE_DEVICES, or one
+CPU worker when there is no GPU. Supervises them: a crashed worker is restarted; SIGTERM/SIGINT is forwarded so
+each drains (docs/RELIABILITY.md)."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+log = logging.getLogger("letterpress.worker")
+
+
+def visible_gpus() -> list[str]:
+    pinned = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if pinned is not None:
+        return [g for g in pinned.split(",") if g.strip() and g.strip() != "-1"]
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
+
+
+def worker_command(name: str, queues: str) -> list[str]:
+    return [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool", "solo",
+            "--concurrency", "1", "-Q", queues, "-n", f"{name}@%h", "--loglevel", "INFO",
+            "--without-gossip", "--without-mingle"]
+
+
+def spawn(name: str, gpu: str | None, queues: str) -> subprocess.Popen:
+    env = dict(os.environ)
+    env["CUDA_VISIBLE_DEVICES"] = gpu if gpu is not None else ""
+    log.info("starting worker %s (CUDA_VISIBLE_DEVICES=%s)", name, env["CUDA_VISIBLE_DEVICES"] or "none")
+    return subprocess.Popen(worker_command(name, queues), env=env)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="letterpress worker")
+    parser.add_argument("--queues", default="interactive,batch")
+    parser.add_argument("--cpu", action="store_true", help="one CPU worker even when GPUs are visible")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    gpus = [] if args.cpu else visible_gpus()
+    slots: dict[str, str | None] = {f"gpu{g}": g for g in gpus} or {"cpu": None}
+    procs = {name: spawn(name, gpu, args.queues) for name, gpu in slots.items()}
+    stopping = False
+
+    def forward(signum, _frame):
+        nonlocal stopping
+        stopping = True
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    while True:
+        for name, proc in list(procs.items()):
+            code = proc.poll()
+            if code is not None and not stopping:
+                log.warning("worker %s exited with %s; restarting", name, code)
+                time.sleep(1.0)
+                procs[name] = spawn(name, slots[name], args.queues)
+        if stopping and all(p.poll() is not None for p in procs.values()):
+            return 0
+        time.sleep(0.5)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

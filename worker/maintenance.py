@@ -1,0 +1,98 @@
+"""The maintenance loop: expired leases -> requeue (or dead letter), lost enqueues -> re-enqueue.
+
+Postgres is the truth and Redis only delivers, so anything Redis lost is found here. Every worker runs this loop
+in a thread (and `letterpress maintenance` runs it alone); a Postgres advisory lock lets one pass run at a time.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+
+import redis as redis_lib
+from sqlalchemy import func, select
+
+from common import jobs as job_states
+from common.db import session_scope
+from common.queue import QUEUES, enqueue_generate
+from common.settings import Settings
+
+log = logging.getLogger(__name__)
+ADVISORY_LOCK_ID = 0x4C50_4D41  # "LPMA"
+
+
+def broker_queue_empty(redis_url: str, queue: str) -> bool | None:
+    """Whether the Redis list behind a Celery queue is empty; None when Redis cannot be asked."""
+    try:
+        return redis_lib.Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=2).llen(queue) == 0
+    except redis_lib.RedisError:
+        return None
+
+
+def maintenance_pass(settings: Settings) -> dict[str, int]:
+    """One pass. Returns counts for logs and tests."""
+    counts = {"requeued": 0, "dead": 0, "reenqueued": 0}
+    with session_scope() as session:
+        if not session.scalar(select(func.pg_try_advisory_xact_lock(ADVISORY_LOCK_ID))):
+            return counts
+        requeued, dead = job_states.recover_expired_leases(session)
+        counts["requeued"], counts["dead"] = len(requeued), len(dead)
+        to_enqueue: list[tuple] = []
+        for queue in QUEUES:
+            # Jobs enqueued long ago count as lost only when the broker queue is empty: a deep queue of a big
+            # batch is waiting, not lost.
+            empty = broker_queue_empty(settings.redis.url, queue)
+            stale = settings.worker.requeue_after_s if empty else None
+            to_enqueue += [(jid, queue) for jid in job_states.lost_enqueues(session, queue=queue,
+                                                                            stale_after_s=stale)]
+    sent = []
+    for job_id, queue in to_enqueue:
+        try:
+            enqueue_generate(job_id, queue)
+            sent.append(job_id)
+        except Exception as exc:  # noqa: BLE001 - Redis still down: next pass
+            log.warning("maintenance: enqueue failed (%s); will retry next pass", exc)
+            break
+    if sent:
+        with session_scope() as session:
+            job_states.mark_enqueued(session, sent)
+    counts["reenqueued"] = len(sent)
+    if any(counts.values()):
+        log.info("maintenance: %s", counts)
+    return counts
+
+
+class MaintenanceThread(threading.Thread):
+    def __init__(self, settings: Settings):
+        super().__init__(name="maintenance", daemon=True)
+        self.settings = settings
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop.wait(self.settings.worker.maintenance_period_s):
+            try:
+                maintenance_pass(self.settings)
+            except Exception as exc:  # noqa: BLE001 - Postgres down: try again next period
+                log.warning("maintenance pass failed: %s", exc)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def main() -> None:
+    """`letterpress maintenance`: the loop alone, for deployments that want it outside the workers."""
+    import time
+
+    from common.settings import get_settings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = get_settings()
+    while True:
+        try:
+            maintenance_pass(settings)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("maintenance pass failed: %s", exc)
+        time.sleep(settings.worker.maintenance_period_s)
+
+
+if __name__ == "__main__":
+    main()
