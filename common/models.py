@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint,
-                        func)
+                        func, text)
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -45,12 +45,62 @@ class ApiKey(Base):
     tenant: Mapped[Tenant] = relationship()
 
 
+class BatchStatus:
+    """OpenAI-Batch-like statuses; the roll-up from item counts lives in common/batches.py."""
+    VALIDATING = "validating"
+    IN_PROGRESS = "in_progress"
+    FINALIZING = "finalizing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+    TERMINAL = frozenset({COMPLETED, FAILED, CANCELLED})
+    ALL = (VALIDATING, IN_PROGRESS, FINALIZING, COMPLETED, FAILED, CANCELLING, CANCELLED)
+
+
+class Batch(Base):
+    __tablename__ = "batches"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "idempotency_key", name="uq_batches_tenant_idempotency"),
+        Index("ix_batches_tenant_created", "tenant_id", "created_at", "id"),
+        Index("ix_batches_status", "status"),
+    )
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    status: Mapped[str] = mapped_column(String(16), default=BatchStatus.VALIDATING)
+    request_hash: Mapped[str] = mapped_column(String(64))
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    input_source: Mapped[str | None] = mapped_column(Text)       # "inline", "upload:<name>", "s3://..."
+    metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSONB)
+    webhook_url: Mapped[str | None] = mapped_column(Text)
+    total: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    invalid: Mapped[list[dict[str, Any]] | None] = mapped_column(JSONB)   # skipped lines (skip_invalid=true)
+    manifest_key: Mapped[str] = mapped_column(Text)
+    manifest_written_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_fed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # feeder round robin
+
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    in_progress_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finalizing_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    failed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    cancelling_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    cancelled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now(),
+                                                 onupdate=func.now())
+
+
 class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
         UniqueConstraint("tenant_id", "idempotency_key", name="uq_jobs_tenant_idempotency"),
         Index("ix_jobs_tenant_created", "tenant_id", "created_at", "id"),
         Index("ix_jobs_status_queue_created", "status", "queue", "created_at"),
+        # Batches (migration 0002): custom_id unique in its batch; counts by status; the feeder's unfed items.
+        Index("uq_jobs_batch_custom_id", "batch_id", "custom_id", unique=True),
+        Index("ix_jobs_batch_status", "batch_id", "status"),
+        Index("ix_jobs_batch_unfed", "batch_id", "batch_line",
+              postgresql_where=text("batch_id IS NOT NULL AND status = 'queued' AND enqueued_at IS NULL")),
     )
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
     tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
@@ -62,6 +112,11 @@ class Job(Base):
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSONB)
     webhook_url: Mapped[str | None] = mapped_column(Text)
+    # Set for the items of a batch (common/batches.py): its batch, the caller's id and the input line number.
+    batch_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE",
+                                                                  name="fk_jobs_batch_id"))
+    custom_id: Mapped[str | None] = mapped_column(String(255))
+    batch_line: Mapped[int | None] = mapped_column(Integer)
 
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
