@@ -65,17 +65,17 @@ class MaintenanceThread(threading.Thread):
     def __init__(self, settings: Settings):
         super().__init__(name="maintenance", daemon=True)
         self.settings = settings
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.wait(self.settings.worker.maintenance_period_s):
+        while not self._halt.wait(self.settings.worker.maintenance_period_s):
             try:
                 maintenance_pass(self.settings)
             except Exception as exc:  # noqa: BLE001 - Postgres down: try again next period
                 log.warning("maintenance pass failed: %s", exc)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ class AttemptMonitor(threading.Thread):
         self.heartbeat_s, self.progress_interval_s = heartbeat_s, progress_interval_s
         self.lease_lost = threading.Event()
         self.cancel_requested = threading.Event()
-        self._stop = threading.Event()
+        self._halt = threading.Event()
         self._step = 0
         self._total: int | None = None
         self._written_step = -1
@@ -49,7 +49,7 @@ class AttemptMonitor(threading.Thread):
 
     def run(self) -> None:
         last_beat = time.monotonic()
-        while not self._stop.wait(self.progress_interval_s):
+        while not self._halt.wait(self.progress_interval_s):
             due = time.monotonic() - last_beat >= self.heartbeat_s
             if due or self._step != self._written_step:
                 self.beat()
@@ -58,6 +58,6 @@ class AttemptMonitor(threading.Thread):
                 return
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         if self.is_alive() and threading.current_thread() is not self:
             self.join(timeout=10)

@@ -9,7 +9,7 @@ from PIL import Image
 
 from common.png import read_recipe, sha256_hex
 
-JOB = {"prompt": "a poster that says HELLO", "width": 256, "height": 192, "preset": "V4_TURBO_12", "seed": 1234,
+JOB = {"prompt": "a poster that says HELLO", "width": 320, "height": 256, "preset": "V4_TURBO_12", "seed": 1234,
        "num_images": 2}
 
 
@@ -32,10 +32,10 @@ def test_job_succeeds_and_png_in_s3_decodes_with_recipe(client, worker, services
         data = s3_get(services, image["key"])
         assert sha256_hex(data) == image["sha256"] and len(data) == image["size_bytes"]
         with Image.open(io.BytesIO(data)) as im:
-            assert im.format == "PNG" and im.size == (256, 192)
+            assert im.format == "PNG" and im.size == (320, 256)
         recipe = read_recipe(data)
         assert recipe["prompt"] == JOB["prompt"] and recipe["seed"] == image["seed"]
-        assert recipe["preset"] == "V4_TURBO_12" and (recipe["width"], recipe["height"]) == (256, 192)
+        assert recipe["preset"] == "V4_TURBO_12" and (recipe["width"], recipe["height"]) == (320, 256)
         assert recipe["model"] == str(tiny_model)
         # the presigned URL serves the same bytes
         import httpx
