@@ -721,7 +721,11 @@ class PostgresServer(_Service):
 
     name = "postgres"
     superuser = "postgres"
-    _STOP_SIGNALS: ClassVar[dict[str, int]] = {"smart": signal.SIGTERM, "fast": signal.SIGINT, "immediate": signal.SIGQUIT}
+    _STOP_SIGNALS: ClassVar[dict[str, int]] = {
+        "smart": signal.SIGTERM,
+        "fast": signal.SIGINT,
+        "immediate": signal.SIGQUIT,
+    }
 
     def __init__(
         self,
