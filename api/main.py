@@ -6,7 +6,7 @@ import logging
 from fastapi import FastAPI
 
 from api.errors import install_error_handlers
-from api.routers import health, jobs
+from api.routers import batches, health, jobs
 from common.settings import get_settings
 from common.storage import open_storage
 
@@ -19,6 +19,7 @@ def create_app() -> FastAPI:
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(jobs.router)
+    app.include_router(batches.router)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return app
 

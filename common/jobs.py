@@ -242,6 +242,29 @@ def lost_enqueues(session: Session, *, queue: str, stale_after_s: float | None,
     lost = Job.enqueued_at.is_(None)
     if stale_after_s is not None:
         lost = or_(lost, Job.enqueued_at < func.now() - timedelta(seconds=stale_after_s))
+    # Items of a batch are never enqueued here: a batch's unfed items have enqueued_at NULL by design, and
+    # worker/feeder.py alone hands them to the broker, a bounded number at a time (it also re-feeds stale ones).
     return list(session.scalars(
-        select(Job.id).where(Job.status == S.QUEUED, Job.queue == queue, lost).order_by(Job.created_at).limit(limit)
+        select(Job.id).where(Job.status == S.QUEUED, Job.queue == queue, Job.batch_id.is_(None), lost)
+        .order_by(Job.created_at).limit(limit)
     ))
+
+
+def cancel_queued_where(session: Session, *where) -> int:
+    """Bulk `queued -> canceled` at once for the jobs matching `where` (a batch cancel). Running jobs are left to
+    finish. Returns how many were canceled."""
+    return session.execute(update(Job).where(Job.status == S.QUEUED, *where)
+                           .values(status=S.CANCELED, finished_at=func.now(), cancel_requested=True)
+                           .execution_options(synchronize_session=False)).rowcount
+
+
+def requeue_finished_where(session: Session, *where, statuses: tuple[str, ...] = (S.FAILED, S.CANCELED)) -> int:
+    """Bulk `failed | canceled -> queued` for a re-run (batch resume or retry): a fresh attempt budget, no error,
+    not yet enqueued (the batch feeder hands them to the broker). Succeeded jobs are never re-run. Returns how
+    many went back to the queue."""
+    assert set(statuses) <= {S.FAILED, S.CANCELED}, "only failed or canceled jobs can be re-run"
+    return session.execute(update(Job).where(Job.status.in_(statuses), *where)
+                           .values(status=S.QUEUED, attempts=0, error=None, cancel_requested=False,
+                                   finished_at=None, started_at=None, enqueued_at=None, progress_step=0,
+                                   lease_token=None, lease_expires_at=None, worker_id=None)
+                           .execution_options(synchronize_session=False)).rowcount

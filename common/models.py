@@ -74,7 +74,7 @@ class Batch(Base):
     metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSONB)
     webhook_url: Mapped[str | None] = mapped_column(Text)
     total: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
-    invalid: Mapped[list[dict[str, Any]] | None] = mapped_column(JSONB)   # skipped lines (skip_invalid=true)
+    invalid: Mapped[dict[str, Any] | None] = mapped_column(JSONB)  # {count, lines}: skipped (skip_invalid=true)
     manifest_key: Mapped[str] = mapped_column(Text)
     manifest_written_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     last_fed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # feeder round robin

@@ -15,6 +15,7 @@ from common import jobs as job_states
 from common.db import session_scope
 from common.queue import QUEUES, enqueue_generate
 from common.settings import Settings
+from worker.feeder import start_feeder
 
 log = logging.getLogger(__name__)
 ADVISORY_LOCK_ID = 0x4C50_4D41  # "LPMA"
@@ -68,6 +69,7 @@ class MaintenanceThread(threading.Thread):
         self._halt = threading.Event()
 
     def run(self) -> None:
+        start_feeder(self.settings)  # batches: the feeder tops up the broker beside this loop, at its own period
         while not self._halt.wait(self.settings.worker.maintenance_period_s):
             try:
                 maintenance_pass(self.settings)
@@ -86,6 +88,7 @@ def main() -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = get_settings()
+    start_feeder(settings)
     while True:
         try:
             maintenance_pass(settings)

@@ -1,0 +1,312 @@
+"""/v1/batches: submit a JSONL batch (multipart upload, inline `items`, or an `s3://` URI), read it, list,
+cancel, retry, resume (same input under the same Idempotency-Key), and stream its results manifest.
+
+The domain lives in common/batches.py; this module is the HTTP shape. Jobs of a batch are not enqueued here:
+the feeder (worker/feeder.py) hands them to the broker a bounded number at a time.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import uuid
+from datetime import datetime
+from typing import IO, Annotated, Any, Iterator
+from urllib.parse import urlparse
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from sqlalchemy import and_, or_, select
+from sqlalchemy.exc import IntegrityError
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from api.deps import CurrentTenant, SessionDep, SettingsDep, StorageDep
+from api.errors import error_response
+from api.routers.jobs import _decode_cursor, _encode_cursor
+from common import batches
+from common.batches import BatchOptions, InvalidBatch
+from common.db import session_factory
+from common.errors import Conflict, InvalidRequest
+from common.models import Batch, BatchStatus, JobStatus
+from common.settings import Settings
+from common.storage import S3Storage, Storage
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1/batches", tags=["batches"])
+SPOOL_BYTES = 8 * 1024 * 1024
+
+
+# ------------------------------------------------------------------------------------------------- shapes
+
+class BatchCreate(BaseModel):
+    """The JSON body (or the multipart form fields beside `file`). Exactly one input: `items`, `input_url`, or
+    the uploaded file."""
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[Any] | None = Field(None, description="inline lines: JobRequest fields + custom_id")
+    input_url: str | None = Field(None, pattern=r"^s3://[^/]+/.+", description="s3://bucket/key of a JSONL file")
+    skip_invalid: bool = False
+    metadata: dict[str, Any] | None = None
+    webhook_url: str | None = Field(None, max_length=2048)
+
+
+class RequestCountsOut(BaseModel):
+    total: int
+    queued: int
+    running: int
+    succeeded: int
+    failed: int
+    canceled: int
+
+
+class BatchOut(BaseModel):
+    id: str
+    object: str = "batch"
+    status: str
+    input_source: str | None
+    request_counts: RequestCountsOut
+    invalid: dict[str, Any] | None = Field(None, description="lines skipped with skip_invalid: {count, lines}")
+    metadata: dict[str, Any] | None
+    webhook_url: str | None
+    manifest_key: str
+    results_url: str
+    created_at: datetime
+    in_progress_at: datetime | None
+    finalizing_at: datetime | None
+    completed_at: datetime | None
+    failed_at: datetime | None
+    cancelling_at: datetime | None
+    cancelled_at: datetime | None
+    manifest_written_at: datetime | None
+    urls: dict[str, str]
+
+
+class BatchList(BaseModel):
+    object: str = "list"
+    data: list[BatchOut]
+    next_cursor: str | None
+    has_more: bool
+
+
+def batch_out(request: Request, batch: Batch, counts: batches.RequestCounts) -> BatchOut:
+    self_url = str(request.url_for("get_batch", batch_id=str(batch.id)))
+    return BatchOut(
+        id=str(batch.id), status=batch.status, input_source=batch.input_source,
+        request_counts=RequestCountsOut(total=counts.total, queued=counts.queued, running=counts.running,
+                                        succeeded=counts.succeeded, failed=counts.failed, canceled=counts.canceled),
+        invalid=batch.invalid, metadata=batch.metadata_, webhook_url=batch.webhook_url,
+        manifest_key=batch.manifest_key, results_url=self_url + "/results", created_at=batch.created_at,
+        in_progress_at=batch.in_progress_at, finalizing_at=batch.finalizing_at, completed_at=batch.completed_at,
+        failed_at=batch.failed_at, cancelling_at=batch.cancelling_at, cancelled_at=batch.cancelled_at,
+        manifest_written_at=batch.manifest_written_at,
+        urls={"self": self_url, "cancel": self_url + "/cancel", "retry": self_url + "/retry",
+              "results": self_url + "/results"})
+
+
+def _out(request: Request, session, batch: Batch) -> BatchOut:
+    return batch_out(request, batch, batches.request_counts(session, [batch.id])[batch.id])
+
+
+def invalid_batch_response(exc: InvalidBatch) -> JSONResponse:
+    return error_response(422, exc.type, exc.message, exc.field, errors=[e.to_dict() for e in exc.errors],
+                          invalid_count=exc.invalid_count)
+
+
+# ------------------------------------------------------------------------------------------------- input
+
+def _model_error(exc: ValidationError) -> InvalidRequest:
+    first = exc.errors()[0]
+    return InvalidRequest(first["msg"], field=".".join(str(p) for p in first["loc"]) or "body")
+
+
+async def _read_request(request: Request) -> tuple[BatchCreate, UploadFile | None]:
+    """JSON body, or a multipart form with a `file` part (options as form fields; `metadata` as JSON text)."""
+    content_type = request.headers.get("content-type", "")
+    upload = None
+    try:
+        if content_type.startswith("multipart/form-data"):
+            form = await request.form()
+            fields: dict[str, Any] = {k: v for k, v in form.items() if k != "file"}
+            upload = form.get("file")
+            if upload is not None and not isinstance(upload, UploadFile):
+                raise InvalidRequest("`file` must be a file part (JSONL)", field="file")
+            if "metadata" in fields:
+                try:
+                    fields["metadata"] = json.loads(fields["metadata"])
+                except json.JSONDecodeError:
+                    raise InvalidRequest("metadata must be a JSON object", field="metadata") from None
+            options = BatchCreate.model_validate(fields)
+        else:
+            try:
+                body = await request.json()
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise InvalidRequest("send JSON {items: [...]} or a multipart JSONL upload (field `file`)",
+                                     field="body") from None
+            options = BatchCreate.model_validate(body)
+    except ValidationError as exc:
+        raise _model_error(exc) from None
+    given = [name for name, present in (("file", upload is not None), ("items", options.items is not None),
+                                        ("input_url", options.input_url is not None)) if present]
+    if len(given) != 1:
+        raise InvalidRequest("give exactly one input: a JSONL `file` upload, inline `items`, or `input_url`",
+                             field="input")
+    return options, upload
+
+
+def _fetch_s3(url: str, settings: Settings) -> IO[bytes]:
+    """Download an s3:// JSONL with the storage credentials into a spooled temporary file."""
+    parsed = urlparse(url)
+    spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)
+    try:
+        S3Storage(parsed.netloc, "", settings.storage).client.download_fileobj(parsed.netloc,
+                                                                               parsed.path.lstrip("/"), spool)
+    except Exception as exc:  # noqa: BLE001 - any client error is the caller's input
+        spool.close()
+        raise InvalidRequest(f"cannot read {url}: {exc}", field="input_url") from None
+    return spool
+
+
+def _rewinding(file: IO[bytes]):
+    def open_binary():
+        file.seek(0)
+        return iter(file)
+    return open_binary
+
+
+def _check_webhook_url(url: str | None, settings: Settings) -> None:
+    if url is None:
+        return
+    from common.webhooks.ssrf import UnsafeURLError, check_url
+    try:
+        check_url(url, allow_loopback=settings.webhooks.allow_loopback)
+    except UnsafeURLError as exc:
+        raise InvalidRequest(f"webhook_url refused: {exc}", field="webhook_url") from None
+
+
+# ------------------------------------------------------------------------------------------------- routes
+
+@router.post("", status_code=202, response_model=BatchOut)
+async def create_batch(request: Request, response: Response, session: SessionDep, tenant: CurrentTenant,
+                       settings: SettingsDep, storage: StorageDep,
+                       idempotency_key: Annotated[str | None, Header(max_length=255)] = None):
+    """202 with the new batch; 200 with the same batch when the same input comes again under the same
+    Idempotency-Key (its failed and canceled items are queued again: a resume); 409 when the key was used with
+    other input; 422 with line-numbered `errors` for invalid lines (unless skip_invalid)."""
+    body, upload = await _read_request(request)
+    _check_webhook_url(body.webhook_url, settings)
+    options = BatchOptions(skip_invalid=body.skip_invalid, metadata=body.metadata, webhook_url=body.webhook_url)
+    if body.items is not None:
+        source, name, spool = batches.items_source(body.items), "inline", None
+    elif upload is not None:
+        spool = upload.file
+        source, name = batches.jsonl_source(_rewinding(spool)), f"upload:{upload.filename or 'input.jsonl'}"
+    else:
+        spool = await run_in_threadpool(_fetch_s3, body.input_url, settings)
+        source, name = batches.jsonl_source(_rewinding(spool)), body.input_url
+    try:
+        batch, created = await run_in_threadpool(_create_or_resume, session, tenant.id, settings, storage, source,
+                                                 name, options, idempotency_key)
+    except InvalidBatch as exc:
+        return invalid_batch_response(exc)
+    finally:
+        if spool is not None:
+            spool.close()
+    if not created:
+        response.status_code = 200
+    response.headers["Location"] = str(request.url_for("get_batch", batch_id=str(batch.id)))
+    return _out(request, session, batch)
+
+
+def _create_or_resume(session, tenant_id: uuid.UUID, settings: Settings, storage: Storage, source, name: str,
+                      options: BatchOptions, idempotency_key: str | None) -> tuple[Batch, bool]:
+    for _ in range(2):  # a second round when a concurrent request with the same key won the insert
+        if idempotency_key is not None:
+            existing = batches.find_by_idempotency_key(session, tenant_id=tenant_id, key=idempotency_key)
+            if existing is not None:
+                if existing.request_hash != batches.input_hash(source, options):
+                    raise Conflict("Idempotency-Key was already used with a different batch input",
+                                   field="Idempotency-Key")
+                requeued = batches.rerun(session, batch=existing, statuses=(JobStatus.FAILED, JobStatus.CANCELED))
+                session.commit()
+                log.info("batch %s resumed: %d item(s) queued again", existing.id, requeued)
+                return existing, False
+        try:
+            batch = batches.create_batch(
+                session, tenant_id=tenant_id, source=source, source_name=name, options=options,
+                idempotency_key=idempotency_key, api=settings.api, storage_prefix=storage.prefix,
+                max_attempts=settings.worker.max_attempts)
+        except IntegrityError:
+            session.rollback()
+            continue
+        session.commit()
+        log.info("batch %s created: %d items from %s", batch.id, batch.total, name)
+        return batch, True
+    raise Conflict("a concurrent request with the same Idempotency-Key is in flight", field="Idempotency-Key")
+
+
+@router.get("/{batch_id}", response_model=BatchOut, name="get_batch")
+def get_batch(batch_id: str, request: Request, session: SessionDep, tenant: CurrentTenant) -> BatchOut:
+    return _out(request, session, batches.get_batch(session, batch_id, tenant_id=tenant.id))
+
+
+@router.get("", response_model=BatchList)
+def list_batches(request: Request, session: SessionDep, tenant: CurrentTenant,
+                 status: Annotated[str | None, Query(pattern="^(" + "|".join(BatchStatus.ALL) + ")$")] = None,
+                 limit: Annotated[int, Query(ge=1, le=200)] = 20, cursor: str | None = None) -> BatchList:
+    """Newest first; `next_cursor` continues after the last item (the same cursor scheme as /v1/jobs)."""
+    query = select(Batch).where(Batch.tenant_id == tenant.id)
+    if status:
+        query = query.where(Batch.status == status)
+    if cursor:
+        created, bid = _decode_cursor(cursor)
+        query = query.where(or_(Batch.created_at < created, and_(Batch.created_at == created, Batch.id < bid)))
+    rows = list(session.scalars(query.order_by(Batch.created_at.desc(), Batch.id.desc()).limit(limit + 1)))
+    page = rows[:limit]
+    counts = batches.request_counts(session, [b.id for b in page])
+    return BatchList(data=[batch_out(request, b, counts[b.id]) for b in page], has_more=len(rows) > limit,
+                     next_cursor=_encode_cursor(page[-1]) if len(rows) > limit else None)
+
+
+@router.post("/{batch_id}/cancel", response_model=BatchOut)
+def cancel_batch(batch_id: str, request: Request, session: SessionDep, tenant: CurrentTenant) -> BatchOut:
+    """Queued items are canceled at once, running ones finish; `cancelling` until then, then `cancelled`."""
+    batch = batches.cancel_batch(session, batch=batches.get_batch(session, batch_id, tenant_id=tenant.id))
+    session.commit()
+    return _out(request, session, batch)
+
+
+@router.post("/{batch_id}/retry", response_model=BatchOut)
+def retry_batch(batch_id: str, request: Request, session: SessionDep, tenant: CurrentTenant) -> BatchOut:
+    """Re-run only the failed items (succeeded and canceled ones stay as they are)."""
+    batch = batches.get_batch(session, batch_id, tenant_id=tenant.id)
+    if batch.status in (BatchStatus.CANCELLING, BatchStatus.VALIDATING):
+        raise Conflict(f"batch {batch.id} is {batch.status}; retry once it has ended", field="status")
+    batches.rerun(session, batch=batch, statuses=(JobStatus.FAILED,))
+    session.commit()
+    return _out(request, session, batch)
+
+
+@router.get("/{batch_id}/results")
+def batch_results(batch_id: str, request: Request, session: SessionDep, tenant: CurrentTenant,
+                  storage: StorageDep, urls: bool = True) -> StreamingResponse:
+    """The manifest as JSONL, one line per input line in input order (custom_id, line, job_id, status, seed,
+    key, url, sha256, error; `images` when a line asked for several). Live: unfinished items show their current
+    status. `urls=false` skips presigning (faster for a million lines)."""
+    batch = batches.get_batch(session, batch_id, tenant_id=tenant.id)
+    base = str(request.url_for("get_job_image", job_id="JOB", index=0)).rsplit("/JOB/", 1)[0]
+
+    def url_for(job_id: uuid.UUID, index: int, key: str) -> str:
+        return storage.presigned_url(key) or f"{base}/{job_id}/images/{index}"
+
+    def lines() -> Iterator[bytes]:
+        own = session_factory()()  # the request's session closes with the handler; the stream outlives it
+        try:
+            for line in batches.manifest_lines(own, batch_id=batch.id, url_for=url_for if urls else None):
+                yield (line.to_json() + "\n").encode()
+        finally:
+            own.close()
+
+    return StreamingResponse(lines(), media_type="application/x-ndjson",
+                             headers={"Content-Disposition": f'attachment; filename="{batch.id}.jsonl"'})

@@ -1,0 +1,485 @@
+"""Batches: JSONL in (one job request a line, with the caller's `custom_id`), one job per line, counts, the
+OpenAI-Batch-like status roll-up, the results manifest, resume and retry.
+
+Shape of the work:
+- Ingest validates every line with the same `JobRequest`/`to_params` as `POST /v1/jobs` and bulk-inserts the jobs
+  with COPY, all in the caller's transaction: a refused batch (422) leaves nothing behind.
+- Jobs of a batch are NOT enqueued at submit. They wait in Postgres with `enqueued_at` NULL, and the feeder
+  (worker/feeder.py) hands a bounded number at a time to the broker, round robin across tenants and batches.
+  `feed_candidates` and `reset_stale_fed` below are its SQL.
+- Whoever sees a batch with nothing queued or running (the feeder pass, in every worker) finalizes it: a
+  compare-and-set to `finalizing`, the manifest written to storage, then `completed | failed | cancelled`.
+  Every step is idempotent, so two observers, or one that crashed half-way, do no harm.
+Status transitions of the jobs themselves stay in common/jobs.py; this module only selects which jobs.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+from functools import lru_cache
+from typing import Any, Callable, Iterable, Iterator
+
+from pydantic import ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy import and_, exists, func, or_, select, update
+from sqlalchemy.orm import Session
+
+from common import jobs as job_states
+from common.errors import Conflict, InvalidRequest, NotFound
+from common.job_request import JobRequest, RequestError, to_params
+from common.models import Batch, BatchStatus, Job, JobImage, JobStatus
+from common.settings import ApiSettings
+
+B, S = BatchStatus, JobStatus
+BATCH_QUEUE = "batch"
+MAX_CUSTOM_ID = 255
+# A line is either a JobRequest body with a `custom_id` beside its fields, or the OpenAI Batch envelope
+# {"custom_id": ..., "body": {...}} (method/url are accepted and ignored) so existing files convert as they are.
+ENVELOPE_KEYS = frozenset({"custom_id", "body", "method", "url"})
+
+
+class BatchSettings(BaseSettings):
+    """Knobs for batches, from `LETTERPRESS_BATCHES__*` (the same names a nested `batches` group of
+    common.settings.Settings would read)."""
+    model_config = SettingsConfigDict(env_prefix="LETTERPRESS_BATCHES__", extra="ignore")
+
+    max_lines: int = 1_000_000
+    max_errors_reported: int = 1000       # line errors listed in a 422 or in the batch's `invalid`
+    insert_chunk: int = 5000              # rows per COPY
+    # Messages kept in the Redis "batch" list. Small on purpose: a few jobs a worker is enough to keep GPUs busy
+    # between feeder passes, and all else waits in Postgres (flat Redis memory, interactive work never behind it).
+    feed_depth: int = 8
+    feed_period_s: float = 0.5
+    # Do not top the batch queue up while interactive jobs wait in the broker: batch work fills idle capacity.
+    interactive_first: bool = True
+    finalize_retry_s: float = 120.0       # a batch left in `finalizing` this long (its finalizer died) is redone
+
+
+@lru_cache
+def get_batch_settings() -> BatchSettings:
+    return BatchSettings()
+
+
+def manifest_key(prefix: str, tenant_id: object, batch_id: object) -> str:
+    """Beside the images: `{prefix}/{tenant}/batches/{batch_id}/manifest.jsonl`."""
+    return "/".join(p for p in (prefix.strip("/"), str(tenant_id), "batches", str(batch_id), "manifest.jsonl") if p)
+
+
+# ---------------------------------------------------------------------------------------------------- input
+
+LineSource = Callable[[], Iterator[tuple[int, Any]]]  # yields (1-based line number, raw str line or dict item)
+
+
+def jsonl_source(open_binary: Callable[[], Iterable[bytes]]) -> LineSource:
+    """Lines of a JSONL file; `open_binary` is called once per pass (a replay hashes the input again)."""
+    def lines() -> Iterator[tuple[int, Any]]:
+        for number, raw in enumerate(open_binary(), start=1):
+            text = raw.decode("utf-8", errors="replace").strip() if isinstance(raw, bytes) else raw.strip()
+            if text:
+                yield number, text
+    return lines
+
+
+def items_source(items: list[Any]) -> LineSource:
+    return lambda: iter(enumerate(items, start=1))
+
+
+@dataclass(frozen=True)
+class BatchOptions:
+    skip_invalid: bool = False
+    metadata: dict[str, Any] | None = None
+    webhook_url: str | None = None
+
+
+def _canonical(raw: Any) -> bytes:
+    return raw.encode() if isinstance(raw, str) else json.dumps(raw, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _options_digest(options: BatchOptions) -> bytes:
+    return json.dumps(asdict(options), sort_keys=True).encode()
+
+
+def input_hash(source: LineSource, options: BatchOptions) -> str:
+    """What the caller sent, to tell an idempotent resubmission from a conflicting reuse of the key."""
+    digest = hashlib.sha256(_options_digest(options))
+    for _, raw in source():
+        digest.update(hashlib.sha256(_canonical(raw)).digest())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class LineError:
+    line: int
+    message: str
+    field: str | None = None
+    custom_id: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    line: int
+    custom_id: str
+    params: dict[str, Any]
+    metadata: dict[str, Any] | None
+
+
+def _loc(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc) or "body"
+
+
+def parse_item(line: int, raw: Any, api: ApiSettings) -> BatchItem | list[LineError]:
+    """One line -> a validated item, or its errors (each naming the field)."""
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            return [LineError(line, f"not valid JSON: {exc.msg} (column {exc.colno})")]
+    if not isinstance(raw, dict):
+        return [LineError(line, "each line must be a JSON object")]
+    custom_id = raw.get("custom_id")
+    errors: list[LineError] = []
+    if not isinstance(custom_id, str) or not custom_id.strip() or len(custom_id) > MAX_CUSTOM_ID:
+        errors.append(LineError(line, f"custom_id is required: a non-blank string of at most {MAX_CUSTOM_ID} "
+                                      "characters", "custom_id"))
+        custom_id = custom_id if isinstance(custom_id, str) else None
+    if isinstance(raw.get("body"), dict) and set(raw) <= ENVELOPE_KEYS:
+        body = raw["body"]
+    else:
+        body = {k: v for k, v in raw.items() if k != "custom_id"}
+    if "webhook_url" in body:
+        errors.append(LineError(line, "webhook_url is set on the batch, not per line", "webhook_url", custom_id))
+        body = {k: v for k, v in body.items() if k != "webhook_url"}
+    try:
+        request = JobRequest.model_validate(body)
+        params = to_params(request, api)
+    except ValidationError as exc:
+        return errors + [LineError(line, e["msg"], _loc(tuple(e["loc"])), custom_id) for e in exc.errors()[:5]]
+    except RequestError as exc:
+        return errors + [LineError(line, str(exc), exc.field, custom_id)]
+    if errors:
+        return errors
+    return BatchItem(line=line, custom_id=custom_id, params=params, metadata=request.metadata)
+
+
+class InvalidBatch(InvalidRequest):
+    """422 with line-numbered errors (`errors`), at most `max_errors_reported` of `invalid_count`."""
+    type = "invalid_batch"
+
+    def __init__(self, message: str, errors: list[LineError], invalid_count: int):
+        super().__init__(message, field="input")
+        self.errors = errors
+        self.invalid_count = invalid_count
+
+
+# --------------------------------------------------------------------------------------------------- ingest
+
+_COPY_JOBS = ("COPY jobs (id, tenant_id, queue, status, params, request_hash, metadata, batch_id, custom_id, "
+              "batch_line, attempts, max_attempts, preemptions, cancel_requested, progress_step, progress_total) "
+              "FROM STDIN")
+
+
+def _copy_rows(session: Session, rows: list[tuple]) -> None:
+    """Bulk insert through COPY on the session's own connection, inside its transaction."""
+    raw = session.connection().connection.driver_connection
+    with raw.cursor() as cur, cur.copy(_COPY_JOBS) as copy:
+        for row in rows:
+            copy.write_row(row)
+
+
+def _job_row(batch: Batch, item: BatchItem, max_attempts: int) -> tuple:
+    return (uuid.uuid4(), batch.tenant_id, BATCH_QUEUE, S.QUEUED, json.dumps(item.params, separators=(",", ":")),
+            job_states.request_hash(item.params, item.metadata, None),
+            json.dumps(item.metadata) if item.metadata is not None else None, batch.id, item.custom_id, item.line,
+            0, max_attempts, 0, False, 0, item.params["steps"])
+
+
+def create_batch(session: Session, *, tenant_id: uuid.UUID, source: LineSource, source_name: str,
+                 options: BatchOptions, idempotency_key: str | None, api: ApiSettings, storage_prefix: str,
+                 max_attempts: int, settings: BatchSettings | None = None) -> Batch:
+    """Validate every line and insert one queued job per valid line, in one pass and the caller's transaction.
+    Raises InvalidBatch (line-numbered) when a line is invalid and `skip_invalid` is off, when no line is valid,
+    or past `max_lines`; the caller's rollback then leaves nothing behind."""
+    settings = settings or get_batch_settings()
+    batch_id = uuid.uuid4()
+    batch = Batch(id=batch_id, tenant_id=tenant_id, status=B.VALIDATING, request_hash="", total=0,
+                  idempotency_key=idempotency_key, input_source=source_name, metadata_=options.metadata,
+                  webhook_url=options.webhook_url, manifest_key=manifest_key(storage_prefix, tenant_id, batch_id))
+    session.add(batch)
+    session.flush()  # the jobs' foreign key needs the row; an Idempotency-Key race fails here (IntegrityError)
+
+    digest = hashlib.sha256(_options_digest(options))
+    errors: list[LineError] = []
+    invalid_count = valid = 0
+    first_line_of: dict[str, int] = {}
+    rows: list[tuple] = []
+    for line, raw in source():
+        digest.update(hashlib.sha256(_canonical(raw)).digest())
+        if valid + invalid_count >= settings.max_lines:
+            raise InvalidBatch(f"a batch holds at most {settings.max_lines} lines", [], 0)
+        parsed = parse_item(line, raw, api)
+        if isinstance(parsed, BatchItem) and parsed.custom_id in first_line_of:
+            parsed = [LineError(line, f"duplicate custom_id (first on line {first_line_of[parsed.custom_id]})",
+                                "custom_id", parsed.custom_id)]
+        if isinstance(parsed, list):
+            invalid_count += 1
+            if len(errors) < settings.max_errors_reported:
+                errors.extend(parsed[:settings.max_errors_reported - len(errors)])
+            continue
+        first_line_of[parsed.custom_id] = line
+        valid += 1
+        if invalid_count and not options.skip_invalid:
+            continue  # refused anyway: keep validating to report every bad line, stop inserting
+        rows.append(_job_row(batch, parsed, max_attempts))
+        if len(rows) >= settings.insert_chunk:
+            _copy_rows(session, rows)
+            rows.clear()
+    if invalid_count and not options.skip_invalid:
+        raise InvalidBatch(f"{invalid_count} invalid line(s); fix them or pass skip_invalid=true", errors,
+                           invalid_count)
+    if not valid:
+        raise InvalidBatch("the batch has no valid lines", errors, invalid_count)
+    if rows:
+        _copy_rows(session, rows)
+    batch.request_hash = digest.hexdigest()
+    batch.total = valid
+    batch.invalid = {"count": invalid_count, "lines": [e.to_dict() for e in errors]} if invalid_count else None
+    batch.status, batch.in_progress_at = B.IN_PROGRESS, func.now()
+    session.flush()
+    session.refresh(batch)
+    return batch
+
+
+def find_by_idempotency_key(session: Session, *, tenant_id: uuid.UUID, key: str) -> Batch | None:
+    return session.scalar(select(Batch).where(Batch.tenant_id == tenant_id, Batch.idempotency_key == key))
+
+
+def get_batch(session: Session, batch_id: uuid.UUID | str, *, tenant_id: uuid.UUID | None = None) -> Batch:
+    """A batch by id; another tenant's batch is NotFound (no existence leak)."""
+    try:
+        bid = uuid.UUID(str(batch_id))
+    except ValueError:
+        raise NotFound(f"batch {batch_id} not found") from None
+    batch = session.get(Batch, bid)
+    if batch is None or (tenant_id is not None and batch.tenant_id != tenant_id):
+        raise NotFound(f"batch {batch_id} not found")
+    return batch
+
+
+# ------------------------------------------------------------------------------------------------- counts
+
+@dataclass
+class RequestCounts:
+    total: int = 0
+    queued: int = 0
+    running: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    canceled: int = 0
+
+    @property
+    def open(self) -> int:
+        return self.queued + self.running
+
+
+def request_counts(session: Session, batch_ids: list[uuid.UUID]) -> dict[uuid.UUID, RequestCounts]:
+    """Counts by status for each batch: one GROUP BY over the (batch_id, status) index."""
+    counts: dict[uuid.UUID, RequestCounts] = {bid: RequestCounts() for bid in batch_ids}
+    if not batch_ids:
+        return counts
+    for bid, status, n in session.execute(select(Job.batch_id, Job.status, func.count())
+                                          .where(Job.batch_id.in_(batch_ids)).group_by(Job.batch_id, Job.status)):
+        setattr(counts[bid], status, n)
+        counts[bid].total += n
+    return counts
+
+
+# ----------------------------------------------------------------------------------------- control: cancel, rerun
+
+def cancel_batch(session: Session, *, batch: Batch) -> Batch:
+    """Queued items are canceled at once; running ones finish. The batch is `cancelling` until nothing runs,
+    then the finalizer makes it `cancelled` (with a manifest of what was done)."""
+    if batch.status in B.TERMINAL or batch.status == B.FINALIZING:
+        raise Conflict(f"batch {batch.id} is already {batch.status}", field="status")
+    job_states.cancel_queued_where(session, Job.batch_id == batch.id)
+    if batch.status != B.CANCELLING:
+        batch.status, batch.cancelling_at = B.CANCELLING, func.now()
+    session.flush()
+    session.refresh(batch)
+    return batch
+
+
+def rerun(session: Session, *, batch: Batch, statuses: tuple[str, ...]) -> int:
+    """Put the batch's items in `statuses` (failed and/or canceled) back in the queue; succeeded items are kept.
+    Resume (same input, same Idempotency-Key) re-runs failed and canceled items; retry only failed ones.
+    Returns how many items were requeued."""
+    n = job_states.requeue_finished_where(session, Job.batch_id == batch.id, statuses=statuses)
+    if n:
+        # back to work: a finalizer still holding `finalizing` loses its compare-and-set and writes nothing
+        session.execute(update(Batch).where(Batch.id == batch.id).values(
+            status=B.IN_PROGRESS, in_progress_at=func.now(), finalizing_at=None, completed_at=None, failed_at=None,
+            cancelling_at=None, cancelled_at=None, manifest_written_at=None))
+    session.flush()
+    session.refresh(batch)
+    return n
+
+
+# ------------------------------------------------------------------------------------------- feeder SQL
+
+def feed_candidates(session: Session, *, room: int) -> list[tuple[uuid.UUID, uuid.UUID]]:
+    """Up to `room` (job id, batch id) pairs to hand to the broker next, interleaved round robin across tenants
+    first and their batches second, least recently fed first. Marks the chosen batches as fed now, so the next
+    pass starts with the others."""
+    if room <= 0:
+        return []
+    active = session.execute(
+        select(Batch.id, Batch.tenant_id).where(Batch.status == B.IN_PROGRESS)
+        .order_by(Batch.last_fed_at.asc().nulls_first(), Batch.created_at).limit(1000)).all()
+    if not active:
+        return []
+    # rank each batch inside its tenant; rank 0 of every tenant comes before rank 1 of any: tenants share first
+    rank_in_tenant: dict[uuid.UUID, int] = defaultdict(int)
+    order = []
+    for bid, tenant in active:
+        order.append((rank_in_tenant[tenant], len(order), bid))
+        rank_in_tenant[tenant] += 1
+    order = [bid for _, _, bid in sorted(order)]
+    quota: dict[uuid.UUID, int] = defaultdict(int)
+    for i in range(room):
+        quota[order[i % len(order)]] += 1
+    per_batch = {bid: list(session.scalars(
+        select(Job.id).where(Job.batch_id == bid, Job.status == S.QUEUED, Job.enqueued_at.is_(None))
+        .order_by(Job.batch_line).limit(n))) for bid, n in quota.items()}
+    picked: list[tuple[uuid.UUID, uuid.UUID]] = []
+    for i in range(max(map(len, per_batch.values()), default=0)):
+        picked += [(ids[i], bid) for bid in order if (ids := per_batch.get(bid)) and i < len(ids)]
+    fed = {bid for _, bid in picked}
+    if fed:
+        session.execute(update(Batch).where(Batch.id.in_(fed)).values(last_fed_at=func.clock_timestamp()))
+    return picked
+
+
+def reset_stale_fed(session: Session, *, older_than_s: float) -> int:
+    """Items fed longer ago than `older_than_s` and still queued, when the caller saw the broker's batch list
+    empty: their messages were lost (Redis restarted or flushed). Marking them unfed lets the feeder send them
+    again; a duplicate delivery is a no-op at claim."""
+    return session.execute(
+        update(Job).where(Job.batch_id.is_not(None), Job.queue == BATCH_QUEUE, Job.status == S.QUEUED,
+                          Job.enqueued_at < func.now() - timedelta(seconds=older_than_s))
+        .values(enqueued_at=None).execution_options(synchronize_session=False)).rowcount
+
+
+# ------------------------------------------------------------------------------------ roll-up and manifest
+
+def _open_items(batch_id_col):
+    return exists().where(Job.batch_id == batch_id_col, Job.status.in_((S.QUEUED, S.RUNNING)))
+
+
+def due_for_finalizing(session: Session, *, retry_after_s: float) -> list[uuid.UUID]:
+    """Batches with nothing queued or running, and those whose finalizer died half-way. First re-cancels
+    anything that went back to `queued` (a lost lease) in a cancelling batch, so cancelling always ends."""
+    cancelling = select(Batch.id).where(Batch.status == B.CANCELLING)
+    job_states.cancel_queued_where(session, Job.batch_id.in_(cancelling))
+    return list(session.scalars(select(Batch.id).where(or_(
+        and_(Batch.status.in_((B.IN_PROGRESS, B.CANCELLING)), ~_open_items(Batch.id)),
+        and_(Batch.status == B.FINALIZING,
+             Batch.finalizing_at < func.now() - timedelta(seconds=retry_after_s))))))
+
+
+def begin_finalizing(session: Session, *, batch_id: uuid.UUID, retry_after_s: float) -> Batch | None:
+    """Compare-and-set to `finalizing`; None when another observer got there first or work came back."""
+    stale = Batch.finalizing_at < func.now() - timedelta(seconds=retry_after_s)
+    row = session.execute(
+        update(Batch).where(Batch.id == batch_id, or_(
+            and_(Batch.status.in_((B.IN_PROGRESS, B.CANCELLING)), ~_open_items(Batch.id)),
+            and_(Batch.status == B.FINALIZING, stale)))
+        .values(status=B.FINALIZING, finalizing_at=func.clock_timestamp())
+        .returning(Batch.id)).one_or_none()
+    if row is None:
+        return None
+    batch = session.get(Batch, batch_id)
+    session.refresh(batch)
+    return batch
+
+
+def final_status(batch: Batch, counts: RequestCounts) -> str:
+    """cancelled if it was cancelled; failed when nothing succeeded and something failed; else completed
+    (individual failures are in the counts and the manifest, as in OpenAI's Batch API)."""
+    if batch.cancelling_at is not None:
+        return B.CANCELLED
+    if counts.succeeded == 0 and counts.failed > 0:
+        return B.FAILED
+    return B.COMPLETED
+
+
+def finish_finalizing(session: Session, *, batch: Batch) -> str | None:
+    """`finalizing` -> final status, after the manifest is stored. Only the finalizer that holds this
+    `finalizing_at` wins; returns the status, or None when a resume/retry took the batch back meanwhile."""
+    status = final_status(batch, request_counts(session, [batch.id])[batch.id])
+    stamp = {B.CANCELLED: "cancelled_at", B.FAILED: "failed_at", B.COMPLETED: "completed_at"}[status]
+    row = session.execute(
+        update(Batch).where(Batch.id == batch.id, Batch.status == B.FINALIZING,
+                            Batch.finalizing_at == batch.finalizing_at)
+        .values(status=status, manifest_written_at=func.now(), **{stamp: func.now()})
+        .returning(Batch.id)).one_or_none()
+    return status if row is not None else None
+
+
+@dataclass
+class ManifestLine:
+    custom_id: str
+    line: int
+    job_id: str
+    status: str
+    seed: int | None
+    key: str | None = None
+    url: str | None = None
+    sha256: str | None = None
+    error: dict[str, Any] | None = None
+    images: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        body = asdict(self)
+        if len(self.images) <= 1:
+            del body["images"]  # one image (the common case): its fields are the line's seed/key/url/sha256
+        return json.dumps(body, separators=(",", ":"))
+
+
+UrlFor = Callable[[uuid.UUID, int, str], str | None]  # (job id, image index, key) -> URL
+
+
+def manifest_lines(session: Session, *, batch_id: uuid.UUID, url_for: UrlFor | None = None,
+                   chunk: int = 2000) -> Iterator[ManifestLine]:
+    """One line per input line, in input order, streamed through a server-side cursor (a million items never
+    sit in memory). Not-yet-finished items appear with their current status."""
+    query = (select(Job.id, Job.custom_id, Job.batch_line, Job.status, Job.params["seed"].as_integer(), Job.error,
+                    JobImage.index, JobImage.seed, JobImage.key, JobImage.sha256)
+             .outerjoin(JobImage, JobImage.job_id == Job.id)
+             .where(Job.batch_id == batch_id).order_by(Job.batch_line, JobImage.index)
+             .execution_options(yield_per=chunk))
+    current: ManifestLine | None = None
+    for jid, custom_id, line, status, seed, error, index, img_seed, key, sha in session.execute(query):
+        if current is None or current.job_id != str(jid):
+            if current is not None:
+                yield current
+            current = ManifestLine(custom_id=custom_id, line=line, job_id=str(jid), status=status, seed=seed,
+                                   error=error)
+        if index is not None:
+            image = {"index": index, "seed": img_seed, "key": key, "sha256": sha,
+                     "url": url_for(jid, index, key) if url_for else None}
+            current.images.append(image)
+            if index == 0:
+                current.seed, current.key, current.sha256, current.url = img_seed, key, sha, image["url"]
+    if current is not None:
+        yield current
+
+
+def manifest_bytes(session: Session, *, batch_id: uuid.UUID) -> bytes:
+    """The stored manifest: keys, not URLs (presigned URLs expire; the key names the object beside it)."""
+    return b"".join((m.to_json() + "\n").encode() for m in manifest_lines(session, batch_id=batch_id))

@@ -1,0 +1,167 @@
+"""The batch feeder: keeps the broker's "batch" queue topped up from Postgres to a bounded depth, and finalizes
+batches that have nothing left to run.
+
+Why a feeder: a million-item batch enqueued at submit would put a million messages in Redis (memory grows with the
+batch) and Redis would decide the order of work. Instead the items wait in Postgres (`enqueued_at` NULL) and
+every `feed_period_s` one feeder (a Postgres advisory lock elects it among the worker processes) sends at most
+`feed_depth - LLEN(batch)` of them, round robin across tenants and batches (common.batches.feed_candidates). So:
+- Redis holds at most `feed_depth` batch messages whatever the batch size;
+- concurrent batches and tenants share the GPUs, since each top-up interleaves them;
+- interactive jobs (enqueued directly on "interactive" at submit) never wait behind more than `feed_depth` batch
+  messages, and while any interactive message waits the feeder adds no batch work (`interactive_first`). This
+  matters because kombu's Redis transport rotates its queue order after every message (round robin between
+  -Q interactive,batch), so a deep batch queue would take every other worker slot from interactive traffic.
+
+Lost messages: maintenance's lost-enqueue recovery skips batch items (common.jobs.lost_enqueues); the feeder
+owns them. Items fed long ago and still queued while the broker's batch list is empty lost their message (Redis
+restarted or flushed): they are marked unfed and fed again. A duplicate delivery is a no-op at claim.
+
+It runs as its own thread beside the maintenance loop (worker/maintenance.py starts it) rather than inside the
+maintenance pass, because it needs a period of a fraction of a second to keep GPUs busy with a shallow queue,
+while maintenance runs every few seconds.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable
+
+import redis as redis_lib
+from sqlalchemy import func, select
+
+from common import batches
+from common import jobs as job_states
+from common.batches import BATCH_QUEUE, BatchSettings, get_batch_settings
+from common.db import session_scope
+from common.queue import enqueue_generate
+from common.settings import Settings
+from common.storage import Storage, open_storage
+
+log = logging.getLogger(__name__)
+ADVISORY_LOCK_ID = 0x4C50_4644  # "LPFD"
+INTERACTIVE_QUEUE = "interactive"
+
+
+@dataclass
+class FeedResult:
+    depth: int | None = None          # LLEN of the batch queue before the top-up (None: Redis unreachable)
+    fed: int = 0
+    stale_reset: int = 0
+    finalized: list[tuple[uuid.UUID, str]] = field(default_factory=list)
+
+
+class Feeder:
+    def __init__(self, settings: Settings, batch_settings: BatchSettings | None = None, *,
+                 storage: Storage | None = None, send: Callable[[uuid.UUID, str], None] = enqueue_generate):
+        self.settings = settings
+        self.cfg = batch_settings or get_batch_settings()
+        self.storage = storage or open_storage(settings.storage)
+        self.send = send
+        self.redis = redis_lib.Redis.from_url(settings.redis.url, socket_connect_timeout=2, socket_timeout=2)
+        self._last_stale_check = float("-inf")
+
+    def depth(self, queue: str) -> int | None:
+        try:
+            return int(self.redis.llen(queue))
+        except redis_lib.RedisError:
+            return None
+
+    def run_once(self) -> FeedResult:
+        result = self.feed()
+        result.finalized = self.finalize()
+        return result
+
+    def feed(self) -> FeedResult:
+        """One top-up of the batch queue to `feed_depth`."""
+        result = FeedResult(depth=self.depth(BATCH_QUEUE))
+        if result.depth is None:
+            return result  # Redis down: nothing can be sent; Postgres keeps the items
+        room = self.cfg.feed_depth - result.depth
+        if self.cfg.interactive_first and (self.depth(INTERACTIVE_QUEUE) or 0) > 0:
+            room = 0
+        stale_after = self.settings.worker.requeue_after_s
+        check_stale = result.depth == 0 and time.monotonic() - self._last_stale_check >= stale_after / 2
+        if room <= 0 and not check_stale:
+            return result
+        with session_scope() as session:
+            if not session.scalar(select(func.pg_try_advisory_xact_lock(ADVISORY_LOCK_ID))):
+                return result  # another worker's feeder is in its pass
+            if check_stale:
+                self._last_stale_check = time.monotonic()
+                result.stale_reset = batches.reset_stale_fed(session, older_than_s=stale_after)
+            sent = []
+            for job_id, _batch_id in batches.feed_candidates(session, room=room):
+                try:
+                    self.send(job_id, BATCH_QUEUE)
+                except Exception as exc:  # noqa: BLE001 - broker down: the rest stay unfed for the next pass
+                    log.warning("feeder: enqueue failed (%s); will retry next pass", exc)
+                    break
+                sent.append(job_id)
+            if sent:
+                job_states.mark_enqueued(session, sent)
+            result.fed = len(sent)
+        if result.fed or result.stale_reset:
+            log.info("feeder: depth %s, fed %d, stale reset %d", result.depth, result.fed, result.stale_reset)
+        return result
+
+    def finalize(self) -> list[tuple[uuid.UUID, str]]:
+        """Batches with nothing queued or running: write the manifest, then the final status. Safe to run in
+        every worker at once: `begin_finalizing` is a compare-and-set and the manifest write is idempotent."""
+        retry_s = self.cfg.finalize_retry_s
+        with session_scope() as session:
+            due = batches.due_for_finalizing(session, retry_after_s=retry_s)
+        done = []
+        for batch_id in due:
+            with session_scope() as session:
+                batch = batches.begin_finalizing(session, batch_id=batch_id, retry_after_s=retry_s)
+            if batch is None:
+                continue
+            try:
+                with session_scope() as session:
+                    data = batches.manifest_bytes(session, batch_id=batch_id)
+                self.storage.put(batch.manifest_key, data, content_type="application/x-ndjson")
+                with session_scope() as session:
+                    status = batches.finish_finalizing(session, batch=batch)
+            except Exception as exc:  # noqa: BLE001 - storage/DB trouble: retried after finalize_retry_s
+                log.warning("feeder: finalizing batch %s failed (%s); will retry", batch_id, exc)
+                continue
+            if status is not None:
+                log.info("batch %s %s (%d bytes of manifest at %s)", batch_id, status, len(data), batch.manifest_key)
+                done.append((batch_id, status))
+        return done
+
+
+class FeederThread(threading.Thread):
+    def __init__(self, settings: Settings, batch_settings: BatchSettings | None = None):
+        super().__init__(name="batch-feeder", daemon=True)
+        self.settings = settings
+        self.cfg = batch_settings or get_batch_settings()
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        feeder = Feeder(self.settings, self.cfg)
+        while not self._halt.wait(self.cfg.feed_period_s):
+            try:
+                feeder.run_once()
+            except Exception as exc:  # noqa: BLE001 - Postgres down: try again next period
+                log.warning("feeder pass failed: %s", exc)
+
+    def stop(self) -> None:
+        self._halt.set()
+
+
+_thread: FeederThread | None = None
+_thread_lock = threading.Lock()
+
+
+def start_feeder(settings: Settings) -> FeederThread:
+    """Start this process's feeder thread once (idempotent)."""
+    global _thread
+    with _thread_lock:
+        if _thread is None or not _thread.is_alive():
+            _thread = FeederThread(settings)
+            _thread.start()
+        return _thread
