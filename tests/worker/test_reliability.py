@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from tests.support import wait_until
 
 SHORT = {"prompt": "a sign that says OPEN", "width": 256, "height": 256, "preset": "V4_TURBO_12", "seed": 5}
-LONG = {**SHORT, "width": 1024, "height": 1024, "steps": 150}
+LONG = {**SHORT, "width": 512, "height": 512, "steps": 80}
 
 
 def wait_running(client, job_id, min_step=1, timeout=90):
