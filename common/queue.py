@@ -15,6 +15,10 @@ from common.settings import Settings, get_settings
 
 GENERATE_TASK = "jobs.generate"
 QUEUES = ("interactive", "batch")
+# Webhook deliveries: their own queue, consumed only by `letterpress webhooks-worker` (never a GPU worker). It is
+# left out of task_queues on purpose, so a worker started without -Q never consumes it.
+WEBHOOK_TASK = "webhooks.deliver"
+WEBHOOK_QUEUE = "webhooks"
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -24,7 +28,12 @@ def make_celery(settings: Settings) -> Celery:
         task_reject_on_worker_lost=True,     # ...including when the worker process is killed
         worker_prefetch_multiplier=1,        # one job in hand per process: nothing stranded behind a long job
         worker_cancel_long_running_tasks_on_connection_loss=True,
-        broker_transport_options={"visibility_timeout": settings.redis.visibility_timeout_s},
+        broker_transport_options={
+            "visibility_timeout": settings.redis.visibility_timeout_s,
+            # a publish to a dead Redis fails at once (not after ~6 s of retries): the API answers and
+            # maintenance re-enqueues what Postgres holds
+            "max_retries": 0,
+        },
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,  # reconnect forever after a Redis restart
         task_queues=[Queue(q) for q in QUEUES],
@@ -47,3 +56,20 @@ def enqueue_generate(job_id: uuid.UUID, queue: str) -> None:
     """Send after the job row committed. Raises when Redis is unreachable: the caller records the job as not
     yet enqueued, and maintenance re-enqueues it."""
     get_celery().send_task(GENERATE_TASK, args=[str(job_id)], queue=queue, retry=False)
+
+
+def enqueue_webhook(event_id: str, countdown: float | None = None) -> None:
+    """Send a webhook event id to the delivery worker (after the event row committed). Raises when Redis is
+    unreachable: the due-events pass (common.outbox.enqueue_due) finds the event in Postgres later."""
+    get_celery().send_task(WEBHOOK_TASK, args=[event_id], queue=WEBHOOK_QUEUE, countdown=countdown or None,
+                           retry=False)
+
+
+def webhooks_worker_argv(concurrency: int = 8, name: str = "webhooks") -> list[str]:
+    """The webhook delivery worker: Celery on the `webhooks` queue with a thread pool (deliveries wait on the
+    network, not the CPU), no model, no GPU."""
+    import sys
+
+    return [sys.executable, "-m", "celery", "-A", "worker.webhooks", "worker", "--pool", "threads",
+            "--concurrency", str(concurrency), "-Q", WEBHOOK_QUEUE, "-n", f"{name}@%h", "--loglevel", "INFO",
+            "--without-gossip", "--without-mingle"]
