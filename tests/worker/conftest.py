@@ -58,7 +58,7 @@ def make_own_stack(services, stack_env, tmp_path_factory, bucket: str, **overrid
            "LETTERPRESS_STORAGE__URL": f"s3://{bucket}/images", **overrides}
     procs = Processes(env, tmp_path_factory.mktemp("own-logs"))
     api_url = procs.start_api()
-    return OwnStack(env=env, procs=procs, pg=pg, redis=redis, api_url=api_url, engine=create_engine(db_url))
+    return OwnStack(env=env, procs=procs, pg=pg, redis=redis, api_url=api_url, engine=create_engine(db_url, pool_pre_ping=True))
 
 
 @pytest.fixture(scope="module")
