@@ -52,7 +52,7 @@ def test_tiny_model_is_deterministic_per_seed(tiny_dir, tmp_path):
     assert is_tiny_model(tiny_dir) and not is_tiny_model(tmp_path)
 
 
-def test_tiny_model_rebuild_replaces_only_a_tiny_model(tiny_dir, tmp_path):
+def test_tiny_model_build_refuses_to_overwrite_other_files(tmp_path):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "keep.txt").write_text("not a model")
