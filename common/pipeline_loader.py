@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from common.errors import ModelError
 from common.settings import ModelSettings, Settings, hf_env
 
 if TYPE_CHECKING:
@@ -43,7 +44,7 @@ _QUANTIZED_TRANSFORMERS = ("transformer", "unconditional_transformer")
 _NF4_COMPONENTS = ("transformer", "unconditional_transformer", "text_encoder")
 
 
-class ModelConfigError(Exception):
+class ModelConfigError(ModelError):
     """The model cannot be loaded as configured; the message says what to do instead."""
 
 
