@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     gpus = [] if args.cpu else visible_gpus()
     slots: dict[str, str | None] = {f"gpu{g}": g for g in gpus} or {"cpu": None}
     procs = {name: spawn(name, gpu, args.queues) for name, gpu in slots.items()}
+    started = {name: time.monotonic() for name in procs}
+    backoff = {name: 1.0 for name in procs}  # a worker that keeps dying at start (bad model config) backs off
     stopping = False
 
     def forward(signum, _frame):
@@ -63,9 +65,13 @@ def main(argv: list[str] | None = None) -> int:
         for name, proc in list(procs.items()):
             code = proc.poll()
             if code is not None and not stopping:
-                log.warning("worker %s exited with %s; restarting", name, code)
-                time.sleep(1.0)
+                if time.monotonic() - started[name] > 60:
+                    backoff[name] = 1.0
+                log.warning("worker %s exited with %s; restarting in %.0fs", name, code, backoff[name])
+                time.sleep(backoff[name])
+                backoff[name] = min(backoff[name] * 2, 60.0)
                 procs[name] = spawn(name, slots[name], args.queues)
+                started[name] = time.monotonic()
         if stopping and all(p.poll() is not None for p in procs.values()):
             return 0
         time.sleep(0.5)
