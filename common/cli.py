@@ -6,6 +6,8 @@
     letterpress api | worker | maintenance | migrate
     letterpress keys create --name NAME
     letterpress model init-tiny PATH
+    letterpress batch run prompts.jsonl --wait --out DIR    a JSONL batch with a live progress bar
+    letterpress batch status|cancel|retry|download ID
 """
 from __future__ import annotations
 
@@ -90,6 +92,76 @@ def cmd_submit(args) -> int:
     return 0
 
 
+def _batch_client():
+    from common.client import BatchClient, api_key, api_url
+
+    settings = get_settings()
+    return BatchClient(api_url(settings), api_key(settings))
+
+
+def _file_idempotency_key(path: Path, skip_invalid: bool) -> str:
+    """The same file submitted again resumes its batch instead of starting a second one."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return f"file-{digest.hexdigest()}{'-skip' if skip_invalid else ''}"
+
+
+def _print_batch(batch: dict) -> None:
+    c = batch["request_counts"]
+    print(f"batch {batch['id']} {batch['status']}: {c['succeeded']} succeeded, {c['failed']} failed, "
+          f"{c['canceled']} canceled, {c['running']} running, {c['queued']} queued of {c['total']}")
+    if batch.get("invalid"):
+        print(f"  {batch['invalid']['count']} invalid line(s) skipped", file=sys.stderr)
+
+
+def cmd_batch_run(args) -> int:
+    client = _batch_client()
+    path = Path(args.file)
+    key = None if args.no_resume else (args.idempotency_key or _file_idempotency_key(path, args.skip_invalid))
+    metadata = json.loads(args.metadata) if args.metadata else None
+    batch, resumed = client.create_batch(path, idempotency_key=key, skip_invalid=args.skip_invalid,
+                                         metadata=metadata)
+    print(f"batch {batch['id']} {'resumed' if resumed else 'submitted'}: {batch['request_counts']['total']} items")
+    if not args.wait:
+        return 0
+    batch = client.wait_batch(batch["id"])
+    _print_batch(batch)
+    if args.out:
+        written, kept = client.download_batch(batch["id"], args.out)
+        print(f"{written} image(s) written, {kept} already there, manifest.jsonl in {args.out}")
+    return 0 if batch["status"] == "completed" and not batch["request_counts"]["failed"] else 1
+
+
+def cmd_batch_status(args) -> int:
+    client = _batch_client()
+    batch = client.wait_batch(args.id) if args.wait else client.get_batch(args.id)
+    if args.json:
+        print(json.dumps(batch, indent=2))
+    else:
+        _print_batch(batch)
+    return 0
+
+
+def cmd_batch_cancel(args) -> int:
+    _print_batch(_batch_client().cancel_batch(args.id))
+    return 0
+
+
+def cmd_batch_retry(args) -> int:
+    _print_batch(_batch_client().retry_batch(args.id))
+    return 0
+
+
+def cmd_batch_download(args) -> int:
+    written, kept = _batch_client().download_batch(args.id, args.out)
+    print(f"{written} image(s) written, {kept} already there, manifest.jsonl in {args.out}")
+    return 0
+
+
 def cmd_up(args) -> int:
     from common.devstack import run_dev_stack
 
@@ -149,6 +221,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--wait", action="store_true", help="show progress and download the images")
     s.add_argument("--out", default="out")
     s.set_defaults(func=cmd_submit)
+
+    batch = sub.add_parser("batch", help="JSONL batches").add_subparsers(dest="batch_command", required=True)
+    br = batch.add_parser("run", help="submit a JSONL file (one job request + custom_id a line)")
+    br.add_argument("file")
+    br.add_argument("--wait", action="store_true", help="follow it with a progress bar until it ends")
+    br.add_argument("--out", help="with --wait: save the images and manifest.jsonl to DIR or s3://bucket/prefix")
+    br.add_argument("--skip-invalid", action="store_true", help="run the valid lines, report the invalid ones")
+    br.add_argument("--metadata", help="a JSON object stored on the batch")
+    br.add_argument("--idempotency-key", help="default: derived from the file's bytes, so rerunning resumes")
+    br.add_argument("--no-resume", action="store_true", help="always start a new batch")
+    br.set_defaults(func=cmd_batch_run)
+    bs = batch.add_parser("status", help="counts and status")
+    bs.add_argument("id")
+    bs.add_argument("--wait", action="store_true")
+    bs.add_argument("--json", action="store_true")
+    bs.set_defaults(func=cmd_batch_status)
+    for name, func, text in (("cancel", cmd_batch_cancel, "cancel queued items; running ones finish"),
+                             ("retry", cmd_batch_retry, "re-run only the failed items")):
+        bc = batch.add_parser(name, help=text)
+        bc.add_argument("id")
+        bc.set_defaults(func=func)
+    bd = batch.add_parser("download", help="save the images and manifest.jsonl (skips files already there)")
+    bd.add_argument("id")
+    bd.add_argument("--out", required=True, help="DIR or s3://bucket/prefix")
+    bd.set_defaults(func=cmd_batch_download)
     return p
 
 
