@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from sqlalchemy import and_, exists, func, or_, select, update
+from sqlalchemy import BigInteger, and_, cast, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from common import jobs as job_states
@@ -53,7 +53,7 @@ class BatchSettings(BaseSettings):
     # Messages kept in the Redis "batch" list. Small on purpose: a few jobs a worker is enough to keep GPUs busy
     # between feeder passes, and all else waits in Postgres (flat Redis memory, interactive work never behind it).
     feed_depth: int = 8
-    feed_period_s: float = 0.5
+    feed_period_s: float = 0.2
     # Do not top the batch queue up while interactive jobs wait in the broker: batch work fills idle capacity.
     interactive_first: bool = True
     finalize_retry_s: float = 120.0       # a batch left in `finalizing` this long (its finalizer died) is redone
@@ -333,32 +333,34 @@ def rerun(session: Session, *, batch: Batch, statuses: tuple[str, ...]) -> int:
 # ------------------------------------------------------------------------------------------- feeder SQL
 
 def feed_candidates(session: Session, *, room: int) -> list[tuple[uuid.UUID, uuid.UUID]]:
-    """Up to `room` (job id, batch id) pairs to hand to the broker next, interleaved round robin across tenants
-    first and their batches second, least recently fed first. Marks the chosen batches as fed now, so the next
-    pass starts with the others."""
+    """Up to `room` (job id, batch id) pairs to hand to the broker next, in the order to send them: slots go
+    round robin to tenants (least recently fed tenant first), and inside a tenant round robin to its batches
+    (least recently fed first), each batch giving its items in line order. The chosen batches are stamped as
+    fed now, so the next pass starts with the others: over passes every tenant gets an equal share of the
+    GPUs whatever its number of batches."""
     if room <= 0:
         return []
     active = session.execute(
-        select(Batch.id, Batch.tenant_id).where(Batch.status == B.IN_PROGRESS)
+        select(Batch.id, Batch.tenant_id, Batch.last_fed_at).where(Batch.status == B.IN_PROGRESS)
         .order_by(Batch.last_fed_at.asc().nulls_first(), Batch.created_at).limit(1000)).all()
     if not active:
         return []
-    # rank each batch inside its tenant; rank 0 of every tenant comes before rank 1 of any: tenants share first
-    rank_in_tenant: dict[uuid.UUID, int] = defaultdict(int)
-    order = []
-    for bid, tenant in active:
-        order.append((rank_in_tenant[tenant], len(order), bid))
-        rank_in_tenant[tenant] += 1
-    order = [bid for _, _, bid in sorted(order)]
+    by_tenant: dict[uuid.UUID, list[uuid.UUID]] = defaultdict(list)
+    tenant_fed: dict[uuid.UUID, float] = {}
+    for bid, tenant, fed_at in active:  # already least recently fed first
+        by_tenant[tenant].append(bid)
+        stamp = fed_at.timestamp() if fed_at is not None else float("-inf")
+        tenant_fed[tenant] = max(tenant_fed.get(tenant, stamp), stamp)
+    tenants = sorted(by_tenant, key=lambda t: tenant_fed[t])  # stable: ties keep the batches' order
+    slots = [by_tenant[t][(i // len(tenants)) % len(by_tenant[t])]
+             for i, t in ((i, tenants[i % len(tenants)]) for i in range(room))]
     quota: dict[uuid.UUID, int] = defaultdict(int)
-    for i in range(room):
-        quota[order[i % len(order)]] += 1
-    per_batch = {bid: list(session.scalars(
+    for bid in slots:
+        quota[bid] += 1
+    ready = {bid: iter(session.scalars(
         select(Job.id).where(Job.batch_id == bid, Job.status == S.QUEUED, Job.enqueued_at.is_(None))
-        .order_by(Job.batch_line).limit(n))) for bid, n in quota.items()}
-    picked: list[tuple[uuid.UUID, uuid.UUID]] = []
-    for i in range(max(map(len, per_batch.values()), default=0)):
-        picked += [(ids[i], bid) for bid in order if (ids := per_batch.get(bid)) and i < len(ids)]
+        .order_by(Job.batch_line).limit(n)).all()) for bid, n in quota.items()}
+    picked = [(jid, bid) for bid in slots if (jid := next(ready[bid], None)) is not None]
     fed = {bid for _, bid in picked}
     if fed:
         session.execute(update(Batch).where(Batch.id.in_(fed)).values(last_fed_at=func.clock_timestamp()))
@@ -445,9 +447,10 @@ class ManifestLine:
     images: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> str:
-        body = asdict(self)
-        if len(self.images) <= 1:
-            del body["images"]  # one image (the common case): its fields are the line's seed/key/url/sha256
+        body = {"custom_id": self.custom_id, "line": self.line, "job_id": self.job_id, "status": self.status,
+                "seed": self.seed, "key": self.key, "url": self.url, "sha256": self.sha256, "error": self.error}
+        if len(self.images) > 1:  # one image (the common case): its fields are the line's seed/key/url/sha256
+            body["images"] = self.images
         return json.dumps(body, separators=(",", ":"))
 
 
@@ -458,7 +461,8 @@ def manifest_lines(session: Session, *, batch_id: uuid.UUID, url_for: UrlFor | N
                    chunk: int = 2000) -> Iterator[ManifestLine]:
     """One line per input line, in input order, streamed through a server-side cursor (a million items never
     sit in memory). Not-yet-finished items appear with their current status."""
-    query = (select(Job.id, Job.custom_id, Job.batch_line, Job.status, Job.params["seed"].as_integer(), Job.error,
+    seed = cast(Job.params["seed"].astext, BigInteger)  # seeds reach 2**32 - 1: past a Postgres integer
+    query = (select(Job.id, Job.custom_id, Job.batch_line, Job.status, seed, Job.error,
                     JobImage.index, JobImage.seed, JobImage.key, JobImage.sha256)
              .outerjoin(JobImage, JobImage.job_id == Job.id)
              .where(Job.batch_id == batch_id).order_by(Job.batch_line, JobImage.index)

@@ -77,3 +77,166 @@ class Client:
             path.write_bytes(resp.content)
             paths.append(path)
         return paths
+
+
+# ------------------------------------------------------------------------------------------------- batches
+
+BATCH_TERMINAL = ("completed", "failed", "cancelled")
+
+
+def _file_name(custom_id: str, index: int, num_images: int) -> str:
+    """A file name from the caller's custom_id; ids that are not already safe get a short hash (no collisions)."""
+    import hashlib
+    import re
+
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", custom_id)[:180] or "_"
+    if safe != custom_id or safe.startswith("."):
+        safe = f"{safe}-{hashlib.sha1(custom_id.encode()).hexdigest()[:8]}"
+    return f"{safe}.png" if num_images <= 1 else f"{safe}_{index}.png"
+
+
+class _Sink:
+    """Where `batch download` writes: a local directory or `s3://bucket/prefix` (boto3's default credentials and
+    AWS_ENDPOINT_URL). Files already there with the right sha256 are skipped, so a download resumes."""
+
+    def __init__(self, out: str):
+        from urllib.parse import urlparse
+
+        parsed = urlparse(out)
+        self.s3 = None
+        if parsed.scheme == "s3":
+            import boto3
+
+            self.s3, self.bucket, self.prefix = boto3.client("s3"), parsed.netloc, parsed.path.strip("/")
+        else:
+            self.root = Path(out)
+            self.root.mkdir(parents=True, exist_ok=True)
+
+    def has(self, name: str, sha256: str | None) -> bool:
+        import hashlib
+
+        if self.s3 is not None:
+            return False
+        path = self.root / name
+        return sha256 is not None and path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == sha256
+
+    def write(self, name: str, data: bytes) -> str:
+        if self.s3 is not None:
+            key = f"{self.prefix}/{name}" if self.prefix else name
+            self.s3.put_object(Bucket=self.bucket, Key=key, Body=data)
+            return f"s3://{self.bucket}/{key}"
+        path = self.root / name
+        tmp = path.with_name(f".{path.name}.part")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+        return str(path)
+
+
+class BatchClient(Client):
+    """`letterpress batch ...`: submit a JSONL file, follow it with a progress bar, cancel, retry, download."""
+
+    def _check_batch(self, resp: httpx.Response) -> dict:
+        if resp.status_code == 422:
+            err = resp.json().get("error", {})
+            lines = [f"  line {e['line']}: {e.get('field') or ''}{': ' if e.get('field') else ''}{e['message']}"
+                     for e in err.get("errors", [])[:20]]
+            more = err.get("invalid_count", 0) - len(lines)
+            raise SystemExit("\n".join([f"error 422: {err.get('message')}", *lines]
+                                       + ([f"  ... and {more} more"] if more > 0 else [])))
+        return self._check(resp)
+
+    def create_batch(self, path: Path, *, idempotency_key: str | None = None, skip_invalid: bool = False,
+                     metadata: dict | None = None) -> tuple[dict, bool]:
+        """Upload a JSONL file. Returns (batch, created): created is False when the Idempotency-Key matched an
+        earlier submission of the same file (a resume)."""
+        import json
+
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        data = {"skip_invalid": "true" if skip_invalid else "false"}
+        if metadata is not None:
+            data["metadata"] = json.dumps(metadata)
+        with path.open("rb") as f:
+            resp = self.http.post("/v1/batches", files={"file": (path.name, f, "application/x-ndjson")}, data=data,
+                                  headers=headers, timeout=max(self.http.timeout.read or 30, 600))
+        return self._check_batch(resp), resp.status_code == 200
+
+    def get_batch(self, batch_id: str) -> dict:
+        return self._check(self.http.get(f"/v1/batches/{batch_id}"))
+
+    def cancel_batch(self, batch_id: str) -> dict:
+        return self._check(self.http.post(f"/v1/batches/{batch_id}/cancel"))
+
+    def retry_batch(self, batch_id: str) -> dict:
+        return self._check(self.http.post(f"/v1/batches/{batch_id}/retry"))
+
+    def batch_results(self, batch_id: str):
+        """The manifest, one dict a line, streamed."""
+        import json
+
+        with self.http.stream("GET", f"/v1/batches/{batch_id}/results", timeout=None) as resp:
+            if resp.status_code >= 400:
+                resp.read()
+                self._check(resp)
+            for line in resp.iter_lines():
+                if line.strip():
+                    yield json.loads(line)
+
+    def wait_batch(self, batch_id: str, *, poll_s: float = 1.0, show_progress: bool = True) -> dict:
+        """Poll until the batch ends, with a live bar: done (succeeded + failed + canceled) of total, the
+        failures, and tqdm's rate and ETA."""
+        from tqdm import tqdm
+
+        batch = self.get_batch(batch_id)
+        counts = batch["request_counts"]
+        with tqdm(total=counts["total"], unit="img", disable=not show_progress, desc=f"batch {batch_id[:8]}",
+                  dynamic_ncols=True) as bar:
+            while True:
+                counts = batch["request_counts"]
+                bar.update(counts["succeeded"] + counts["failed"] + counts["canceled"] - bar.n)
+                bar.set_postfix(status=batch["status"], ok=counts["succeeded"], failed=counts["failed"],
+                                running=counts["running"], refresh=True)
+                if batch["status"] in BATCH_TERMINAL:
+                    return batch
+                time.sleep(poll_s)
+                batch = self.get_batch(batch_id)
+
+    def download_batch(self, batch_id: str, out: str, *, workers: int = 8,
+                       show_progress: bool = True) -> tuple[int, int]:
+        """Save every succeeded image as `{custom_id}.png` (`{custom_id}_{i}.png` for several) and the manifest
+        (with each line's `file`) as manifest.jsonl. Returns (images written, images already there)."""
+        import json
+        from concurrent.futures import ThreadPoolExecutor
+
+        from tqdm import tqdm
+
+        sink = _Sink(out)
+        manifest = list(self.batch_results(batch_id))
+        todo = []
+        for line in manifest:
+            images = line.get("images") or ([{"index": 0, "url": line["url"], "sha256": line["sha256"]}]
+                                            if line.get("key") else [])
+            line["files"] = []
+            for image in images:
+                name = _file_name(line["custom_id"], image["index"], len(images))
+                line["files"].append(name)
+                todo.append((name, image["url"], image["sha256"]))
+
+        def fetch(item) -> bool:
+            name, url, sha = item
+            if sink.has(name, sha):
+                return False
+            resp = self.http.get(url) if url.startswith(self.base_url) else httpx.get(url, timeout=120)
+            resp.raise_for_status()
+            sink.write(name, resp.content)
+            return True
+
+        written = 0
+        with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(total=len(todo), unit="img",
+                                                                    disable=not show_progress,
+                                                                    desc="download") as bar:
+            for fresh in pool.map(fetch, todo):
+                written += fresh
+                bar.update(1)
+        sink.write("manifest.jsonl", "".join(json.dumps({k: v for k, v in line.items() if k != "url"}) + "\n"
+                                             for line in manifest).encode())
+        return written, len(todo) - written

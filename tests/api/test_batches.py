@@ -182,12 +182,15 @@ def test_cancel_cancels_queued_items_at_once(bclient):
 
 
 def test_results_stream_lists_every_line_in_input_order_while_queued(bclient):
-    batch = bclient.http.post("/v1/batches", json={"items": items(4)}).json()
+    unseeded = {**LINE, "custom_id": "server-picks-the-seed"}
+    batch = bclient.http.post("/v1/batches", json={"items": items(4) + [unseeded]}).json()
     resp = bclient.http.get(f"/v1/batches/{batch['id']}/results")
     assert resp.status_code == 200 and resp.headers["content-type"].startswith("application/x-ndjson")
     lines = [json.loads(line) for line in resp.text.splitlines()]
-    assert [m["custom_id"] for m in lines] == [f"item-{i}" for i in range(4)]
-    assert [m["seed"] for m in lines] == [0, 1, 2, 3]
+    assert [m["custom_id"] for m in lines] == [f"item-{i}" for i in range(4)] + ["server-picks-the-seed"]
+    assert [m["seed"] for m in lines[:4]] == [0, 1, 2, 3]
+    # a server-picked seed (up to 2**32 - 1) is recorded and reported as the job has it
+    assert lines[4]["seed"] == bclient.get(lines[4]["job_id"])["request"]["seed"] == db_jobs(batch["id"])[4]["seed"]
     assert {m["status"] for m in lines} == {"queued"} and all(m["key"] is None for m in lines)
     assert set(lines[0]) == {"custom_id", "line", "job_id", "status", "seed", "key", "url", "sha256", "error"}
 
