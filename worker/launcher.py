@@ -24,6 +24,11 @@ def visible_gpus() -> list[str]:
     return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
 
 
+def plan_workers(gpus: list[str]) -> dict[str, str | None]:
+    """Worker name -> the one GPU it is pinned to (None: the single CPU worker)."""
+    return {f"gpu{g}": g for g in gpus} or {"cpu": None}
+
+
 def worker_command(name: str, queues: str) -> list[str]:
     return [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool", "solo",
             "--concurrency", "1", "-Q", queues, "-n", f"{name}@%h", "--loglevel", "INFO",
@@ -46,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     gpus = [] if args.cpu else visible_gpus()
-    slots: dict[str, str | None] = {f"gpu{g}": g for g in gpus} or {"cpu": None}
+    slots = plan_workers(gpus)
     procs = {name: spawn(name, gpu, args.queues) for name, gpu in slots.items()}
     started = {name: time.monotonic() for name in procs}
     backoff = {name: 1.0 for name in procs}  # a worker that keeps dying at start (bad model config) backs off
