@@ -62,7 +62,8 @@ def reference_digests(model_path: str) -> dict[int, str]:
 
 
 class Submitter(threading.Thread):
-    """Submits every job, retrying through outages with the same Idempotency-Key (so a retry never duplicates)."""
+    """Submits every job, paced over the chaos window so faults hit work in flight, retrying through outages with
+    the same Idempotency-Key (so a retry never duplicates)."""
 
     def __init__(self, api_url: str, key: str):
         super().__init__(daemon=True)
@@ -83,6 +84,16 @@ class Submitter(threading.Thread):
                 except httpx.HTTPError:
                     pass
                 time.sleep(0.2)
+            time.sleep(CHAOS_S / N_JOBS)
+
+
+def busy_worker(stack, workers: list[str], rng: random.Random) -> str:
+    """A worker holding a running job if there is one (its pid is in the job's worker_id), else any worker."""
+    with stack.engine.connect() as conn:
+        holders = conn.execute(text("SELECT worker_id FROM jobs WHERE status = 'running'")).scalars().all()
+    pids = {int(h.split(":")[1]) for h in holders if h}
+    busy = [w for w in workers if stack.procs.procs[w].pid in pids]
+    return rng.choice(busy or workers)
 
 
 def test_chaos(chaos_stack, tiny_model):
@@ -104,12 +115,12 @@ def test_chaos(chaos_stack, tiny_model):
         counts[action] += 1
         if action == "sigstop":
             # a frozen worker (VM pause, swap storm) outlives its lease; when it wakes, fencing must stop it
-            victim = rng.choice(workers)
+            victim = busy_worker(stack, workers, rng)
             stack.procs.signal(victim, signal.SIGSTOP)
             time.sleep(8.0)  # > lease TTL (6 s) + maintenance period: its job is taken over meanwhile
             stack.procs.signal(victim, signal.SIGCONT)
         elif action in ("sigkill", "sigterm"):
-            victim = rng.choice(workers)
+            victim = busy_worker(stack, workers, rng)
             stack.procs.signal(victim, signal.SIGKILL if action == "sigkill" else signal.SIGTERM)
             stack.procs.wait_exit(victim, timeout=60)
             workers.remove(victim)
