@@ -96,6 +96,18 @@ def busy_worker(stack, workers: list[str], rng: random.Random) -> str:
     return rng.choice(busy or workers)
 
 
+def wait_taken_over(stack, pid: int, timeout: float = 20.0) -> None:
+    """Until the job held by worker `pid` is claimed by another attempt (or nothing was held)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with stack.engine.connect() as conn:
+            held = conn.execute(text("SELECT count(*) FROM jobs WHERE status = 'running' AND split_part(worker_id, "
+                                     "':', 2) = :pid"), {"pid": str(pid)}).scalar()
+        if not held:
+            return
+        time.sleep(0.1)
+
+
 def test_chaos(chaos_stack, tiny_model):
     stack = chaos_stack
     reference = reference_digests(str(tiny_model))
@@ -114,10 +126,11 @@ def test_chaos(chaos_stack, tiny_model):
         action = plan.pop() if plan else rng.choice(list(counts))
         counts[action] += 1
         if action == "sigstop":
-            # a frozen worker (VM pause, swap storm) outlives its lease; when it wakes, fencing must stop it
+            # a frozen worker (VM pause, swap storm) outlives its lease; it wakes as soon as another worker has taken
+            # its job over, and fencing must keep it from writing anything
             victim = busy_worker(stack, workers, rng)
             stack.procs.signal(victim, signal.SIGSTOP)
-            time.sleep(8.0)  # > lease TTL (6 s) + maintenance period: its job is taken over meanwhile
+            wait_taken_over(stack, stack.procs.procs[victim].pid)
             stack.procs.signal(victim, signal.SIGCONT)
         elif action in ("sigkill", "sigterm"):
             victim = busy_worker(stack, workers, rng)
