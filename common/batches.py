@@ -28,7 +28,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import BigInteger, and_, cast, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from common import jobs as job_states
+from common import jobs as job_states, outbox
 from common.errors import Conflict, InvalidRequest, NotFound
 from common.job_request import JobRequest, RequestError, to_params
 from common.models import Batch, BatchStatus, Job, JobImage, JobStatus
@@ -429,7 +429,9 @@ def finish_finalizing(session: Session, *, batch: Batch) -> str | None:
         update(Batch).where(Batch.id == batch.id, Batch.status == B.FINALIZING,
                             Batch.finalizing_at == batch.finalizing_at)
         .values(status=status, manifest_written_at=func.now(), **{stamp: func.now()})
-        .returning(Batch.id)).one_or_none()
+        .returning(Batch.id, Batch.webhook_url)).one_or_none()
+    if row is not None and row.webhook_url:  # batch.completed | batch.failed | batch.cancelled, same transaction
+        outbox.record_batch_event(session, batch_id=batch.id, status=status)
     return status if row is not None else None
 
 

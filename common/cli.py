@@ -4,6 +4,8 @@
     letterpress up                       local stack: Postgres, Redis, API, worker(s), local storage
     letterpress submit "prompt" --wait   through the REST API, with a progress bar; saves the PNGs
     letterpress api | worker | maintenance | migrate
+    letterpress webhooks-worker          webhook deliveries (the `webhooks` queue; no GPU)
+    letterpress webhooks secret --tenant NAME
     letterpress keys create --name NAME
     letterpress model init-tiny PATH
     letterpress batch run prompts.jsonl --wait --out DIR    a JSONL batch with a live progress bar
@@ -33,6 +35,28 @@ def cmd_api(args) -> int:
 
 def cmd_worker(args) -> int:
     return _exec_module("worker.launcher", *(["--cpu"] if args.cpu else []), "--queues", args.queues)
+
+
+def cmd_webhooks_worker(args) -> int:
+    from common.queue import webhooks_worker_argv
+
+    return subprocess.call(webhooks_worker_argv(concurrency=args.concurrency))
+
+
+def cmd_webhooks_secret(args) -> int:
+    from common import outbox
+    from common.auth import get_or_create_tenant
+    from common.db import session_scope
+
+    with session_scope() as session:
+        tenant = get_or_create_tenant(session, args.tenant)
+        if args.rotate:
+            row = outbox.rotate_secret(session, tenant_id=tenant.id, previous_valid_for_s=args.previous_valid_for_s)
+        else:
+            row = outbox.get_secret(session, tenant_id=tenant.id)
+        secret = row.secret
+    print(secret)
+    return 0
 
 
 def cmd_maintenance(_args) -> int:
@@ -190,6 +214,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("maintenance", help="requeue expired leases and lost enqueues").set_defaults(
         func=cmd_maintenance)
+
+    ww = sub.add_parser("webhooks-worker", help="deliver webhooks (Celery, `webhooks` queue, thread pool)")
+    ww.add_argument("--concurrency", type=int, default=8)
+    ww.set_defaults(func=cmd_webhooks_worker)
+
+    webhooks = sub.add_parser("webhooks", help="webhooks").add_subparsers(dest="webhooks_command", required=True)
+    ws = webhooks.add_parser("secret", help="print the tenant's whsec_ signing secret (created on first use)")
+    ws.add_argument("--tenant", required=True, help="tenant name")
+    ws.add_argument("--rotate", action="store_true", help="make a new secret; the old one signs beside it a while")
+    ws.add_argument("--previous-valid-for-s", type=int, default=24 * 3600)
+    ws.set_defaults(func=cmd_webhooks_secret)
 
     m = sub.add_parser("migrate", help="alembic upgrade head (or --down)")
     m.add_argument("--down", action="store_true")

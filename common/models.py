@@ -152,3 +152,89 @@ class JobImage(Base):
     width: Mapped[int] = mapped_column(Integer)
     height: Mapped[int] = mapped_column(Integer)
     size_bytes: Mapped[int] = mapped_column(Integer)
+
+
+class WebhookEventStatus:
+    PENDING = "pending"        # an attempt is due at next_attempt_at
+    DELIVERED = "delivered"    # a 2xx answer came back
+    FAILED = "failed"          # the retry schedule ran out, or the SSRF guard refused the target
+    DISABLED = "disabled"      # the endpoint answered 410 Gone (or was already disabled): not sent
+    ALL = (PENDING, DELIVERED, FAILED, DISABLED)
+
+
+class WebhookEvent(Base):
+    """The outbox: one row per event, written in the transaction of the state change it reports (migration 0003).
+    `id` is the Standard Webhooks `webhook-id`, identical on every attempt and redelivery."""
+    __tablename__ = "webhook_events"
+    __table_args__ = (
+        Index("ix_webhook_events_tenant_created", "tenant_id", "created_at", "id"),
+        Index("ix_webhook_events_job", "job_id"),
+        Index("ix_webhook_events_batch", "batch_id"),
+        Index("ix_webhook_events_due", "next_attempt_at", postgresql_where=text("status = 'pending'")),
+        Index("ix_webhook_events_redeliver", "redeliver_requested_at",
+              postgresql_where=text("redeliver_requested_at IS NOT NULL")),
+    )
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    type: Mapped[str] = mapped_column(String(64))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    job_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    batch_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"))
+    url: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), default=WebhookEventStatus.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)             # every HTTP attempt, redeliveries too
+    scheduled_attempts: Mapped[int] = mapped_column(Integer, default=0)   # position in the retry schedule
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    locked_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # an attempt is in flight
+    enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))   # handed to the broker
+    redeliver_requested_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now(),
+                                                 onupdate=func.now())
+
+
+class WebhookDelivery(Base):
+    """One row per HTTP attempt (the delivery log)."""
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        Index("ix_webhook_deliveries_tenant_created", "tenant_id", "created_at", "id"),
+        Index("ix_webhook_deliveries_event", "event_id", "attempt"),
+    )
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
+    event_id: Mapped[str] = mapped_column(ForeignKey("webhook_events.id", ondelete="CASCADE"))
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    attempt: Mapped[int] = mapped_column(Integer)
+    trigger: Mapped[str] = mapped_column(String(16))  # scheduled | redeliver
+    url: Mapped[str] = mapped_column(Text)
+    ip: Mapped[str | None] = mapped_column(String(64))
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    duration_ms: Mapped[int] = mapped_column(Integer)
+    response_excerpt: Mapped[str | None] = mapped_column(Text)
+    outcome: Mapped[str] = mapped_column(String(16))  # success | retry | disable | refused
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+    event: Mapped[WebhookEvent] = relationship(lazy="joined")
+
+
+class WebhookSecret(Base):
+    """A tenant's signing secret (`whsec_...`), and during a rotation the previous one until it expires."""
+    __tablename__ = "webhook_secrets"
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
+    secret: Mapped[str] = mapped_column(Text)
+    previous_secret: Mapped[str | None] = mapped_column(Text)
+    previous_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    rotated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class WebhookDisabledEndpoint(Base):
+    """An endpoint that answered 410 Gone: nothing more is sent to it for this tenant until re-enabled."""
+    __tablename__ = "webhook_disabled_endpoints"
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
+    url: Mapped[str] = mapped_column(Text, primary_key=True)
+    reason: Mapped[str] = mapped_column(Text)
+    event_id: Mapped[str | None] = mapped_column(String(40))
+    disabled_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

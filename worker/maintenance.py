@@ -1,4 +1,5 @@
-"""The maintenance loop: expired leases -> requeue (or dead letter), lost enqueues -> re-enqueue.
+"""The maintenance loop: expired leases -> requeue (or dead letter), lost enqueues -> re-enqueue, due webhook
+events -> the delivery queue.
 
 Postgres is the truth and Redis only delivers, so anything Redis lost is found here. Every worker runs this loop
 in a thread (and `letterpress maintenance` runs it alone); a Postgres advisory lock lets one pass run at a time.
@@ -11,7 +12,7 @@ import threading
 import redis as redis_lib
 from sqlalchemy import func, select
 
-from common import jobs as job_states
+from common import jobs as job_states, outbox
 from common.db import session_scope
 from common.queue import QUEUES, enqueue_generate
 from common.settings import Settings
@@ -57,6 +58,7 @@ def maintenance_pass(settings: Settings) -> dict[str, int]:
         with session_scope() as session:
             job_states.mark_enqueued(session, sent)
     counts["reenqueued"] = len(sent)
+    counts["webhooks"] = outbox.enqueue_due(settings)  # due webhook retries and lost sends (common/outbox.py)
     if any(counts.values()):
         log.info("maintenance: %s", counts)
     return counts

@@ -12,18 +12,17 @@ from fastapi.responses import FileResponse, RedirectResponse
 from sqlalchemy import and_, or_, select
 
 from api.deps import CurrentTenant, SessionDep, SettingsDep, StorageDep
-from api.schemas import ImageOut, JobList, JobOut, Progress
+from api.schemas import JobList, JobOut
 from common import jobs as job_states
 from common.errors import InvalidRequest, NotFound
 from common.job_request import JobRequest, to_params
 from common.models import Job, JobStatus
 from common.queue import enqueue_generate
+from common.representation import job_representation
 from common.storage import Storage
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
-
-REQUEST_FIELDS = ("prompt", "caption", "preset", "width", "height", "seed", "num_images", "steps", "guidance_scale")
 
 
 def image_url(request: Request, storage: Storage, job: Job, key: str, index: int) -> str:
@@ -31,21 +30,11 @@ def image_url(request: Request, storage: Storage, job: Job, key: str, index: int
 
 
 def job_out(request: Request, session, storage: Storage, job: Job) -> JobOut:
-    total = job.progress_total or job.params["steps"]
-    self_url = str(request.url_for("get_job", job_id=str(job.id)))
-    return JobOut(
-        id=str(job.id), status=job.status, queue=job.queue,
-        request={k: job.params[k] for k in REQUEST_FIELDS if job.params.get(k) is not None},
-        metadata=job.metadata_,
-        progress=Progress(step=job.progress_step, total=total, fraction=round(job.progress_step / total, 4)),
-        queue_position=job_states.queue_position(session, job=job),
-        attempts=job.attempts, max_attempts=job.max_attempts, preemptions=job.preemptions, error=job.error,
-        images=[ImageOut(index=i.index, seed=i.seed, url=image_url(request, storage, job, i.key, i.index), key=i.key,
-                         sha256=i.sha256, width=i.width, height=i.height, size_bytes=i.size_bytes)
-                for i in job.images],
-        timings=job.timings, created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
-        urls={"self": self_url, "cancel": self_url + "/cancel"},
-    )
+    """The job as GET returns it; the shape lives in common.representation (shared with webhook payloads)."""
+    return JobOut(**job_representation(
+        job, self_url=str(request.url_for("get_job", job_id=str(job.id))),
+        image_url=lambda i: image_url(request, storage, job, i.key, i.index),
+        queue_position=job_states.queue_position(session, job=job)))
 
 
 def enqueue_committed(session, job: Job) -> None:

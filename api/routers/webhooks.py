@@ -1,0 +1,254 @@
+"""/v1/webhooks: the tenant's signing secret (show, rotate), the delivery log, events, redelivery and disabled
+endpoints. The API never calls a receiver itself: a redelivery is recorded and sent to the delivery worker."""
+from __future__ import annotations
+
+import base64
+import uuid
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Response
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import and_, or_, select
+
+from api.deps import CurrentTenant, SessionDep
+from common import outbox
+from common.errors import InvalidRequest, NotFound
+from common.models import WebhookDelivery, WebhookDisabledEndpoint, WebhookEvent, WebhookEventStatus
+
+router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
+
+
+class SecretOut(BaseModel):
+    object: str = "webhook_secret"
+    secret: str = Field(description="whsec_... : verify the webhook-signature header with any Standard Webhooks "
+                                    "library")
+    created_at: datetime
+    rotated_at: datetime | None
+    previous_secret_expires_at: datetime | None = Field(
+        description="during a rotation: until then every call also carries a signature with the previous secret")
+
+
+class RotateIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    previous_valid_for_s: int = Field(outbox.DEFAULT_ROTATION_WINDOW_S, ge=0, le=7 * 24 * 3600,
+                                      description="how long the previous secret keeps signing (0: stop at once)")
+
+
+class EventOut(BaseModel):
+    id: str
+    object: str = "webhook_event"
+    type: str
+    status: str
+    url: str
+    job_id: str | None
+    batch_id: str | None
+    attempts: int
+    next_attempt_at: datetime | None
+    last_error: str | None
+    created_at: datetime
+    delivered_at: datetime | None
+    data: dict[str, Any]
+
+
+class DeliveryOut(BaseModel):
+    id: str
+    object: str = "webhook_delivery"
+    event_id: str
+    event_type: str
+    event_status: str
+    job_id: str | None
+    batch_id: str | None
+    attempt: int
+    trigger: str
+    url: str
+    ip: str | None
+    status_code: int | None
+    outcome: str
+    error: str | None
+    duration_ms: int
+    response_excerpt: str | None
+    created_at: datetime
+
+
+class DisabledEndpointOut(BaseModel):
+    object: str = "webhook_disabled_endpoint"
+    url: str
+    reason: str
+    event_id: str | None
+    disabled_at: datetime
+
+
+class EventList(BaseModel):
+    object: str = "list"
+    data: list[EventOut]
+    next_cursor: str | None
+    has_more: bool
+
+
+class DeliveryList(BaseModel):
+    object: str = "list"
+    data: list[DeliveryOut]
+    next_cursor: str | None
+    has_more: bool
+
+
+def event_out(e: WebhookEvent) -> EventOut:
+    return EventOut(id=e.id, type=e.type, status=e.status, url=e.url, job_id=str(e.job_id) if e.job_id else None,
+                    batch_id=str(e.batch_id) if e.batch_id else None, attempts=e.attempts,
+                    next_attempt_at=e.next_attempt_at, last_error=e.last_error, created_at=e.created_at,
+                    delivered_at=e.delivered_at, data=e.payload)
+
+
+def delivery_out(d: WebhookDelivery) -> DeliveryOut:
+    e = d.event
+    return DeliveryOut(id=str(d.id), event_id=d.event_id, event_type=e.type, event_status=e.status,
+                       job_id=str(e.job_id) if e.job_id else None, batch_id=str(e.batch_id) if e.batch_id else None,
+                       attempt=d.attempt, trigger=d.trigger, url=d.url, ip=d.ip, status_code=d.status_code,
+                       outcome=d.outcome, error=d.error, duration_ms=d.duration_ms,
+                       response_excerpt=d.response_excerpt, created_at=d.created_at)
+
+
+def _uuid(value: str | None, field: str) -> uuid.UUID | None:
+    if value is None:
+        return None
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise InvalidRequest(f"{field} is not a valid id", field=field) from None
+
+
+def _encode_cursor(created_at: datetime, row_id: object) -> str:
+    return base64.urlsafe_b64encode(f"{created_at.isoformat()}|{row_id}".encode()).decode()
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        created, row_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|")
+        return datetime.fromisoformat(created), row_id
+    except Exception:  # noqa: BLE001 - any garbage is the caller's
+        raise InvalidRequest("cursor is not one this API returned", field="cursor") from None
+
+
+def _page(session, query, model, cursor: str | None, limit: int, id_of=lambda v: v):
+    """Newest first, continuing after `cursor` (created_at, id) as /v1/jobs does."""
+    if cursor:
+        created, row_id = _decode_cursor(cursor)
+        try:
+            row_id = id_of(row_id)
+        except ValueError:
+            raise InvalidRequest("cursor is not one this API returned", field="cursor") from None
+        query = query.where(or_(model.created_at < created, and_(model.created_at == created, model.id < row_id)))
+    rows = list(session.scalars(query.order_by(model.created_at.desc(), model.id.desc()).limit(limit + 1)))
+    page = rows[:limit]
+    more = len(rows) > limit
+    return page, more, (_encode_cursor(page[-1].created_at, page[-1].id) if more else None)
+
+
+def _event(session, tenant_id: uuid.UUID, event_id: str) -> WebhookEvent:
+    event = session.get(WebhookEvent, event_id)
+    if event is None or event.tenant_id != tenant_id:
+        raise NotFound(f"webhook event {event_id} not found")
+    return event
+
+
+# ---------------------------------------------------------------------------------------------------- secret
+
+@router.get("/secret", response_model=SecretOut)
+def get_secret(session: SessionDep, tenant: CurrentTenant) -> SecretOut:
+    """The tenant's signing secret, created on first use."""
+    row = outbox.get_secret(session, tenant_id=tenant.id)
+    session.commit()
+    return SecretOut(**outbox.secret_info(row))
+
+
+@router.post("/secret/rotate", response_model=SecretOut)
+def rotate_secret(session: SessionDep, tenant: CurrentTenant, body: RotateIn | None = None) -> SecretOut:
+    """A new secret at once; the previous one keeps signing beside it for `previous_valid_for_s` (default 24 h)
+    so receivers can switch without dropping a call."""
+    body = body or RotateIn()
+    row = outbox.rotate_secret(session, tenant_id=tenant.id, previous_valid_for_s=body.previous_valid_for_s)
+    session.commit()
+    return SecretOut(**outbox.secret_info(row))
+
+
+# ---------------------------------------------------------------------------------------- deliveries, events
+
+@router.get("/deliveries", response_model=DeliveryList)
+def list_deliveries(session: SessionDep, tenant: CurrentTenant, job_id: str | None = None,
+                    batch_id: str | None = None, event_id: str | None = None,
+                    limit: Annotated[int, Query(ge=1, le=200)] = 50, cursor: str | None = None) -> DeliveryList:
+    """Every attempt, newest first; filter by job, batch or event."""
+    query = select(WebhookDelivery).where(WebhookDelivery.tenant_id == tenant.id)
+    if job_id is not None or batch_id is not None:
+        query = query.join(WebhookEvent, WebhookEvent.id == WebhookDelivery.event_id)
+    if job_id is not None:
+        query = query.where(WebhookEvent.job_id == _uuid(job_id, "job_id"))
+    if batch_id is not None:
+        query = query.where(WebhookEvent.batch_id == _uuid(batch_id, "batch_id"))
+    if event_id is not None:
+        query = query.where(WebhookDelivery.event_id == event_id)
+    page, more, next_cursor = _page(session, query, WebhookDelivery, cursor, limit, id_of=uuid.UUID)
+    return DeliveryList(data=[delivery_out(d) for d in page], has_more=more, next_cursor=next_cursor)
+
+
+@router.post("/deliveries/{delivery_id}/redeliver", status_code=202, response_model=EventOut)
+def redeliver_delivery(delivery_id: str, session: SessionDep, tenant: CurrentTenant) -> EventOut:
+    """Send the delivery's event again, with the same webhook-id (one attempt; see the deliveries log)."""
+    try:
+        delivery = session.get(WebhookDelivery, uuid.UUID(delivery_id))
+    except ValueError:
+        delivery = None
+    if delivery is None or delivery.tenant_id != tenant.id:
+        raise NotFound(f"webhook delivery {delivery_id} not found")
+    event = outbox.request_redelivery(session, event=delivery.event)
+    session.commit()
+    return event_out(event)
+
+
+@router.get("/events", response_model=EventList)
+def list_events(session: SessionDep, tenant: CurrentTenant, job_id: str | None = None, batch_id: str | None = None,
+                status: Annotated[str | None, Query(pattern="^(" + "|".join(WebhookEventStatus.ALL) + ")$")] = None,
+                limit: Annotated[int, Query(ge=1, le=200)] = 50, cursor: str | None = None) -> EventList:
+    query = select(WebhookEvent).where(WebhookEvent.tenant_id == tenant.id)
+    if job_id is not None:
+        query = query.where(WebhookEvent.job_id == _uuid(job_id, "job_id"))
+    if batch_id is not None:
+        query = query.where(WebhookEvent.batch_id == _uuid(batch_id, "batch_id"))
+    if status is not None:
+        query = query.where(WebhookEvent.status == status)
+    page, more, next_cursor = _page(session, query, WebhookEvent, cursor, limit)
+    return EventList(data=[event_out(e) for e in page], has_more=more, next_cursor=next_cursor)
+
+
+@router.get("/events/{event_id}", response_model=EventOut)
+def get_event(event_id: str, session: SessionDep, tenant: CurrentTenant) -> EventOut:
+    return event_out(_event(session, tenant.id, event_id))
+
+
+@router.post("/events/{event_id}/redeliver", status_code=202, response_model=EventOut)
+def redeliver_event(event_id: str, session: SessionDep, tenant: CurrentTenant) -> EventOut:
+    """Send the event again with the same webhook-id (also for an event never sent: its endpoint was disabled)."""
+    event = outbox.request_redelivery(session, event=_event(session, tenant.id, event_id))
+    session.commit()
+    return event_out(event)
+
+
+# --------------------------------------------------------------------------------------- disabled endpoints
+
+@router.get("/disabled-endpoints", response_model=list[DisabledEndpointOut])
+def list_disabled_endpoints(session: SessionDep, tenant: CurrentTenant) -> list[DisabledEndpointOut]:
+    """Endpoints that answered 410 Gone: nothing is sent to them until re-enabled (or a redelivery)."""
+    rows = session.scalars(select(WebhookDisabledEndpoint).where(WebhookDisabledEndpoint.tenant_id == tenant.id)
+                           .order_by(WebhookDisabledEndpoint.disabled_at.desc()))
+    return [DisabledEndpointOut(url=r.url, reason=r.reason, event_id=r.event_id, disabled_at=r.disabled_at)
+            for r in rows]
+
+
+@router.delete("/disabled-endpoints", status_code=204)
+def enable_endpoint(session: SessionDep, tenant: CurrentTenant, url: Annotated[str, Query(max_length=2048)]):
+    """Re-enable an endpoint (new events are sent to it again)."""
+    if not outbox.enable_endpoint(session, tenant_id=tenant.id, url=url):
+        raise NotFound("that endpoint is not disabled", field="url")
+    session.commit()
+    return Response(status_code=204)

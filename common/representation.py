@@ -1,0 +1,53 @@
+"""The public shape of a job (and of a batch), in one place: `GET /v1/jobs/{id}` (api/routers/jobs.py) and the
+payload of the job's webhook events (common/outbox.py) are both built here, so a receiver gets exactly what a
+poll returns.
+
+Pure: no request, no session. The caller says where the job lives (`self_url`), how an image is reached
+(`image_url`) and, for a queued job, its queue position.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from common.models import Batch, Job, JobImage
+
+REQUEST_FIELDS = ("prompt", "caption", "preset", "width", "height", "seed", "num_images", "steps", "guidance_scale")
+
+
+def job_representation(job: Job, *, self_url: str, image_url: Callable[[JobImage], str],
+                       queue_position: int | None = None) -> dict[str, Any]:
+    """The job object (`object: "job"`) as a dict of plain values and datetimes; api.schemas.JobOut validates
+    it for responses, `common.outbox.to_json` serializes it the same way for webhooks."""
+    total = job.progress_total or job.params["steps"]
+    return {
+        "id": str(job.id), "object": "job", "status": job.status, "queue": job.queue,
+        "request": {k: job.params[k] for k in REQUEST_FIELDS if job.params.get(k) is not None},
+        "metadata": job.metadata_,
+        "progress": {"step": job.progress_step, "total": total, "fraction": round(job.progress_step / total, 4)},
+        "queue_position": queue_position,
+        "attempts": job.attempts, "max_attempts": job.max_attempts, "preemptions": job.preemptions,
+        "error": job.error,
+        "images": [{"index": i.index, "seed": i.seed, "url": image_url(i), "key": i.key, "sha256": i.sha256,
+                    "width": i.width, "height": i.height, "size_bytes": i.size_bytes} for i in job.images],
+        "timings": job.timings, "created_at": job.created_at, "started_at": job.started_at,
+        "finished_at": job.finished_at,
+        "urls": {"self": self_url, "cancel": self_url + "/cancel"},
+    }
+
+
+def batch_representation(batch: Batch, counts: Any, *, self_url: str) -> dict[str, Any]:
+    """The batch object (`object: "batch"`), the shape of api/routers/batches.py's BatchOut; `counts` is a
+    common.batches.RequestCounts. The payload of batch.* webhook events."""
+    return {
+        "id": str(batch.id), "object": "batch", "status": batch.status, "input_source": batch.input_source,
+        "request_counts": {"total": counts.total, "queued": counts.queued, "running": counts.running,
+                           "succeeded": counts.succeeded, "failed": counts.failed, "canceled": counts.canceled},
+        "invalid": batch.invalid, "metadata": batch.metadata_, "webhook_url": batch.webhook_url,
+        "manifest_key": batch.manifest_key, "results_url": self_url + "/results", "created_at": batch.created_at,
+        "in_progress_at": batch.in_progress_at, "finalizing_at": batch.finalizing_at,
+        "completed_at": batch.completed_at, "failed_at": batch.failed_at, "cancelling_at": batch.cancelling_at,
+        "cancelled_at": batch.cancelled_at, "manifest_written_at": batch.manifest_written_at,
+        "urls": {"self": self_url, "cancel": self_url + "/cancel", "retry": self_url + "/retry",
+                 "results": self_url + "/results"},
+    }
