@@ -231,6 +231,7 @@ def _create_or_resume(session, tenant_id: uuid.UUID, settings: Settings, storage
                                    field="Idempotency-Key")
                 requeued = batches.rerun(session, batch=existing, statuses=(JobStatus.FAILED, JobStatus.CANCELED))
                 session.commit()
+                batches.refresh_statistics(session, rows_changed=requeued)
                 log.info("batch %s resumed: %d item(s) queued again", existing.id, requeued)
                 return existing, False
         try:
@@ -242,6 +243,7 @@ def _create_or_resume(session, tenant_id: uuid.UUID, settings: Settings, storage
             session.rollback()
             continue
         session.commit()
+        batches.refresh_statistics(session, rows_changed=batch.total)
         log.info("batch %s created: %d items from %s", batch.id, batch.total, name)
         return batch, True
     raise Conflict("a concurrent request with the same Idempotency-Key is in flight", field="Idempotency-Key")
@@ -284,8 +286,9 @@ def retry_batch(batch_id: str, request: Request, session: SessionDep, tenant: Cu
     batch = batches.get_batch(session, batch_id, tenant_id=tenant.id)
     if batch.status in (BatchStatus.CANCELLING, BatchStatus.VALIDATING):
         raise Conflict(f"batch {batch.id} is {batch.status}; retry once it has ended", field="status")
-    batches.rerun(session, batch=batch, statuses=(JobStatus.FAILED,))
+    requeued = batches.rerun(session, batch=batch, statuses=(JobStatus.FAILED,))
     session.commit()
+    batches.refresh_statistics(session, rows_changed=requeued)
     return _out(request, session, batch)
 
 

@@ -270,3 +270,20 @@ def test_a_rerun_during_finalizing_wins_over_the_finalizer(env):
         assert batches.finish_finalizing(session, batch=holding) is None
     batch = _batch(batch_id)
     assert batch.status == "in_progress" and batch.failed_at is None and batch.manifest_written_at is None
+
+
+def test_a_big_write_refreshes_planner_statistics_a_small_one_does_not(env):
+    from common import batches
+    from common.db import session_scope
+
+    def last_analyze():
+        with session_scope() as session:
+            return session.scalar(text("SELECT last_analyze FROM pg_stat_user_tables WHERE relname = 'jobs'"))
+
+    before = last_analyze()
+    with session_scope() as session:
+        batches.refresh_statistics(session, rows_changed=batches.ANALYZE_AFTER_ROWS - 1)
+    assert last_analyze() == before
+    with session_scope() as session:
+        batches.refresh_statistics(session, rows_changed=batches.ANALYZE_AFTER_ROWS)
+    assert last_analyze() is not None and last_analyze() != before
