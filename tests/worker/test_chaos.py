@@ -87,25 +87,36 @@ class Submitter(threading.Thread):
             time.sleep(CHAOS_S / N_JOBS)
 
 
-def busy_worker(stack, workers: list[str], rng: random.Random) -> str:
-    """A worker holding a running job if there is one (its pid is in the job's worker_id), else any worker."""
+def held_jobs(stack) -> dict[int, str]:
+    """pid of each worker holding a running job -> that job's id."""
     with stack.engine.connect() as conn:
-        holders = conn.execute(text("SELECT worker_id FROM jobs WHERE status = 'running'")).scalars().all()
-    pids = {int(h.split(":")[1]) for h in holders if h}
-    busy = [w for w in workers if stack.procs.procs[w].pid in pids]
-    return rng.choice(busy or workers)
+        rows = conn.execute(text("SELECT id::text, worker_id FROM jobs WHERE status = 'running'")).all()
+    return {int(r.worker_id.split(":")[1]): r.id for r in rows if r.worker_id}
+
+
+def busy_worker(stack, workers: list[str], rng: random.Random, timeout: float = 5.0) -> str:
+    """A worker holding a running job (waiting a little for one), else any worker."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        held = held_jobs(stack)
+        busy = [w for w in workers if stack.procs.procs[w].pid in held]
+        if busy:
+            return rng.choice(busy)
+        time.sleep(0.05)
+    return rng.choice(workers)
 
 
 def wait_taken_over(stack, pid: int, timeout: float = 20.0) -> None:
-    """Until the job held by worker `pid` is claimed by another attempt (or nothing was held)."""
+    """Until the job held by worker `pid` runs under another attempt or is finished (or nothing was held)."""
+    job_id = held_jobs(stack).get(pid)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while job_id and time.monotonic() < deadline:
         with stack.engine.connect() as conn:
-            held = conn.execute(text("SELECT count(*) FROM jobs WHERE status = 'running' AND split_part(worker_id, "
-                                     "':', 2) = :pid"), {"pid": str(pid)}).scalar()
-        if not held:
+            row = conn.execute(text("SELECT status, worker_id FROM jobs WHERE id = :id"), {"id": job_id}).one()
+        if row.status in ("succeeded", "failed", "canceled") or (
+                row.status == "running" and int(row.worker_id.split(":")[1]) != pid):
             return
-        time.sleep(0.1)
+        time.sleep(0.05)
 
 
 def test_chaos(chaos_stack, tiny_model):

@@ -120,3 +120,22 @@ def test_postgres_down_is_a_clear_503_and_everything_recovers(fresh_workers):
     wait_until(lambda: client.http.get("/readyz").status_code == 200, 30, what="ready again")
     job = client.submit(SHORT).json()
     assert client.wait(job["id"], timeout=90)["status"] == "succeeded"
+
+
+def test_frozen_worker_wakes_after_takeover_and_writes_nothing(fresh_workers):
+    """Fencing: a worker frozen past its lease (SIGSTOP) wakes while another attempt runs its job; the stale
+    attempt must stop without recording anything."""
+    stack = fresh_workers
+    client = stack.client()
+    frozen, _ = stack.start_worker()
+    job = client.submit(LONG).json()
+    wait_running(client, job["id"])
+    stack.procs.signal(frozen, signal.SIGSTOP)
+    stack.start_worker()
+    wait_until(lambda: (j := client.get(job["id"]))["attempts"] == 2 and j["status"] == "running", 60,
+               what="job taken over by the second worker")
+    stack.procs.signal(frozen, signal.SIGCONT)
+    done = client.wait(job["id"], timeout=180)
+    assert done["status"] == "succeeded" and done["attempts"] == 2
+    wait_until(lambda: "lease lost" in stack.procs.log(frozen), 30, what="the stale attempt noticed")
+    assert ": 'succeeded'" not in stack.procs.log(frozen)
