@@ -30,6 +30,7 @@ from common.batches import BatchOptions, InvalidBatch
 from common.db import session_factory
 from common.errors import Conflict, InvalidRequest
 from common.models import Batch, BatchStatus, JobStatus
+from common.representation import batch_representation
 from common.settings import Settings
 from common.storage import S3Storage, Storage
 
@@ -92,18 +93,9 @@ class BatchList(BaseModel):
 
 
 def batch_out(request: Request, batch: Batch, counts: batches.RequestCounts) -> BatchOut:
-    self_url = str(request.url_for("get_batch", batch_id=str(batch.id)))
-    return BatchOut(
-        id=str(batch.id), status=batch.status, input_source=batch.input_source,
-        request_counts=RequestCountsOut(total=counts.total, queued=counts.queued, running=counts.running,
-                                        succeeded=counts.succeeded, failed=counts.failed, canceled=counts.canceled),
-        invalid=batch.invalid, metadata=batch.metadata_, webhook_url=batch.webhook_url,
-        manifest_key=batch.manifest_key, results_url=self_url + "/results", created_at=batch.created_at,
-        in_progress_at=batch.in_progress_at, finalizing_at=batch.finalizing_at, completed_at=batch.completed_at,
-        failed_at=batch.failed_at, cancelling_at=batch.cancelling_at, cancelled_at=batch.cancelled_at,
-        manifest_written_at=batch.manifest_written_at,
-        urls={"self": self_url, "cancel": self_url + "/cancel", "retry": self_url + "/retry",
-              "results": self_url + "/results"})
+    """The batch as GET returns it; the shape lives in common.representation (shared with batch.* webhooks)."""
+    return BatchOut(**batch_representation(batch, counts,
+                                           self_url=str(request.url_for("get_batch", batch_id=str(batch.id)))))
 
 
 def _out(request: Request, session, batch: Batch) -> BatchOut:
