@@ -8,6 +8,7 @@
     letterpress webhooks secret --tenant NAME
     letterpress keys create --name NAME
     letterpress model init-tiny PATH
+    letterpress bench [--size tiny] [--e2e] ...  seconds a step, images a minute, memory, TFLOP/s of every path
     letterpress batch run prompts.jsonl --wait --out DIR    a JSONL batch with a live progress bar
     letterpress batch status|cancel|retry|download ID
 """
@@ -226,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     ws.add_argument("--previous-valid-for-s", type=int, default=24 * 3600)
     ws.set_defaults(func=cmd_webhooks_secret)
 
+    # listed for --help; main() hands `bench ...` to `python -m worker.bench` before parsing
+    sub.add_parser("bench", add_help=False, help="GPU benchmark of every path (`letterpress bench --help`)")
+
     m = sub.add_parser("migrate", help="alembic upgrade head (or --down)")
     m.add_argument("--down", action="store_true")
     m.add_argument("--revision")
@@ -285,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # every argument, options included, belongs to worker.bench
+        return _exec_module("worker.bench", *argv[1:])
     args = build_parser().parse_args(argv)
     if getattr(args, "command", None) == "submit" and not (args.prompt or args.caption):
         build_parser().error("submit needs a prompt or --caption FILE")

@@ -50,6 +50,7 @@ here.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import weakref
 from collections import OrderedDict
@@ -79,6 +80,10 @@ if TYPE_CHECKING:
 
 # Left-padding of mixed-length batches is rounded up to this many tokens (bounds the shapes compile sees).
 PAD_MULTIPLE = 64
+# SDPA kernels the denoising loop prefers on CUDA, first that accepts the call wins (names of
+# `torch.nn.attention.SDPBackend`); None keeps PyTorch's own order. Read when a compiled graph is traced, so set
+# it before `prepare_compiled`. `letterpress bench` measures the choice (docs/PERFORMANCE.md).
+SDPA_PRIORITY: tuple[str, ...] | None = None
 # Rows of `embed_image_indicator`: 0 for text and padding positions, 1 for image positions.
 _TEXT_ROW, _IMAGE_ROW = 0, 1
 
@@ -333,7 +338,8 @@ def generate_batch(
     control.check(0)
     texts = [text for spec in specs for text in [encode_text(loaded, spec.prompt_text)] * len(spec.seeds)]
     seeds = tuple(seed for spec in specs for seed in spec.seeds)
-    images = _denoise_and_decode(loaded, first, texts, seeds, control)
+    with _attention_kernels(torch.device(loaded.device)):
+        images = _denoise_and_decode(loaded, first, texts, seeds, control)
     return _split(images, [len(spec.seeds) for spec in specs])
 
 
@@ -369,6 +375,18 @@ def _denoise_and_decode(loaded: LoadedPipeline, spec: GenerationSpec, texts: lis
         latents = scheduler.step(-velocity, t, latents, return_dict=False)[0]
         control.step_done(i + 1)
     return decode_latents(pipe, latents, grid_h, grid_w)
+
+
+def _attention_kernels(device: torch.device):
+    """`SDPA_PRIORITY` as a context (with fallback to the rest, so a kernel that refuses a mask costs nothing)."""
+    if not SDPA_PRIORITY or device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [getattr(SDPBackend, name) for name in SDPA_PRIORITY]
+    order += [b for b in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
+              if b not in order]
+    return sdpa_kernel(order, set_priority=True)
 
 
 def decode_latents(pipe: Ideogram4Pipeline, latents: torch.Tensor, grid_h: int, grid_w: int) -> list[Image.Image]:
