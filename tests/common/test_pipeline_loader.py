@@ -95,7 +95,7 @@ def test_tiny_tokenizer_tokenizes_any_text(tiny_dir):
     [
         ("auto", CPU, "fp32"),
         ("auto", H100_80, "bf16"),
-        ("auto", L40S_48, "bf16"),
+        ("auto", L40S_48, "nf4"),  # bf16 needs 52-63 GB (docs/PERFORMANCE.md)
         ("auto", L4_24, "nf4"),
         ("fp32", CPU, "fp32"),
         ("bf16", CPU, "bf16"),  # allowed, slow
