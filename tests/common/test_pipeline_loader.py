@@ -138,14 +138,14 @@ def test_load_refuses_nf4_on_cpu_before_loading(tiny_dir):
 
 
 def test_default_model_without_gpu_is_the_tiny_model_built_on_first_use(tmp_path):
-    settings = Settings(home=tmp_path / "home")
+    settings = Settings(home=tmp_path / "home", model=ModelSettings())  # not the test stack's model from the env
     model_id = default_model_id(settings, CPU)
     assert Path(model_id) == (tmp_path / "home" / "models" / "tiny").resolve()
     assert is_tiny_model(model_id)
 
 
 def test_default_model_with_gpu_is_the_hub_nf4_model_and_explicit_id_wins(tmp_path):
-    assert default_model_id(Settings(home=tmp_path), H100_80) == DEFAULT_HUB_MODEL
+    assert default_model_id(Settings(home=tmp_path, model=ModelSettings()), H100_80) == DEFAULT_HUB_MODEL
     assert not (tmp_path / "models").exists()
     explicit = Settings(home=tmp_path, model=ModelSettings(id="me/my-finetune"))
     assert default_model_id(explicit, CPU) == "me/my-finetune"
