@@ -2,12 +2,23 @@
 
 Every database write after the claim is fenced by the attempt's lease token (common.jobs). Images are written
 to storage before the job is marked succeeded, at deterministic keys, so a re-run overwrites the same bytes.
+
+The GPU never waits for the finishing work: once a job's images exist, PNG encoding, the storage writes and the
+completing write run on a finisher thread while the task returns and the next job starts generating (at most one
+job finishes at a time; the next hand-off waits for it). The heartbeat keeps the lease until the job is complete.
+Returning early means Celery acks the message (acks_late) before the images are stored; that is safe because
+Postgres, not the message, is the record: if the process dies while finishing, the job is still `running` under
+a lease nobody renews, and maintenance requeues it once the lease expires (counting the attempt, as for any
+crash), the re-run writing the same bytes to the same keys. A worker that shuts down waits for the finisher
+(`wait_for_finishing`, from the Celery shutdown hook).
 """
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -33,6 +44,7 @@ class AttemptContext:
     storage: Storage
     drain: Drain
     worker_id: str
+    overlap_finish: bool = True  # store and complete on the finisher thread while the next job generates
 
 
 def spec_from_params(params: dict):
@@ -65,10 +77,13 @@ def run_attempt(job_id: uuid.UUID, ctx: AttemptContext) -> str:
                              heartbeat_s=wcfg.heartbeat_s, progress_interval_s=wcfg.progress_min_interval_s)
     monitor.start()
     t0 = time.perf_counter()
+    outcome = "failed"
     try:
-        return _generate_and_record(claim, ctx, monitor, t0)
+        outcome = _generate_and_record(claim, ctx, monitor, t0)
+        return outcome
     finally:
-        monitor.stop()
+        if outcome != "finishing":  # the finisher stops the heartbeat once the job is complete
+            monitor.stop()
 
 
 def _generate_and_record(claim: job_states.Claim, ctx: AttemptContext, monitor: AttemptMonitor, t0: float) -> str:
@@ -82,6 +97,38 @@ def _generate_and_record(claim: job_states.Claim, ctx: AttemptContext, monitor: 
     try:
         images = ctx.runner.run(spec_from_params(params), on_step=monitor.report, should_stop=should_stop)
         t_gen = time.perf_counter()
+    except LeaseLost:
+        log.warning("job %s: lease lost; another attempt owns it, nothing recorded", claim.job_id)
+        return "lease_lost"
+    except GenerationInterrupted:
+        return _after_interrupt(claim, ctx, monitor)
+    except (StorageError, SQLAlchemyError) as exc:
+        return _record_failure(claim, ctx, exc, retryable=True)
+    except Exception as exc:  # noqa: BLE001 - the generation itself raised: fail the job, keep serving
+        log.exception("job %s: generation failed", claim.job_id)
+        return _record_failure(claim, ctx, exc, retryable=False)
+
+    def finish() -> str:
+        try:
+            outcome = _finish(claim, ctx, monitor, images, t0, t_gen)
+        finally:
+            monitor.stop()
+        # Celery logged this task as returning 'finishing'; this line says how the attempt really ended.
+        log.info("job %s finished: %r", claim.job_id, outcome)
+        return outcome
+
+    if ctx.overlap_finish:
+        FINISHER.submit(finish, name=f"finish-{claim.job_id}")
+        return "finishing"
+    return _finish(claim, ctx, monitor, images, t0, t_gen)
+
+
+def _finish(claim: job_states.Claim, ctx: AttemptContext, monitor: AttemptMonitor, images: list, t0: float,
+            t_gen: float) -> str:
+    """Encode and store the images, then mark the job succeeded (fenced); failures are recorded like the
+    generation's own."""
+    params = claim.params
+    try:
         stored = [_store(claim, ctx, index, seed, image)
                   for index, (seed, image) in enumerate(zip(image_seeds(params), images))]
         monitor.stop()
@@ -93,14 +140,49 @@ def _generate_and_record(claim: job_states.Claim, ctx: AttemptContext, monitor: 
     except LeaseLost:
         log.warning("job %s: lease lost; another attempt owns it, nothing recorded", claim.job_id)
         return "lease_lost"
-    except GenerationInterrupted:
-        return _after_interrupt(claim, ctx, monitor)
     except (StorageError, SQLAlchemyError) as exc:
         # infrastructure trouble: the attempt counts, the job goes back to the queue while attempts remain
         return _record_failure(claim, ctx, exc, retryable=True)
-    except Exception as exc:  # noqa: BLE001 - the generation itself raised: fail the job, keep serving
-        log.exception("job %s: generation failed", claim.job_id)
+    except Exception as exc:  # noqa: BLE001 - encoding failed: fail the job, keep serving
+        log.exception("job %s: storing the images failed", claim.job_id)
         return _record_failure(claim, ctx, exc, retryable=False)
+
+
+class Finisher:
+    """One background finishing job at a time; `submit` first waits for the previous one (bounded memory)."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, fn: Callable[[], object], *, name: str) -> None:
+        with self._lock:
+            self.wait()
+
+            def run() -> None:
+                try:
+                    fn()
+                except Exception:  # noqa: BLE001 - _finish records its own failures; this is the last resort
+                    log.exception("%s: finishing failed", name)
+
+            # Not a daemon: an interpreter exiting normally still waits for the job to be stored and completed.
+            self._thread = threading.Thread(target=run, name=name, daemon=False)
+            self._thread.start()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the job being finished (if any) is stored and recorded; False on timeout."""
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+            return not thread.is_alive()
+        return True
+
+
+FINISHER = Finisher()
+
+
+def wait_for_finishing(timeout: float | None = None) -> bool:
+    return FINISHER.wait(timeout)
 
 
 def _store(claim: job_states.Claim, ctx: AttemptContext, index: int, seed: int, image) -> job_states.StoredImage:

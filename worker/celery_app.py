@@ -50,6 +50,15 @@ def _start_drain(sig=None, how=None, **_) -> None:
     context().drain.start(f"{sig} ({how} shutdown)")
 
 
+@signals.worker_shutdown.connect
+def _wait_for_finishing(**_) -> None:
+    """The last job's images may still be storing on the finisher thread (worker.attempt): let it complete."""
+    from worker.attempt import wait_for_finishing
+
+    if not wait_for_finishing(timeout=120):
+        log.warning("the last job was still being stored at shutdown; its lease will expire and it will re-run")
+
+
 @app.task(name=GENERATE_TASK)
 def generate_job(job_id: str) -> str:
     return run_attempt(uuid.UUID(job_id), context())
