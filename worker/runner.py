@@ -33,7 +33,7 @@ class PipelineRunner:
             model = model.model_copy(update={"id": default_model_id(self.settings)})
         t0 = time.perf_counter()
         self.loaded = load_pipeline(model)
-        if model.compile:
+        if model.compile or (model.compile is None and str(self.loaded.device).startswith("cuda")):
             from worker.fast_path import prepare_compiled
             prepare_compiled(self.loaded)
         self.load_s = time.perf_counter() - t0

@@ -2,7 +2,7 @@
 server, an API process, and workers the test starts and kills itself."""
 from __future__ import annotations
 
-import os
+import itertools
 import uuid
 from dataclasses import dataclass, field
 
@@ -21,6 +21,7 @@ class OwnStack:
     api_url: str
     engine: object
     workers: list[str] = field(default_factory=list)
+    names: itertools.count = field(default_factory=itertools.count)
 
     def client(self) -> ApiClient:
         from common.auth import create_api_key, get_or_create_tenant
@@ -33,7 +34,7 @@ class OwnStack:
         return ApiClient(self.api_url, key)
 
     def start_worker(self, extra_env: dict | None = None, wait: bool = True):
-        name = f"fw{len(self.workers)}"
+        name = f"fw{next(self.names)}"  # never reused: each worker has its own log
         self.workers.append(name)
         return name, self.procs.start_worker(name, extra_env, wait=wait)
 
