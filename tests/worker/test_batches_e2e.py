@@ -90,7 +90,7 @@ def jobs_of(batch_id: str) -> dict[str, dict]:
                 for j in session.scalars(select(Job).where(Job.batch_id == uuid.UUID(batch_id)))}
 
 
-@pytest.mark.timeout(1200)  # 460 s measured with two workers on a shared 2-core machine at load ~12
+@pytest.mark.timeout(1200)  # measured 204-741 s with two workers on a shared 2-core machine (load 3-17)
 def test_1000_line_batch_end_to_end_with_a_manifest_naming_every_line(client, worker, second_worker, services,
                                                                        tenant):
     t0 = time.monotonic()
@@ -160,7 +160,7 @@ def test_interactive_job_starts_before_a_500_job_batch_drains_and_cancel(client,
 
     cancel = client.http.post(f"/v1/batches/{batch['id']}/cancel").json()
     assert cancel["status"] == "cancelling" and cancel["request_counts"]["queued"] == 0
-    assert cancel["request_counts"]["running"] <= 1
+    assert cancel["request_counts"]["running"] <= 2  # at most one a worker (two in this module)
     ended = wait_batch(client, batch["id"], timeout=60)
     counts = ended["request_counts"]
     assert ended["status"] == "cancelled" and ended["cancelled_at"]
