@@ -76,7 +76,14 @@ def get_job(session: Session, job_id: uuid.UUID | str, *, tenant_id: uuid.UUID |
     return job
 
 
+def lock_in_id_order(session: Session, *where) -> list[uuid.UUID]:
+    """Row-lock the matching jobs in id order. Every multi-row writer locks this way first, so two of them (a batch
+    cancel and the feeder, say) can never deadlock each other."""
+    return list(session.scalars(select(Job.id).where(*where).order_by(Job.id).with_for_update()))
+
+
 def mark_enqueued(session: Session, job_ids: list[uuid.UUID]) -> None:
+    lock_in_id_order(session, Job.id.in_(job_ids))
     session.execute(update(Job).where(Job.id.in_(job_ids)).values(enqueued_at=func.now()))
 
 
@@ -270,8 +277,9 @@ def lost_enqueues(session: Session, *, queue: str, stale_after_s: float | None,
 def cancel_queued_where(session: Session, *where) -> int:
     """Bulk `queued -> canceled` at once for the jobs matching `where` (a batch cancel). Running jobs are left to
     finish. Returns how many were canceled."""
+    lock_in_id_order(session, Job.status == S.QUEUED, *where)
     with_webhook = list(session.scalars(select(Job.id).where(Job.status == S.QUEUED, Job.webhook_url.is_not(None),
-                                                             *where).with_for_update()))
+                                                             *where)))
     n = session.execute(update(Job).where(Job.status == S.QUEUED, *where)
                         .values(status=S.CANCELED, finished_at=func.now(), cancel_requested=True)
                         .execution_options(synchronize_session=False)).rowcount

@@ -159,6 +159,7 @@ def test_interactive_job_starts_before_a_500_job_batch_drains_and_cancel(client,
     assert left > 300, left
 
     cancel = client.http.post(f"/v1/batches/{batch['id']}/cancel").json()
+    assert "error" not in cancel, cancel
     assert cancel["status"] == "cancelling" and cancel["request_counts"]["queued"] == 0
     assert cancel["request_counts"]["running"] <= 2  # at most one a worker (two in this module)
     ended = wait_batch(client, batch["id"], timeout=60)
