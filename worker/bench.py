@@ -5,6 +5,7 @@
     python -m worker.bench --model /models/ideogram-4       # a checkpoint, loaded once per weight variant
     python -m worker.bench --size tiny --device cpu         # the tiny model (the CI smoke test)
     python -m worker.bench --e2e                            # REST -> queue -> worker -> storage -> Postgres
+    python -m worker.bench profile                          # where one step's GPU time goes (bench_profile)
 
 What it reports (JSON and a markdown table under `--out`):
 
@@ -778,6 +779,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from worker import bench_e2e
 
         return bench_e2e.worker_main(argv[1:])
+    if argv[:1] == ["profile"]:  # `letterpress bench profile ...`: where a step's time goes
+        from worker import bench_profile
+
+        return bench_profile.main(argv[1:])
     args = parse_args(argv)
     result = Bench(args).run()
     print()

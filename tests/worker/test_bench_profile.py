@@ -33,8 +33,8 @@ def test_kernel_classes(name, expected):
 
 
 def test_tiny_profile_run(tmp_path):
-    cmd = [sys.executable, "-m", "worker.bench_profile", "--model", "tiny", "--device", "cpu", "--size", "64",
-           "--reps", "1", "--no-compile", "--fused", "--out", str(tmp_path)]
+    cmd = [sys.executable, "-m", "common.cli", "bench", "profile", "--model", "tiny", "--device", "cpu",
+           "--size", "64", "--reps", "1", "--no-compile", "--fused", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "profile.json").read_text())
