@@ -1,10 +1,19 @@
-"""Response shapes. Requests are validated by common.job_request.JobRequest (shared with batches and the CLI)."""
+"""Job response shapes, and the API's one submit-time check that needs settings: `check_webhook_url`.
+
+Requests are validated by common.job_request.JobRequest (shared with batches and the CLI); the webhook URL check
+is here, not there, because only the API's submit paths (POST /v1/jobs, POST /v1/batches) make it.
+"""
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel
+
+from api.pagination import ListPage
+from common.errors import InvalidRequest
+from common.settings import WebhookSettings
+from common.webhooks.ssrf import UnsafeURLError, check_url
 
 
 class ImageOut(BaseModel):
@@ -45,8 +54,16 @@ class JobOut(BaseModel):
     urls: dict[str, str]
 
 
-class JobList(BaseModel):
-    object: str = "list"
-    data: list[JobOut]
-    next_cursor: str | None
-    has_more: bool
+class JobList(ListPage[JobOut]):
+    pass
+
+
+def check_webhook_url(url: str | None, webhooks: WebhookSettings) -> None:
+    """Refuse a caller's webhook_url that is malformed or could reach a private address (the SSRF guard's
+    DNS-free check; delivery checks again). Raises InvalidRequest: a 422 naming `webhook_url`."""
+    if url is None:
+        return
+    try:
+        check_url(url, allow_loopback=webhooks.allow_loopback)
+    except UnsafeURLError as exc:
+        raise InvalidRequest(f"webhook_url refused: {exc}", field="webhook_url") from None

@@ -383,11 +383,14 @@ def feed_candidates(session: Session, *, room: int) -> list[tuple[uuid.UUID, uui
 def reset_stale_fed(session: Session, *, older_than_s: float) -> int:
     """Items fed longer ago than `older_than_s` and still queued, when the caller saw the broker's batch list
     empty: their messages were lost (Redis restarted or flushed). Marking them unfed lets the feeder send them
-    again; a duplicate delivery is a no-op at claim."""
-    return session.execute(
-        update(Job).where(Job.batch_id.is_not(None), Job.queue == BATCH_QUEUE, Job.status == S.QUEUED,
-                          Job.enqueued_at < func.now() - timedelta(seconds=older_than_s))
-        .values(enqueued_at=None).execution_options(synchronize_session=False)).rowcount
+    again; a duplicate delivery is a no-op at claim. Locks the rows in id order first, as every multi-row job
+    writer does (common.jobs.lock_in_id_order), so it cannot deadlock with a batch cancel."""
+    stale = (Job.batch_id.is_not(None), Job.queue == BATCH_QUEUE, Job.status == S.QUEUED,
+             Job.enqueued_at < func.now() - timedelta(seconds=older_than_s))
+    if not job_states.lock_in_id_order(session, *stale):
+        return 0
+    return session.execute(update(Job).where(*stale).values(enqueued_at=None)
+                           .execution_options(synchronize_session=False)).rowcount
 
 
 # ------------------------------------------------------------------------------------ roll-up and manifest

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import httpx
 
+from common.polling import wait_until  # noqa: F401 - the tests' wait loop, re-exported here
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -33,16 +35,6 @@ def wait_http(url: str, timeout: float = 60.0) -> None:
             pass
         time.sleep(0.2)
     raise TimeoutError(f"{url} did not answer within {timeout}s")
-
-
-def wait_until(predicate, timeout: float, interval: float = 0.2, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimeoutError(f"{what} not reached within {timeout}s")
 
 
 @dataclass

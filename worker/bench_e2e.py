@@ -31,6 +31,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from common.polling import wait_until
+
 E2E_PROMPT = ("A poster for a small jazz festival: bold art deco lettering that says BLUE NOTE NIGHTS, a saxophone "
               "silhouette, deep blue and gold, date and venue in small caps at the bottom")
 
@@ -39,16 +41,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _wait(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimeoutError(f"{what} not reached within {timeout:.0f}s")
 
 
 def _sync() -> None:
@@ -190,11 +182,11 @@ def run(args, log: Callable[[str], None]) -> dict[str, Any]:
         worker = _spawn(worker_cmd, full_env, logs / "worker.log")
         procs.append(worker)
         _wait_http(api_url + "/healthz", 60)
-        _wait(lambda: bare_file.exists() or worker.poll() is not None, 900, "bare loop")
+        wait_until(lambda: bare_file.exists() or worker.poll() is not None, 900, what="bare loop")
         if worker.poll() is not None:
             raise RuntimeError(f"e2e worker died:\n{(logs / 'worker.log').read_text()[-4000:]}")
-        _wait(lambda: "ready." in (logs / "worker.log").read_text(errors="replace") or worker.poll() is not None,
-              120, "celery worker ready")
+        wait_until(lambda: "ready." in (logs / "worker.log").read_text(errors="replace") or worker.poll() is not None,
+                   120, what="celery worker ready")
         bare = json.loads(bare_file.read_text())
         result["worker_start_s"] = time.perf_counter() - t_worker
         log(f"e2e: worker warm and bare loop done ({sum(bare['generate_s']):.1f} s for {args.e2e_jobs} jobs)")
@@ -277,7 +269,7 @@ def _wait_http(url: str, timeout: float) -> None:
         except httpx.HTTPError:
             return False
 
-    _wait(up, timeout, url)
+    wait_until(up, timeout, what=url)
 
 
 def _api_key() -> str:
@@ -316,7 +308,7 @@ def _submit_and_wait(args, api_url: str, key: str, log: Callable[[str], None]) -
         found = rows()
         return found if all(j.status in ("succeeded", "failed", "canceled") for j in found) else None
 
-    done = _wait(all_done, budget, "all e2e jobs finished", interval=0.5)
+    done = wait_until(all_done, budget, interval=0.5, what="all e2e jobs finished")
     failed = [str(j.id) for j in done if j.status != "succeeded"]
     if failed:
         raise RuntimeError(f"{len(failed)} e2e jobs did not succeed: " + "; ".join(

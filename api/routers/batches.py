@@ -17,14 +17,15 @@ from urllib.parse import urlparse
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from sqlalchemy import and_, or_, select
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from api.deps import CurrentTenant, SessionDep, SettingsDep, StorageDep
 from api.errors import error_response
-from api.routers.jobs import _decode_cursor, _encode_cursor
+from api.pagination import ListPage, newest_first
+from api.schemas import check_webhook_url
 from common import batches
 from common.batches import BatchOptions, InvalidBatch
 from common.db import session_factory
@@ -85,11 +86,8 @@ class BatchOut(BaseModel):
     urls: dict[str, str]
 
 
-class BatchList(BaseModel):
-    object: str = "list"
-    data: list[BatchOut]
-    next_cursor: str | None
-    has_more: bool
+class BatchList(ListPage[BatchOut]):
+    pass
 
 
 def batch_out(request: Request, batch: Batch, counts: batches.RequestCounts) -> BatchOut:
@@ -168,16 +166,6 @@ def _rewinding(file: IO[bytes]):
     return open_binary
 
 
-def _check_webhook_url(url: str | None, settings: Settings) -> None:
-    if url is None:
-        return
-    from common.webhooks.ssrf import UnsafeURLError, check_url
-    try:
-        check_url(url, allow_loopback=settings.webhooks.allow_loopback)
-    except UnsafeURLError as exc:
-        raise InvalidRequest(f"webhook_url refused: {exc}", field="webhook_url") from None
-
-
 # ------------------------------------------------------------------------------------------------- routes
 
 @router.post("", status_code=202, response_model=BatchOut)
@@ -188,7 +176,7 @@ async def create_batch(request: Request, response: Response, session: SessionDep
     Idempotency-Key (its failed and canceled items are queued again: a resume); 409 when the key was used with
     other input; 422 with line-numbered `errors` for invalid lines (unless skip_invalid)."""
     body, upload = await _read_request(request)
-    _check_webhook_url(body.webhook_url, settings)
+    check_webhook_url(body.webhook_url, settings.webhooks)
     options = BatchOptions(skip_invalid=body.skip_invalid, metadata=body.metadata, webhook_url=body.webhook_url)
     if body.items is not None:
         source, name, spool = batches.items_source(body.items), "inline", None
@@ -254,14 +242,9 @@ def list_batches(request: Request, session: SessionDep, tenant: CurrentTenant,
     query = select(Batch).where(Batch.tenant_id == tenant.id)
     if status:
         query = query.where(Batch.status == status)
-    if cursor:
-        created, bid = _decode_cursor(cursor)
-        query = query.where(or_(Batch.created_at < created, and_(Batch.created_at == created, Batch.id < bid)))
-    rows = list(session.scalars(query.order_by(Batch.created_at.desc(), Batch.id.desc()).limit(limit + 1)))
-    page = rows[:limit]
-    counts = batches.request_counts(session, [b.id for b in page])
-    return BatchList(data=[batch_out(request, b, counts[b.id]) for b in page], has_more=len(rows) > limit,
-                     next_cursor=_encode_cursor(page[-1]) if len(rows) > limit else None)
+    page = newest_first(session, query, Batch, cursor=cursor, limit=limit)
+    counts = batches.request_counts(session, [b.id for b in page.rows])
+    return BatchList.of(page, [batch_out(request, b, counts[b.id]) for b in page.rows])
 
 
 @router.post("/{batch_id}/cancel", response_model=BatchOut)

@@ -1,20 +1,18 @@
 """/v1/jobs: submit, read, list (cursor pagination), cancel, and serve images of local storage to their owner."""
 from __future__ import annotations
 
-import base64
-import uuid
 import logging
-from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import FileResponse, RedirectResponse
-from sqlalchemy import and_, or_, select
+from sqlalchemy import select
 
 from api.deps import CurrentTenant, SessionDep, SettingsDep, StorageDep
-from api.schemas import JobList, JobOut
+from api.pagination import newest_first
+from api.schemas import JobList, JobOut, check_webhook_url
 from common import jobs as job_states
-from common.errors import InvalidRequest, NotFound
+from common.errors import NotFound
 from common.job_request import JobRequest, to_params
 from common.models import Job, JobStatus
 from common.queue import enqueue_generate
@@ -54,12 +52,7 @@ def create_job(body: JobRequest, request: Request, response: Response, session: 
                settings: SettingsDep, storage: StorageDep,
                idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> JobOut:
     params = to_params(body, settings.api)
-    if body.webhook_url is not None:
-        from common.webhooks.ssrf import UnsafeURLError, check_url
-        try:
-            check_url(body.webhook_url, allow_loopback=settings.webhooks.allow_loopback)
-        except UnsafeURLError as exc:
-            raise InvalidRequest(f"webhook_url refused: {exc}", field="webhook_url") from None
+    check_webhook_url(body.webhook_url, settings.webhooks)
     job, created = job_states.create_job(
         session, tenant_id=tenant.id, params=params, idempotency_key=idempotency_key, metadata=body.metadata,
         webhook_url=body.webhook_url, max_attempts=settings.worker.max_attempts)
@@ -86,18 +79,6 @@ def cancel_job(job_id: str, request: Request, session: SessionDep, tenant: Curre
     return job_out(request, session, storage, job)
 
 
-def _encode_cursor(job: Job) -> str:
-    return base64.urlsafe_b64encode(f"{job.created_at.isoformat()}|{job.id}".encode()).decode()
-
-
-def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
-    try:
-        created, jid = base64.urlsafe_b64decode(cursor.encode()).decode().split("|")
-        return datetime.fromisoformat(created), uuid.UUID(jid)
-    except Exception:  # noqa: BLE001 - any garbage is the caller's
-        raise InvalidRequest("cursor is not one this API returned", field="cursor") from None
-
-
 @router.get("", response_model=JobList)
 def list_jobs(request: Request, session: SessionDep, tenant: CurrentTenant, storage: StorageDep,
               status: Annotated[str | None, Query(pattern="^(" + "|".join(JobStatus.ALL) + ")$")] = None,
@@ -107,13 +88,8 @@ def list_jobs(request: Request, session: SessionDep, tenant: CurrentTenant, stor
     query = select(Job).where(Job.tenant_id == tenant.id)
     if status:
         query = query.where(Job.status == status)
-    if cursor:
-        created, jid = _decode_cursor(cursor)
-        query = query.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < jid)))
-    rows = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
-    page = rows[:limit]
-    return JobList(data=[job_out(request, session, storage, j) for j in page], has_more=len(rows) > limit,
-                   next_cursor=_encode_cursor(page[-1]) if len(rows) > limit else None)
+    page = newest_first(session, query, Job, cursor=cursor, limit=limit)
+    return JobList.of(page, [job_out(request, session, storage, j) for j in page.rows])
 
 
 @router.get("/{job_id}/images/{index}", name="get_job_image")

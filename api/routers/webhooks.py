@@ -2,16 +2,16 @@
 endpoints. The API never calls a receiver itself: a redelivery is recorded and sent to the delivery worker."""
 from __future__ import annotations
 
-import base64
 import uuid
 from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import and_, or_, select
+from sqlalchemy import select
 
 from api.deps import CurrentTenant, SessionDep
+from api.pagination import ListPage, newest_first
 from common import outbox
 from common.errors import InvalidRequest, NotFound
 from common.models import WebhookDelivery, WebhookDisabledEndpoint, WebhookEvent, WebhookEventStatus
@@ -79,18 +79,12 @@ class DisabledEndpointOut(BaseModel):
     disabled_at: datetime
 
 
-class EventList(BaseModel):
-    object: str = "list"
-    data: list[EventOut]
-    next_cursor: str | None
-    has_more: bool
+class EventList(ListPage[EventOut]):
+    pass
 
 
-class DeliveryList(BaseModel):
-    object: str = "list"
-    data: list[DeliveryOut]
-    next_cursor: str | None
-    has_more: bool
+class DeliveryList(ListPage[DeliveryOut]):
+    pass
 
 
 def event_out(e: WebhookEvent) -> EventOut:
@@ -116,33 +110,6 @@ def _uuid(value: str | None, field: str) -> uuid.UUID | None:
         return uuid.UUID(value)
     except ValueError:
         raise InvalidRequest(f"{field} is not a valid id", field=field) from None
-
-
-def _encode_cursor(created_at: datetime, row_id: object) -> str:
-    return base64.urlsafe_b64encode(f"{created_at.isoformat()}|{row_id}".encode()).decode()
-
-
-def _decode_cursor(cursor: str) -> tuple[datetime, str]:
-    try:
-        created, row_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|")
-        return datetime.fromisoformat(created), row_id
-    except Exception:  # noqa: BLE001 - any garbage is the caller's
-        raise InvalidRequest("cursor is not one this API returned", field="cursor") from None
-
-
-def _page(session, query, model, cursor: str | None, limit: int, id_of=lambda v: v):
-    """Newest first, continuing after `cursor` (created_at, id) as /v1/jobs does."""
-    if cursor:
-        created, row_id = _decode_cursor(cursor)
-        try:
-            row_id = id_of(row_id)
-        except ValueError:
-            raise InvalidRequest("cursor is not one this API returned", field="cursor") from None
-        query = query.where(or_(model.created_at < created, and_(model.created_at == created, model.id < row_id)))
-    rows = list(session.scalars(query.order_by(model.created_at.desc(), model.id.desc()).limit(limit + 1)))
-    page = rows[:limit]
-    more = len(rows) > limit
-    return page, more, (_encode_cursor(page[-1].created_at, page[-1].id) if more else None)
 
 
 def _event(session, tenant_id: uuid.UUID, event_id: str) -> WebhookEvent:
@@ -188,8 +155,8 @@ def list_deliveries(session: SessionDep, tenant: CurrentTenant, job_id: str | No
         query = query.where(WebhookEvent.batch_id == _uuid(batch_id, "batch_id"))
     if event_id is not None:
         query = query.where(WebhookDelivery.event_id == event_id)
-    page, more, next_cursor = _page(session, query, WebhookDelivery, cursor, limit, id_of=uuid.UUID)
-    return DeliveryList(data=[delivery_out(d) for d in page], has_more=more, next_cursor=next_cursor)
+    page = newest_first(session, query, WebhookDelivery, cursor=cursor, limit=limit)
+    return DeliveryList.of(page, [delivery_out(d) for d in page.rows])
 
 
 @router.post("/deliveries/{delivery_id}/redeliver", status_code=202, response_model=EventOut)
@@ -217,8 +184,8 @@ def list_events(session: SessionDep, tenant: CurrentTenant, job_id: str | None =
         query = query.where(WebhookEvent.batch_id == _uuid(batch_id, "batch_id"))
     if status is not None:
         query = query.where(WebhookEvent.status == status)
-    page, more, next_cursor = _page(session, query, WebhookEvent, cursor, limit)
-    return EventList(data=[event_out(e) for e in page], has_more=more, next_cursor=next_cursor)
+    page = newest_first(session, query, WebhookEvent, cursor=cursor, limit=limit, id_type=str)
+    return EventList.of(page, [event_out(e) for e in page.rows])
 
 
 @router.get("/events/{event_id}", response_model=EventOut)
