@@ -94,6 +94,7 @@ class Claim:
     attempt: int
     tenant_id: uuid.UUID
     params: dict[str, Any]
+    queue: str = "interactive"
 
 
 def claim(session: Session, *, job_id: uuid.UUID, worker_id: str, ttl_s: float) -> Claim | None:
@@ -107,11 +108,26 @@ def claim(session: Session, *, job_id: uuid.UUID, worker_id: str, ttl_s: float) 
         .values(status=S.RUNNING, lease_token=token, lease_expires_at=func.now() + timedelta(seconds=ttl_s),
                 attempts=Job.attempts + 1, worker_id=worker_id, progress_step=0,
                 started_at=func.coalesce(Job.started_at, func.now()))
-        .returning(Job.attempts, Job.tenant_id, Job.params)
+        .returning(Job.attempts, Job.tenant_id, Job.params, Job.queue)
     ).one_or_none()
     if row is None:
         return None
-    return Claim(job_id=job_id, token=token, attempt=row.attempts, tenant_id=row.tenant_id, params=row.params)
+    return Claim(job_id=job_id, token=token, attempt=row.attempts, tenant_id=row.tenant_id, params=row.params,
+                 queue=row.queue)
+
+
+def queued_candidates(session: Session, *, queue: str, exclude: uuid.UUID, limit: int) -> list[tuple[uuid.UUID, dict]]:
+    """The oldest claimable queued jobs of `queue` already handed to the broker: what a worker may take along
+    into a batch (worker.batching). Their own deliveries later find them claimed, a no-op. Reads at most `limit`
+    rows off the (status, queue, created_at) index, so a deep queue costs nothing."""
+    rows = session.execute(
+        select(Job.id, Job.params)
+        .where(Job.status == S.QUEUED, Job.queue == queue, Job.enqueued_at.is_not(None),
+               Job.cancel_requested.is_(False), Job.attempts < Job.max_attempts, Job.id != exclude)
+        .order_by(Job.created_at)
+        .limit(limit)
+    ).all()
+    return [(r.id, r.params) for r in rows]
 
 
 def _fenced(job_id: uuid.UUID, token: uuid.UUID):
@@ -228,6 +244,7 @@ def queue_position(session: Session, *, job: Job) -> int | None:
 def recover_expired_leases(session: Session) -> tuple[list[tuple[uuid.UUID, str]], list[uuid.UUID]]:
     """Maintenance: running jobs whose lease expired (worker gone) go back to `queued` when attempts remain,
     or end `failed` (attempts_exhausted). Returns ([(requeued id, queue)], [dead-lettered ids])."""
+    lock_in_id_order(session, Job.status == S.RUNNING, Job.lease_expires_at < func.now())
     requeued = session.execute(
         update(Job)
         .where(Job.status == S.RUNNING, Job.lease_expires_at < func.now(), Job.attempts < Job.max_attempts,
@@ -293,6 +310,7 @@ def requeue_finished_where(session: Session, *where, statuses: tuple[str, ...] =
     not yet enqueued (the batch feeder hands them to the broker). Succeeded jobs are never re-run. Returns how
     many went back to the queue."""
     assert set(statuses) <= {S.FAILED, S.CANCELED}, "only failed or canceled jobs can be re-run"
+    lock_in_id_order(session, Job.status.in_(statuses), *where)
     return session.execute(update(Job).where(Job.status.in_(statuses), *where)
                            .values(status=S.QUEUED, attempts=0, error=None, cancel_requested=False,
                                    finished_at=None, started_at=None, enqueued_at=None, progress_step=0,

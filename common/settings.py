@@ -67,6 +67,15 @@ class ApiSettings(BaseModel):
     page_size_max: int = 200
 
 
+class BatchingSettings(BaseModel):
+    """Dynamic batching (worker.batching): off by default, see docs/PERFORMANCE.md "Dynamic batching"."""
+
+    enabled: bool = False
+    max_batch: int = Field(4, ge=1)  # images per batch
+    window_s: float = Field(0.0, ge=0)  # how long a claimed job waits for company (0: only what is waiting now)
+    max_pixels: int = Field(512 * 512, ge=1)  # larger images run alone
+
+
 class WorkerSettings(BaseModel):
     lease_ttl_s: int = 30
     heartbeat_s: float = 5.0
@@ -80,6 +89,7 @@ class WorkerSettings(BaseModel):
     # Jobs re-enqueued by maintenance when queued longer than this without a claim (lost enqueues).
     requeue_after_s: int = 60
     concurrency: int = 1
+    batching: BatchingSettings = BatchingSettings()
 
 
 class WebhookSettings(BaseModel):

@@ -1,5 +1,8 @@
 """One attempt at one job: claim, generate with a heartbeat, store the PNGs, record the result.
 
+With dynamic batching on (worker.batching), the attempt also claims compatible queued jobs and generates them in
+the same call; each of them is still claimed, heartbeated, fenced, stored and recorded on its own (a `Member`).
+
 Every database write after the claim is fenced by the attempt's lease token (common.jobs). Images are written
 to storage before the job is marked succeeded, at deterministic keys, so a re-run overwrites the same bytes.
 
@@ -19,7 +22,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -31,6 +34,7 @@ from common.png import encode_png, recipe, sha256_hex
 from common.queue import enqueue_generate
 from common.settings import Settings
 from common.storage import Storage, image_key
+from worker.batching import CANDIDATE_SCAN, BatchingPolicy, companions
 from worker.drain import Drain
 from worker.monitor import AttemptMonitor
 
@@ -45,6 +49,7 @@ class AttemptContext:
     drain: Drain
     worker_id: str
     overlap_finish: bool = True  # store and complete on the finisher thread while the next job generates
+    batching: BatchingPolicy = field(default_factory=BatchingPolicy)  # off unless configured
 
 
 def spec_from_params(params: dict):
@@ -65,75 +70,179 @@ def requeue(job_id: uuid.UUID, queue: str) -> None:
         log.warning("job %s: re-enqueue failed (%s); maintenance will retry", job_id, exc)
 
 
+@dataclass
+class Member:
+    """One job of an attempt's batch (usually the only one): its claim and its heartbeat."""
+
+    claim: job_states.Claim
+    monitor: AttemptMonitor
+    finishing: bool = False  # handed to the finisher thread, which stops the heartbeat once the job is complete
+
+    @property
+    def wants_stop(self) -> bool:
+        return self.monitor.lease_lost.is_set() or self.monitor.cancel_requested.is_set()
+
+
 def run_attempt(job_id: uuid.UUID, ctx: AttemptContext) -> str:
-    """Returns what happened: skipped | succeeded | failed | queued | canceled | lease_lost."""
+    """Returns what happened to `job_id`: skipped | succeeded | failed | queued | canceled | lease_lost, or
+    finishing (its images are being stored on the finisher thread)."""
     wcfg = ctx.settings.worker
     with session_scope() as session:
         claim = job_states.claim(session, job_id=job_id, worker_id=ctx.worker_id, ttl_s=wcfg.lease_ttl_s)
     if claim is None:
         log.info("job %s: not claimable (finished, canceled or leased elsewhere): duplicate delivery ignored", job_id)
         return "skipped"
-    monitor = AttemptMonitor(job_id=job_id, token=claim.token, ttl_s=wcfg.lease_ttl_s,
-                             heartbeat_s=wcfg.heartbeat_s, progress_interval_s=wcfg.progress_min_interval_s)
-    monitor.start()
+    lead = _member(claim, ctx)  # heartbeating before anything else can take time
+    members = [lead, *(_member(c, ctx) for c in _claim_companions(claim, ctx))]
+    if len(members) > 1:
+        log.info("job %s: batched with %s", job_id, ", ".join(str(m.claim.job_id) for m in members[1:]))
     t0 = time.perf_counter()
     outcome = "failed"
     try:
-        outcome = _generate_and_record(claim, ctx, monitor, t0)
+        outcome = _generate_and_record(members, ctx, t0)
         return outcome
     finally:
-        if outcome != "finishing":  # the finisher stops the heartbeat once the job is complete
-            monitor.stop()
+        for member in members:
+            if not member.finishing:
+                member.monitor.stop()
 
 
-def _generate_and_record(claim: job_states.Claim, ctx: AttemptContext, monitor: AttemptMonitor, t0: float) -> str:
+def _member(claim: job_states.Claim, ctx: AttemptContext) -> Member:
+    wcfg = ctx.settings.worker
+    monitor = AttemptMonitor(job_id=claim.job_id, token=claim.token, ttl_s=wcfg.lease_ttl_s,
+                             heartbeat_s=wcfg.heartbeat_s, progress_interval_s=wcfg.progress_min_interval_s)
+    monitor.start()
+    return Member(claim, monitor)
+
+
+def _claim_companions(lead: job_states.Claim, ctx: AttemptContext) -> list[job_states.Claim]:
+    """Claim the queued jobs that may share `lead`'s batch (worker.batching); none when batching is off."""
+    policy = ctx.batching
+    if not policy.enabled or not ctx.settings.model.fast_path:
+        return []
+    lead_spec = _spec_or_none(lead.params)
+    if lead_spec is None or not policy.batchable(lead_spec):
+        return []
+    claims: list[job_states.Claim] = []
+    try:
+        for look in range(2):
+            if look:  # a second look after the window, when the batch is not full
+                if policy.window_s <= 0 or len(lead_spec.seeds) + _images(claims) >= policy.max_batch:
+                    break
+                time.sleep(policy.window_s)
+            with session_scope() as session:
+                rows = job_states.queued_candidates(session, queue=lead.queue, exclude=lead.job_id,
+                                                    limit=CANDIDATE_SCAN)
+            candidates = [(job_id, spec) for job_id, params in rows if (spec := _spec_or_none(params))]
+            for job_id in companions(lead_spec, candidates, policy, already=_images(claims)):
+                with session_scope() as session:
+                    claim = job_states.claim(session, job_id=job_id, worker_id=ctx.worker_id,
+                                             ttl_s=ctx.settings.worker.lease_ttl_s)
+                if claim is not None:  # else another worker took it first
+                    claims.append(claim)
+    except SQLAlchemyError as exc:  # no company this time; what was claimed runs
+        log.warning("job %s: looking for batch company failed (%s); running without", lead.job_id, exc)
+    return claims
+
+
+def _images(claims: list[job_states.Claim]) -> int:
+    return sum(len(image_seeds(c.params)) for c in claims)
+
+
+def _spec_or_none(params: dict):
+    try:
+        return spec_from_params(params)
+    except (KeyError, TypeError, ValueError):  # not ours to judge here: its own attempt will fail it properly
+        return None
+
+
+def _generate_and_record(members: list[Member], ctx: AttemptContext, t0: float) -> str:
+    """Generate every member's images in one call, then record each member's outcome. Returns the first
+    member's outcome (the job Celery delivered); the others' are logged."""
     from worker.generation import GenerationInterrupted
 
-    params = claim.params
+    def should_stop() -> bool:  # a batch stops for a drain, or when no member wants its images any more
+        return ctx.drain.expired() or all(m.wants_stop for m in members)
 
-    def should_stop() -> bool:
-        return monitor.lease_lost.is_set() or monitor.cancel_requested.is_set() or ctx.drain.expired()
+    def on_step(done: int, total: int) -> None:
+        for m in members:
+            m.monitor.report(done, total)
 
     try:
-        images = ctx.runner.run(spec_from_params(params), on_step=monitor.report, should_stop=should_stop)
+        specs = [spec_from_params(m.claim.params) for m in members]
+        if len(members) == 1:
+            images = [ctx.runner.run(specs[0], on_step=on_step, should_stop=should_stop)]
+        else:
+            images = ctx.runner.run_batch(specs, on_step=on_step, should_stop=should_stop)
         t_gen = time.perf_counter()
     except LeaseLost:
-        log.warning("job %s: lease lost; another attempt owns it, nothing recorded", claim.job_id)
+        log.warning("job %s: lease lost; another attempt owns it, nothing recorded", members[0].claim.job_id)
         return "lease_lost"
     except GenerationInterrupted:
-        return _after_interrupt(claim, ctx, monitor)
+        return _for_each(members, lambda m: _after_interrupt(m.claim, ctx, m.monitor))
     except (StorageError, SQLAlchemyError) as exc:
-        return _record_failure(claim, ctx, exc, retryable=True)
+        return _for_each(members, lambda m: _record_failure(m.claim, ctx, exc, retryable=True))
     except Exception as exc:  # noqa: BLE001 - the generation itself raised: fail the job, keep serving
-        log.exception("job %s: generation failed", claim.job_id)
-        return _record_failure(claim, ctx, exc, retryable=False)
+        if len(members) > 1:  # one bad job must not fail its companions: run them one by one, each on its own
+            log.warning("job %s: batch of %d failed (%s); running its jobs one by one", members[0].claim.job_id,
+                        len(members), exc)
+            return _for_each(members, lambda m: _generate_and_record([m], ctx, time.perf_counter()))
+        log.exception("job %s: generation failed", members[0].claim.job_id)
+        return _record_failure(members[0].claim, ctx, exc, retryable=False)
 
     def finish() -> str:
-        try:
-            outcome = _finish(claim, ctx, monitor, images, t0, t_gen)
-        finally:
-            monitor.stop()
-        # Celery logged this task as returning 'finishing'; this line says how the attempt really ended.
-        log.info("job %s finished: %r", claim.job_id, outcome)
-        return outcome
+        def finish_one(m: Member, member_images: list) -> str:
+            try:
+                outcome = _finish(m, ctx, member_images, t0, t_gen, batch=len(members))
+            finally:
+                m.monitor.stop()
+            # Celery logged the task as returning 'finishing'; this line says how the attempt really ended.
+            log.info("job %s finished: %r", m.claim.job_id, outcome)
+            return outcome
+
+        outcomes = [finish_one(m, member_images) for m, member_images in zip(members, images)]
+        return outcomes[0]
 
     if ctx.overlap_finish:
-        FINISHER.submit(finish, name=f"finish-{claim.job_id}")
+        for m in members:
+            m.finishing = True
+        FINISHER.submit(finish, name=f"finish-{members[0].claim.job_id}")
         return "finishing"
-    return _finish(claim, ctx, monitor, images, t0, t_gen)
+    return finish()
 
 
-def _finish(claim: job_states.Claim, ctx: AttemptContext, monitor: AttemptMonitor, images: list, t0: float,
-            t_gen: float) -> str:
+def _for_each(members: list[Member], record: Callable[[Member], str]) -> str:
+    """Record every member's outcome, even when one of them fails; returns the first member's outcome."""
+    outcomes, error = [], None
+    for m in members:
+        try:
+            outcomes.append(record(m))
+        except Exception as exc:  # noqa: BLE001 - the rest still get recorded; re-raised below
+            error = error or exc
+            outcomes.append("failed")
+    if error is not None:
+        raise error
+    return outcomes[0]
+
+
+def _finish(m: Member, ctx: AttemptContext, images: list, t0: float, t_gen: float, batch: int = 1) -> str:
     """Encode and store the images, then mark the job succeeded (fenced); failures are recorded like the
-    generation's own."""
+    generation's own. A job canceled while its batch ran ends canceled; one whose lease was lost stores nothing."""
+    claim, monitor = m.claim, m.monitor
+    if monitor.lease_lost.is_set():
+        log.warning("job %s: lease lost; another attempt owns it, nothing recorded", claim.job_id)
+        return "lease_lost"
     params = claim.params
     try:
+        if monitor.cancel_requested.is_set():
+            with session_scope() as session:
+                job_states.finish_canceled(session, job_id=claim.job_id, token=claim.token)
+            return "canceled"
         stored = [_store(claim, ctx, index, seed, image)
                   for index, (seed, image) in enumerate(zip(image_seeds(params), images))]
         monitor.stop()
         timings = {"generate_s": round(t_gen - t0, 3), "store_s": round(time.perf_counter() - t_gen, 3),
-                   "worker": ctx.worker_id, "attempt": claim.attempt}
+                   "worker": ctx.worker_id, "attempt": claim.attempt, **({"batch": batch} if batch > 1 else {})}
         with session_scope() as session:
             job_states.complete(session, job_id=claim.job_id, token=claim.token, images=stored, timings=timings)
         return "succeeded"

@@ -1,29 +1,39 @@
-"""Dynamic batching rules: which waiting jobs may run as one `generate_batch` call, and when.
+"""Dynamic batching: which waiting jobs a worker takes along into one `generate_batch` call.
 
-A pure scheduler (no clock, no threads, no GPU): the caller adds jobs as they arrive and asks which batches are
-due at a time it passes in, so every rule is unit-tested without timing (tests/worker/test_batching.py).
+How it runs (`worker.attempt`): Celery hands a worker one job at a time (prefetch 1). When the job it claims is
+batchable, the worker reads the oldest claimable jobs of the same queue that are already on the broker
+(`common.jobs.queued_candidates`), picks the compatible ones by the rules below and claims each through the normal
+claim, so every job of the batch has its own lease, fencing token, heartbeat and attempt count. Their own
+deliveries later find them claimed: a duplicate delivery, a no-op. If the batch is not full and `window_s` > 0,
+the worker looks once more after that many seconds. The batch runs as one call; then each job is stored and
+completed, canceled or released on its own. Postgres decides who holds a job, as for any claim, so a worker that
+dies with a batch loses nothing: each lease expires and each job runs again.
 
-Rules:
+Rules (pure, tested in tests/worker/test_batching.py):
 
-- Jobs batch only with jobs of the same weight variant, size, steps, schedule (mu, std) and guidance schedule,
-  i.e. `worker.fast_path.batch_key` plus the variant; prompts and seeds may differ.
-- A batch holds at most `max_batch` images (a job of `num_images` counts that many); a job that alone fills it
-  runs alone, at once.
-- Only images of at most `max_pixels` batch: larger ones are compute-bound at batch 1 and run alone, at once.
-- A group is released when it is full, or when its oldest job has waited `window_s`; due batches come out oldest
-  job first, and within a batch jobs keep their arrival order.
+- Only images of at most `max_pixels` batch (larger ones are compute-bound at batch 1), and only jobs of the same
+  size, steps, schedule (mu, std) and guidance schedule (`batch_key`); prompts and seeds may differ. All jobs of
+  a worker share its weight variant.
+- A batch holds at most `max_batch` images (a job of `num_images` counts that many); a candidate that does not fit
+  is passed over (a smaller one after it may fit); candidates keep their queue order.
 
 Defaults come from `letterpress bench` on an H200 (docs/PERFORMANCE.md, "Dynamic batching"): with the compiled
 bf16 path, batches of 2 and 4 different prompts gave +1% and +3.5% images per minute at 512², and -7% / -6% at
-1024² (prompts of different lengths need the padded, masked attention path). So batching is off by default, and
-when switched on it only touches images up to 512². The Celery worker takes one message at a time (prefetch 1)
-and does not use this scheduler yet.
+1024² (prompts of different lengths need the padded, masked attention path). And a batched image is the same as
+the job alone only up to float rounding (other prompts change the padding and the kernels' blocking), so a job
+re-run alone after a preemption may differ from its batched first attempt by a level or so. Both argue for
+**off** by default; switch it on (`LETTERPRESS_WORKER__BATCHING__ENABLED=true`) for many small images where
+throughput matters more than byte-identical re-runs. `window_s` defaults to 0: take along only what is already
+waiting, never hold the GPU idle for company (a busy queue fills batches by itself).
 """
 from __future__ import annotations
 
-from collections.abc import Hashable
-from dataclasses import dataclass, field
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
+
+# How many of the oldest queued jobs a claim looks at for company.
+CANDIDATE_SCAN = 32
 
 
 class SpecLike(Protocol):
@@ -36,11 +46,16 @@ class SpecLike(Protocol):
     seeds: tuple[int, ...]
 
 
+def batch_key(spec: SpecLike) -> tuple:
+    """Specs with equal keys may run as one batch (same size, schedule and guidance; prompts and seeds differ)."""
+    return (spec.width, spec.height, spec.steps, spec.mu, spec.std, tuple(spec.guidance_schedule))
+
+
 @dataclass(frozen=True)
 class BatchingPolicy:
     enabled: bool = False
     max_batch: int = 4  # images per batch
-    window_s: float = 0.05  # how long the oldest job of a group may wait for company
+    window_s: float = 0.0  # how long a claimed job waits for company (0: only what is waiting now)
     max_pixels: int = 512 * 512  # larger images run alone
 
     def __post_init__(self) -> None:
@@ -49,84 +64,32 @@ class BatchingPolicy:
         if self.window_s < 0:
             raise ValueError("window_s must not be negative")
 
+    @classmethod
+    def from_settings(cls, settings) -> "BatchingPolicy":
+        """From `Settings.worker.batching` (common.settings.BatchingSettings)."""
+        return cls(enabled=settings.enabled, max_batch=settings.max_batch, window_s=settings.window_s,
+                   max_pixels=settings.max_pixels)
 
-def group_key(spec: SpecLike, variant: str) -> tuple:
-    """Jobs with equal keys may share a batch: `fast_path.batch_key(spec)` with the variant in front."""
-    return (variant, spec.width, spec.height, spec.steps, spec.mu, spec.std, tuple(spec.guidance_schedule))
-
-
-@dataclass(frozen=True)
-class Pending:
-    job_id: Hashable
-    spec: SpecLike
-    variant: str
-    arrived: float  # the caller's clock, seconds
-
-    @property
-    def images(self) -> int:
-        return len(self.spec.seeds)
+    def batchable(self, spec: SpecLike) -> bool:
+        """Whether a job may look for company at all."""
+        return self.enabled and spec.width * spec.height <= self.max_pixels and len(spec.seeds) < self.max_batch
 
 
-@dataclass
-class BatchScheduler:
-    policy: BatchingPolicy = field(default_factory=BatchingPolicy)
-    _groups: dict[tuple, list[Pending]] = field(default_factory=dict)
-    _alone: list[Pending] = field(default_factory=list)
+def companions(lead: SpecLike, candidates: Sequence[tuple[Hashable, SpecLike]], policy: BatchingPolicy,
+               already: int = 0) -> list[Hashable]:
+    """Ids of the `candidates` (oldest first) that may join `lead`'s batch, in order.
 
-    def __len__(self) -> int:
-        return len(self._alone) + sum(len(g) for g in self._groups.values())
-
-    def batchable(self, item: Pending) -> bool:
-        p = self.policy
-        return (p.enabled and item.spec.width * item.spec.height <= p.max_pixels and item.images < p.max_batch)
-
-    def add(self, item: Pending) -> None:
-        if self.batchable(item):
-            self._groups.setdefault(group_key(item.spec, item.variant), []).append(item)
-        else:
-            self._alone.append(item)
-
-    def ready(self, now: float) -> list[list[Pending]]:
-        """The batches due at `now` (removed from the scheduler), oldest job first."""
-        due: list[list[Pending]] = [[item] for item in self._alone]
-        self._alone = []
-        for key in list(self._groups):
-            group = self._groups[key]
-            while group:
-                batch = self._take(group)
-                full = sum(i.images for i in batch) >= self.policy.max_batch
-                expired = now - batch[0].arrived >= self.policy.window_s
-                # A batch that cannot grow (the next job of the group does not fit) is as good as full.
-                blocked = len(batch) < len(group)
-                if not (full or expired or blocked):
-                    break
-                due.append(batch)
-                del group[:len(batch)]
-            if not group:
-                del self._groups[key]
-        due.sort(key=lambda batch: batch[0].arrived)
-        return due
-
-    def next_deadline(self) -> float | None:
-        """When the oldest waiting group's window closes (None when nothing waits; `ready` now if jobs are
-        waiting to run alone)."""
-        if self._alone:
-            return min(i.arrived for i in self._alone)
-        starts = [g[0].arrived for g in self._groups.values() if g]
-        return min(starts) + self.policy.window_s if starts else None
-
-    def drain(self) -> list[list[Pending]]:
-        """Everything still waiting, batched by the same rules (for shutdown): nothing waits for its window."""
-        return self.ready(float("inf"))
-
-    def _take(self, group: list[Pending]) -> list[Pending]:
-        """The longest prefix of `group` (arrival order) within `max_batch` images."""
-        batch: list[Pending] = []
-        images = 0
-        for item in group:
-            if images + item.images > self.policy.max_batch:
-                break
-            batch.append(item)
-            images += item.images
-        return batch
-
+    `already` counts images of companions taken before (a second look after the window).
+    """
+    if not policy.batchable(lead):
+        return []
+    key = batch_key(lead)
+    images = len(lead.seeds) + already
+    chosen: list[Hashable] = []
+    for job_id, spec in candidates:
+        if images >= policy.max_batch:
+            break
+        if batch_key(spec) == key and images + len(spec.seeds) <= policy.max_batch:
+            chosen.append(job_id)
+            images += len(spec.seeds)
+    return chosen

@@ -740,6 +740,8 @@ def parse_args(argv: Sequence[str] | None):
     p.add_argument("--e2e-size", type=int, default=None, help="default 1024 (tiny: 256)")
     p.add_argument("--e2e-preset", default="V4_QUALITY_48")
     p.add_argument("--e2e-steps", type=int, default=None, help="override the preset's steps (tiny default 4)")
+    p.add_argument("--e2e-batching", action="store_true",
+                   help="the e2e worker batches compatible queued jobs (LETTERPRESS_WORKER__BATCHING__ENABLED)")
     p.add_argument("--e2e-compile", action=argparse.BooleanOptionalAction, default=None,
                    help="compile the e2e worker's blocks (default: on CUDA)")
     p.add_argument("--out", default=os.environ.get("OUT") or "bench-out")

@@ -115,11 +115,13 @@ def worker_main(argv: list[str]) -> int:
     from common.storage import open_storage
     from worker import celery_app
     from worker.attempt import AttemptContext
+    from worker.batching import BatchingPolicy
     from worker.drain import Drain
 
     celery_app._ctx = AttemptContext(settings=settings, runner=runner, storage=open_storage(settings.storage),
                                      drain=Drain(settings.worker.drain_grace_s),
-                                     worker_id=f"{_socket.gethostname()}:{os.getpid()}:bench")
+                                     worker_id=f"{_socket.gethostname()}:{os.getpid()}:bench",
+                                     batching=BatchingPolicy.from_settings(settings.worker.batching))
     celery_app.app.worker_main(["worker", "--pool", "solo", "--concurrency", "1", "-Q", "interactive,batch",
                                 "-n", "bench@%h", "--loglevel", "INFO", "--without-gossip", "--without-mingle"])
     return 0
@@ -230,6 +232,7 @@ def _stack_env(args, root: Path, db_url: str, redis_url: str) -> dict[str, str]:
         "LETTERPRESS_STORAGE__URL": f"file://{root / 'storage'}",
         "LETTERPRESS_API__MIN_SIDE": "64",
         "LETTERPRESS_MODEL__COMPILE": "true" if args.e2e_compile else "false",
+        "LETTERPRESS_WORKER__BATCHING__ENABLED": "true" if getattr(args, "e2e_batching", False) else "false",
     }
     if args.model:
         env["LETTERPRESS_MODEL__ID"] = args.model
@@ -319,7 +322,8 @@ def _submit_and_wait(args, api_url: str, key: str, log: Callable[[str], None]) -
     n = len(done)
     platform = {"wall_s": wall, "img_per_min": 60.0 * n / wall,
                 "first_job_latency_s": (finished[0] - first_created).total_seconds(),
-                "timings": [j.timings for j in sorted(done, key=lambda j: j.finished_at)]}
+                "timings": [j.timings for j in sorted(done, key=lambda j: j.finished_at)],
+                "batching": bool(getattr(args, "e2e_batching", False))}
     if n > 1:
         spread = (finished[-1] - finished[0]).total_seconds()
         platform["steady_img_per_min"] = 60.0 * (n - 1) / spread if spread > 0 else None

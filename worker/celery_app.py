@@ -16,6 +16,7 @@ from common.queue import GENERATE_TASK, get_celery
 from common.settings import get_settings
 from common.storage import open_storage
 from worker.attempt import AttemptContext, run_attempt
+from worker.batching import BatchingPolicy
 from worker.drain import Drain, SpotNoticeWatcher
 from worker.maintenance import MaintenanceThread
 from worker.runner import PipelineRunner
@@ -32,7 +33,8 @@ def context() -> AttemptContext:
         gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "cpu")
         _ctx = AttemptContext(settings=settings, runner=PipelineRunner(settings), storage=open_storage(settings.storage),
                               drain=Drain(settings.worker.drain_grace_s),
-                              worker_id=f"{socket.gethostname()}:{os.getpid()}:gpu{gpu}")
+                              worker_id=f"{socket.gethostname()}:{os.getpid()}:gpu{gpu}",
+                              batching=BatchingPolicy.from_settings(settings.worker.batching))
     return _ctx
 
 

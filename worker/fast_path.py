@@ -64,6 +64,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, Ideogram4Pipeline
 from diffusers.models.transformers.transformer_ideogram4 import SEQUENCE_PADDING_INDICATOR
 from diffusers.pipelines.ideogram4.pipeline_ideogram4 import _logit_normal_sigmas, _resolution_aware_mu
 
+from worker.batching import batch_key
 from worker.generation import (
     MAX_SEQUENCE_LENGTH,
     GenerationSpec,
@@ -226,11 +227,6 @@ def _text_features(pipe: Ideogram4Pipeline, token_ids: torch.Tensor) -> torch.Te
 
 # --------------------------------------------------------------------------------------------------------------
 # Batches
-
-
-def batch_key(spec: GenerationSpec) -> tuple:
-    """Specs with equal keys may run as one batch (same size, schedule and guidance; prompts and seeds differ)."""
-    return (spec.width, spec.height, spec.steps, spec.mu, spec.std, spec.guidance_schedule)
 
 
 @dataclass

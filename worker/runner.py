@@ -1,4 +1,5 @@
-"""The GPU runner: `load()` once at worker start (warm), then `run(spec)` for every job of the worker's life."""
+"""The GPU runner: `load()` once at worker start (warm), then `run(spec)` for every job of the worker's life
+(`run_batch(specs)` for a dynamic batch, worker.batching)."""
 from __future__ import annotations
 
 import logging
@@ -48,3 +49,12 @@ class PipelineRunner:
             self.load()
         return generate(self.loaded, spec, fast=self.settings.model.fast_path, on_step=on_step,
                         should_stop=should_stop)
+
+    def run_batch(self, specs, *, on_step: Callable[[int, int], None] | None = None,
+                  should_stop: Callable[[], bool] | None = None) -> list[list[Image.Image]]:
+        """Several jobs' specs (one `batch_key`) as one fast-path call; one list of images per spec."""
+        from worker.fast_path import generate_batch
+
+        if self.loaded is None:
+            self.load()
+        return generate_batch(self.loaded, specs, on_step=on_step, should_stop=should_stop)
