@@ -1,6 +1,7 @@
 """`letterpress bench profile`: where one denoising step's time goes, and what its kernels could do alone.
 
     python -m worker.bench_profile --size 1024               # real-size random weights on the GPU
+    python -m worker.bench_profile --size 1024 --fp8         # the fp8 variant (torchao)
     python -m worker.bench_profile --size 64 --model tiny    # the tiny model on the CPU (smoke test)
 
 `letterpress bench` says how fast each path is; this says why. On the compiled fast path at one image size:
@@ -307,8 +308,12 @@ def run(args) -> dict[str, Any]:
                               "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"}
     t0 = time.perf_counter()
     loaded = _load(args)
-    result["load_s"] = time.perf_counter() - t0
     pipe = loaded.pipe
+    if args.fp8:  # the loader's own fp8 conversion (torchao float8 rowwise, repeated blocks only)
+        from common.pipeline_loader import _quantize_fp8
+
+        _quantize_fp8(pipe)
+    result["load_s"] = time.perf_counter() - t0
 
     def compiled_step(label: str, **compile_kwargs) -> Step:
         t0 = time.perf_counter()
@@ -373,6 +378,7 @@ def parse_args(argv: Sequence[str] | None):
     p.add_argument("--prompt", default=None, help="default: worker.bench.DEFAULT_PROMPT")
     p.add_argument("--reps", type=int, default=10 if cuda else 2)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=cuda)
+    p.add_argument("--fp8", action="store_true", help="profile the fp8 variant (torchao; Hopper and newer)")
     p.add_argument("--fused", action="store_true", help="also time the step with fused QKV and w1|w3 matmuls")
     p.add_argument("--max-autotune", action="store_true", help="also time a max-autotune compile")
     p.add_argument("--out", default=os.environ.get("OUT") or "bench-out")
