@@ -97,6 +97,7 @@ import atexit
 import contextlib
 import glob
 import hashlib
+import abc
 import importlib.util
 import logging
 import os
@@ -112,6 +113,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Self
 
@@ -361,7 +363,7 @@ def _stop_all_at_exit() -> None:
                 log.warning("could not stop %r at exit: %s", svc, exc)
 
 
-class _Service:
+class _Service(abc.ABC):
     """What the three servers share: a data dir, a remembered port, one process group, start/stop/kill."""
 
     name = "service"
@@ -458,6 +460,22 @@ class _Service:
         self._proc = None
         return LocalStackError(f"{self.name} exited (code {rc}) while starting; log {self.log_path}:\n{tail}")
 
+    def _spawn_on_a_free_port(self, command: Callable[[int], list[str]], ready: Callable[[int], bool], what: str,
+                              env: Callable[[int], dict[str, str]] | None = None) -> None:
+        """Spawn `command(port)` on a chosen port and wait until `ready(port)`. When the port turns out taken (another
+        process won the race for it) try another, up to 5 times, unless the port was set explicitly."""
+        for attempt in range(5):
+            port = self.port = self._choose_port(attempt)
+            offset = self._spawn(command(port), env=env(port) if env else None)
+            try:
+                self._wait_until(lambda: ready(port), offset, what)
+                return
+            except LocalStackError:
+                tail = _read_tail(self.log_path, offset)
+                if "in use" in tail and self._explicit_port is None and attempt < 4:
+                    continue
+                raise
+
     def _wait_until(self, ready, offset: int, what: str) -> None:
         deadline = time.monotonic() + self.start_timeout
         while True:
@@ -537,8 +555,9 @@ class _Service:
                     fcntl.flock(lockf, fcntl.LOCK_UN)
 
     # ---- public lifecycle --------------------------------------------------------------------------------
-    def start(self):  # pragma: no cover - overridden
-        raise NotImplementedError
+    @abc.abstractmethod
+    def start(self) -> Self:
+        """Start the server (or adopt one still running on this data dir) and wait until it answers."""
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the server cleanly (waits up to `timeout`, then SIGKILLs). No-op when it is not running."""
@@ -550,13 +569,13 @@ class _Service:
         with self._lock:
             self._terminate(signal.SIGKILL, 10)
 
-    def restart(self):
+    def restart(self) -> Self:
         """`stop()` (if running) then `start()`, on the same port and data."""
         with self._lock:
             self.stop()
             return self.start()
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc_info: object) -> None:
@@ -1161,28 +1180,11 @@ class RedisServer(_Service):
             t0 = time.monotonic()
             self.data_dir.mkdir(parents=True, exist_ok=True)
             if not self._try_adopt():
-                for attempt in range(5):
-                    self.port = self._choose_port(attempt)
-                    offset = self._spawn(self._command(self.port))
-                    try:
-                        port = self.port
-                        self._wait_until(lambda p=port: _redis_ping(self.host, p), offset, "answer PING")
-                        break
-                    except LocalStackError:
-                        tail = _read_tail(self.log_path, offset)
-                        if "in use" in tail and self._explicit_port is None and attempt < 4:
-                            continue
-                        raise
+                self._spawn_on_a_free_port(self._command, lambda port: _redis_ping(self.host, port), "answer PING")
             self._remember_port()
             self._registered()
             self.started_in_s = time.monotonic() - t0
             return self
-
-    def restart(self) -> Self:
-        return super().restart()
-
-    def __enter__(self) -> Self:
-        return self.start()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -1284,27 +1286,12 @@ class S3Server(_Service):
             t0 = time.monotonic()
             self.data_dir.mkdir(parents=True, exist_ok=True)
             self._kill_stale()
-            for attempt in range(5):
-                self.port = self._choose_port(attempt)
-                env = dict(os.environ, MOTO_PORT=str(self.port), PYTHONUNBUFFERED="1")
-                cmd = [sys.executable, "-m", "moto.server", "-H", self.host, "-p", str(self.port)]
-                offset = self._spawn(cmd, env=env)
-                try:
-                    self._wait_until(self._answering, offset, "answer HTTP")
-                    break
-                except LocalStackError:
-                    tail = _read_tail(self.log_path, offset)
-                    if "in use" in tail and self._explicit_port is None and attempt < 4:
-                        continue
-                    raise
+            self._spawn_on_a_free_port(
+                lambda port: [sys.executable, "-m", "moto.server", "-H", self.host, "-p", str(port)],
+                lambda port: self._answering(), "answer HTTP",
+                env=lambda port: dict(os.environ, MOTO_PORT=str(port), PYTHONUNBUFFERED="1"))
             self.pid_file.write_text(f"{self.pid}\n")
             self._remember_port()
             self._registered()
             self.started_in_s = time.monotonic() - t0
             return self
-
-    def restart(self) -> Self:
-        return super().restart()
-
-    def __enter__(self) -> Self:
-        return self.start()

@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +19,29 @@ import httpx
 from common.polling import wait_until  # noqa: F401 - the tests' wait loop, re-exported here
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+@contextmanager
+def scratch_database(services: dict, prefix: str, *, migrated: bool = True) -> Iterator[str]:
+    """A fresh database on the suite's Postgres server (migrated unless told otherwise), dropped afterwards."""
+    from sqlalchemy import create_engine, text
+
+    from common.db import migrate
+
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    server = services["database_url"].rsplit("/", 1)[0]
+    admin = create_engine(server + "/postgres", isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = f"{server}/{name}"
+    try:
+        if migrated:
+            migrate(url)
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))  # a test's pool may still hold connections
+        admin.dispose()
 
 
 def free_port() -> int:

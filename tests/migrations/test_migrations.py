@@ -2,30 +2,23 @@
 from __future__ import annotations
 
 import os
-import uuid
 
-from sqlalchemy import create_engine, inspect, text
+from sqlalchemy import create_engine, inspect
+
+from tests.support import scratch_database
 
 
 def test_upgrade_downgrade_upgrade(services):
     from common.db import downgrade, migrate
 
-    name = f"lp_migrations_{uuid.uuid4().hex[:8]}"
-    server = services["database_url"].rsplit("/", 1)[0]
-    admin = create_engine(server + "/postgres", isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = f"{server}/{name}"
-    migrate(url)
-    engine = create_engine(url)
-    tables = set(inspect(engine).get_table_names())
-    assert {"tenants", "api_keys", "jobs", "job_images", "alembic_version"} <= tables
-    downgrade(url, "base")
-    assert set(inspect(engine).get_table_names()) == {"alembic_version"}
-    migrate(url)
-    assert "jobs" in inspect(engine).get_table_names()
-    engine.dispose()
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE "{name}"'))
-    admin.dispose()
+    with scratch_database(services, "lp_migrations", migrated=False) as url:
+        migrate(url)
+        engine = create_engine(url)
+        tables = set(inspect(engine).get_table_names())
+        assert {"tenants", "api_keys", "jobs", "job_images", "alembic_version"} <= tables
+        downgrade(url, "base")
+        assert set(inspect(engine).get_table_names()) == {"alembic_version"}
+        migrate(url)
+        assert "jobs" in inspect(engine).get_table_names()
+        engine.dispose()
     assert os.environ.get("LETTERPRESS_DATABASE__URL") != url

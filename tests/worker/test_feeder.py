@@ -10,10 +10,11 @@ import uuid
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import create_engine, func, select, text, update
+from sqlalchemy import func, select, text, update
 
 from common.batches import BatchOptions, BatchSettings, items_source
 from common.models import Batch, Job
+from tests.support import scratch_database
 
 LINE = {"prompt": "a poster that says HELLO", "width": 256, "height": 256, "preset": "V4_TURBO_12", "steps": 2}
 
@@ -21,30 +22,21 @@ LINE = {"prompt": "a poster that says HELLO", "width": 256, "height": 256, "pres
 @pytest.fixture(scope="module")
 def iso(services, stack_env):
     """Point this process (only) at a fresh database and Redis db; restore afterwards."""
-    from common.db import get_engine, migrate
+    from common.db import get_engine
     from common.settings import get_settings, reset_settings_cache
 
-    name = f"lp_feeder_{uuid.uuid4().hex[:8]}"
-    server = services["database_url"].rsplit("/", 1)[0]
-    admin = create_engine(server + "/postgres", isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = f"{server}/{name}"
-    migrate(url)
-    redis_url = services["redis_url"].rsplit("/", 1)[0] + "/7"
-    saved = {k: os.environ.get(k) for k in ("LETTERPRESS_DATABASE__URL", "LETTERPRESS_REDIS__URL")}
-    os.environ.update({"LETTERPRESS_DATABASE__URL": url, "LETTERPRESS_REDIS__URL": redis_url})
-    reset_settings_cache()
-    get_engine.cache_clear()
-    yield get_settings()
-    get_engine(url).dispose()
-    for key, value in saved.items():
-        os.environ[key] = value
-    reset_settings_cache()
-    get_engine.cache_clear()
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with scratch_database(services, "lp_feeder") as url:
+        redis_url = services["redis_url"].rsplit("/", 1)[0] + "/7"
+        saved = {k: os.environ.get(k) for k in ("LETTERPRESS_DATABASE__URL", "LETTERPRESS_REDIS__URL")}
+        os.environ.update({"LETTERPRESS_DATABASE__URL": url, "LETTERPRESS_REDIS__URL": redis_url})
+        reset_settings_cache()
+        get_engine.cache_clear()
+        yield get_settings()
+        get_engine(url).dispose()
+        for key, value in saved.items():
+            os.environ[key] = value
+        reset_settings_cache()
+        get_engine.cache_clear()
 
 
 @pytest.fixture
