@@ -141,6 +141,15 @@ def rotate_secret(session: SessionDep, tenant: CurrentTenant, body: RotateIn | N
 
 # ---------------------------------------------------------------------------------------- deliveries, events
 
+def _of_job_or_batch(query, job_id: str | None, batch_id: str | None):
+    """`query` (over webhook events, or joined to them) narrowed to one job's or one batch's events."""
+    if job_id is not None:
+        query = query.where(WebhookEvent.job_id == _uuid(job_id, "job_id"))
+    if batch_id is not None:
+        query = query.where(WebhookEvent.batch_id == _uuid(batch_id, "batch_id"))
+    return query
+
+
 @router.get("/deliveries", response_model=DeliveryList)
 def list_deliveries(session: SessionDep, tenant: CurrentTenant, job_id: str | None = None,
                     batch_id: str | None = None, event_id: str | None = None,
@@ -148,11 +157,8 @@ def list_deliveries(session: SessionDep, tenant: CurrentTenant, job_id: str | No
     """Every attempt, newest first; filter by job, batch or event."""
     query = select(WebhookDelivery).where(WebhookDelivery.tenant_id == tenant.id)
     if job_id is not None or batch_id is not None:
-        query = query.join(WebhookEvent, WebhookEvent.id == WebhookDelivery.event_id)
-    if job_id is not None:
-        query = query.where(WebhookEvent.job_id == _uuid(job_id, "job_id"))
-    if batch_id is not None:
-        query = query.where(WebhookEvent.batch_id == _uuid(batch_id, "batch_id"))
+        query = _of_job_or_batch(query.join(WebhookEvent, WebhookEvent.id == WebhookDelivery.event_id),
+                                 job_id, batch_id)
     if event_id is not None:
         query = query.where(WebhookDelivery.event_id == event_id)
     page = newest_first(session, query, WebhookDelivery, cursor=cursor, limit=limit)
@@ -177,11 +183,7 @@ def redeliver_delivery(delivery_id: str, session: SessionDep, tenant: CurrentTen
 def list_events(session: SessionDep, tenant: CurrentTenant, job_id: str | None = None, batch_id: str | None = None,
                 status: Annotated[str | None, Query(pattern="^(" + "|".join(WebhookEventStatus.ALL) + ")$")] = None,
                 limit: Annotated[int, Query(ge=1, le=200)] = 50, cursor: str | None = None) -> EventList:
-    query = select(WebhookEvent).where(WebhookEvent.tenant_id == tenant.id)
-    if job_id is not None:
-        query = query.where(WebhookEvent.job_id == _uuid(job_id, "job_id"))
-    if batch_id is not None:
-        query = query.where(WebhookEvent.batch_id == _uuid(batch_id, "batch_id"))
+    query = _of_job_or_batch(select(WebhookEvent).where(WebhookEvent.tenant_id == tenant.id), job_id, batch_id)
     if status is not None:
         query = query.where(WebhookEvent.status == status)
     page = newest_first(session, query, WebhookEvent, cursor=cursor, limit=limit, id_type=str)
