@@ -29,7 +29,8 @@ from sqlalchemy import BigInteger, and_, cast, exists, func, or_, select, text, 
 from sqlalchemy.orm import Session
 
 from common import jobs as job_states, outbox
-from common.errors import Conflict, InvalidRequest, NotFound
+from common.db import get_owned
+from common.errors import Conflict, InvalidRequest
 from common.job_request import JobRequest, RequestError, to_params
 from common.models import Batch, BatchStatus, Job, JobImage, JobStatus
 from common.settings import ApiSettings
@@ -275,14 +276,7 @@ def find_by_idempotency_key(session: Session, *, tenant_id: uuid.UUID, key: str)
 
 def get_batch(session: Session, batch_id: uuid.UUID | str, *, tenant_id: uuid.UUID | None = None) -> Batch:
     """A batch by id; another tenant's batch is NotFound (no existence leak)."""
-    try:
-        bid = uuid.UUID(str(batch_id))
-    except ValueError:
-        raise NotFound(f"batch {batch_id} not found") from None
-    batch = session.get(Batch, bid)
-    if batch is None or (tenant_id is not None and batch.tenant_id != tenant_id):
-        raise NotFound(f"batch {batch_id} not found")
-    return batch
+    return get_owned(session, Batch, batch_id, tenant_id=tenant_id, noun="batch")
 
 
 # ------------------------------------------------------------------------------------------------- counts

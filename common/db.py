@@ -1,16 +1,20 @@
 """Engine and session factory. Sessions are opened and committed at the edges (a request, a task)."""
 from __future__ import annotations
 
+import uuid
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, TypeVar
 
 from sqlalchemy import create_engine
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from common.errors import NotFound
 from common.settings import get_settings
+
+Row = TypeVar("Row")
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
@@ -64,3 +68,16 @@ def downgrade(url: str | None = None, revision: str = "base") -> None:
     from alembic import command
 
     command.downgrade(alembic_config(url), revision)
+
+
+def get_owned(session: Session, model: type[Row], row_id: uuid.UUID | str, *, tenant_id: uuid.UUID | None,
+              noun: str) -> Row:
+    """A row by id; a malformed id, a missing row and another tenant's row are all NotFound (no existence leak)."""
+    try:
+        key = uuid.UUID(str(row_id))
+    except ValueError:
+        raise NotFound(f"{noun} {row_id} not found") from None
+    row = session.get(model, key)
+    if row is None or (tenant_id is not None and row.tenant_id != tenant_id):
+        raise NotFound(f"{noun} {row_id} not found")
+    return row

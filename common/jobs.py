@@ -24,7 +24,8 @@ from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from common import outbox
-from common.errors import Conflict, LeaseLost, NotFound
+from common.db import get_owned
+from common.errors import Conflict, LeaseLost
 from common.models import Job, JobImage, JobStatus
 
 S = JobStatus
@@ -66,14 +67,7 @@ def create_job(session: Session, *, tenant_id: uuid.UUID, params: dict[str, Any]
 
 def get_job(session: Session, job_id: uuid.UUID | str, *, tenant_id: uuid.UUID | None = None) -> Job:
     """A job by id; another tenant's job is NotFound (no existence leak)."""
-    try:
-        jid = uuid.UUID(str(job_id))
-    except ValueError:
-        raise NotFound(f"job {job_id} not found") from None
-    job = session.get(Job, jid)
-    if job is None or (tenant_id is not None and job.tenant_id != tenant_id):
-        raise NotFound(f"job {job_id} not found")
-    return job
+    return get_owned(session, Job, job_id, tenant_id=tenant_id, noun="job")
 
 
 def lock_in_id_order(session: Session, *where) -> list[uuid.UUID]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import ApiClient, Processes, make_tenant, wait_http
+from tests.support import ApiClient, Processes, make_tenant
 
 TEST_DB = "letterpress_test"
 

@@ -181,7 +181,7 @@ def _generate_and_record(members: list[Member], ctx: AttemptContext, t0: float) 
     except GenerationInterrupted:
         return _for_each(members, lambda m: _after_interrupt(m.claim, ctx, m.monitor))
     except (StorageError, SQLAlchemyError) as exc:
-        return _for_each(members, lambda m: _record_failure(m.claim, ctx, exc, retryable=True))
+        return _for_each(members, lambda m, exc=exc: _record_failure(m.claim, ctx, exc, retryable=True))
     except Exception as exc:  # noqa: BLE001 - the generation itself raised: fail the job, keep serving
         if len(members) > 1:  # one bad job must not fail its companions: run them one by one, each on its own
             log.warning("job %s: batch of %d failed (%s); running its jobs one by one", members[0].claim.job_id,

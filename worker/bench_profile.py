@@ -209,7 +209,6 @@ def attention_alone(pipe, lengths: dict[str, int], device: str, timer: Timer) ->
             except Exception as exc:  # noqa: BLE001 - a backend refusing these shapes is a result
                 row["refused"] = f"{type(exc).__name__}: {exc}"[:200]
             rows.append(row)
-        del q, k, v, reference
     return rows
 
 
@@ -229,7 +228,6 @@ def matmuls_alone(pipe, tokens: int, device: str, timer: Timer) -> list[dict[str
         flops = 2 * tokens * inp.shape[1] * n_out
         rows.append({"matmul": name, "m": tokens, "k": inp.shape[1], "n": n_out, "ms": seconds * 1e3,
                      "tflops": flops / seconds / 1e12})
-        del weight
     by = {r["matmul"]: r["ms"] for r in rows}
     rows.append({"matmul": "per block, as run (3 qkv + 2 w13)",
                  "ms": 3 * by["q|k|v (each)"] + 2 * by["w1|w3 (each)"]})
@@ -299,7 +297,7 @@ def _load(args):
 
 
 def run(args) -> dict[str, Any]:
-    from worker.bench import DEFAULT_PROMPT, uncompile
+    from worker.bench import uncompile
     from worker.fast_path import prepare_compiled
 
     device, size = args.device, args.size
@@ -385,6 +383,7 @@ def parse_args(argv: Sequence[str] | None):
     args = p.parse_args(argv)
     if args.prompt is None:
         from worker.bench import DEFAULT_PROMPT
+
         args.prompt = DEFAULT_PROMPT
     return args
 

@@ -4,7 +4,7 @@ the due-events pass, secrets and rotation. No HTTP here (tests/worker/test_webho
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 
 import pytest
 from sqlalchemy import select, text
