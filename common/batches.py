@@ -20,11 +20,9 @@ import uuid
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
-from functools import lru_cache
 from typing import Any, Callable, Iterable, Iterator
 
 from pydantic import ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import BigInteger, and_, cast, exists, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
@@ -33,7 +31,7 @@ from common.db import get_owned
 from common.errors import Conflict, InvalidRequest
 from common.job_request import JobRequest, RequestError, to_params
 from common.models import Batch, BatchStatus, Job, JobImage, JobStatus
-from common.settings import ApiSettings
+from common.settings import ApiSettings, BatchSettings, get_settings
 
 B, S = BatchStatus, JobStatus
 BATCH_QUEUE = "batch"
@@ -41,28 +39,6 @@ MAX_CUSTOM_ID = 255
 # A line is either a JobRequest body with a `custom_id` beside its fields, or the OpenAI Batch envelope
 # {"custom_id": ..., "body": {...}} (method/url are accepted and ignored) so existing files convert as they are.
 ENVELOPE_KEYS = frozenset({"custom_id", "body", "method", "url"})
-
-
-class BatchSettings(BaseSettings):
-    """Knobs for batches, from `LETTERPRESS_BATCHES__*` (the same names a nested `batches` group of
-    common.settings.Settings would read)."""
-    model_config = SettingsConfigDict(env_prefix="LETTERPRESS_BATCHES__", extra="ignore")
-
-    max_lines: int = 1_000_000
-    max_errors_reported: int = 1000       # line errors listed in a 422 or in the batch's `invalid`
-    insert_chunk: int = 5000              # rows per COPY
-    # Messages kept in the Redis "batch" list. Small on purpose: a few jobs a worker is enough to keep GPUs busy
-    # between feeder passes, and all else waits in Postgres (flat Redis memory, interactive work never behind it).
-    feed_depth: int = 8
-    feed_period_s: float = 0.2
-    # Do not top the batch queue up while interactive jobs wait in the broker: batch work fills idle capacity.
-    interactive_first: bool = True
-    finalize_retry_s: float = 120.0       # a batch left in `finalizing` this long (its finalizer died) is redone
-
-
-@lru_cache
-def get_batch_settings() -> BatchSettings:
-    return BatchSettings()
 
 
 def manifest_key(prefix: str, tenant_id: object, batch_id: object) -> str:
@@ -207,7 +183,7 @@ def create_batch(session: Session, *, tenant_id: uuid.UUID, source: LineSource, 
     """Validate every line and insert one queued job per valid line, in one pass and the caller's transaction.
     Raises InvalidBatch (line-numbered) when a line is invalid and `skip_invalid` is off, when no line is valid,
     or past `max_lines`; the caller's rollback then leaves nothing behind."""
-    settings = settings or get_batch_settings()
+    settings = settings or get_settings().batches
     batch_id = uuid.uuid4()
     batch = Batch(id=batch_id, tenant_id=tenant_id, status=B.VALIDATING, request_hash="", total=0,
                   idempotency_key=idempotency_key, input_source=source_name, metadata_=options.metadata,

@@ -92,6 +92,21 @@ class WorkerSettings(BaseModel):
     batching: BatchingSettings = BatchingSettings()
 
 
+class BatchSettings(BaseModel):
+    """Knobs for batches (common.batches, worker.feeder), `LETTERPRESS_BATCHES__*`."""
+
+    max_lines: int = 1_000_000
+    max_errors_reported: int = 1000  # line errors listed in a 422 or in the batch's `invalid`
+    insert_chunk: int = 5000  # rows per COPY
+    # Messages kept in the Redis "batch" list. Small on purpose: a few jobs a worker is enough to keep GPUs busy
+    # between feeder passes, and all else waits in Postgres (flat Redis memory, interactive work never behind it).
+    feed_depth: int = 8
+    feed_period_s: float = 0.2
+    # Do not top the batch queue up while interactive jobs wait in the broker: batch work fills idle capacity.
+    interactive_first: bool = True
+    finalize_retry_s: float = 120.0  # a batch left in `finalizing` this long (its finalizer died) is redone
+
+
 class WebhookSettings(BaseModel):
     allow_loopback: bool = False
     timeout_s: float = 15.0
@@ -111,6 +126,7 @@ class Settings(BaseSettings):
     model: ModelSettings = ModelSettings()
     api: ApiSettings = ApiSettings()
     worker: WorkerSettings = WorkerSettings()
+    batches: BatchSettings = BatchSettings()
     webhooks: WebhookSettings = WebhookSettings()
 
     @model_validator(mode="after")

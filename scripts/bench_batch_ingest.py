@@ -110,7 +110,7 @@ def bench(n: int, url: str, key: str, redis_url: str, settings, workdir: Path) -
     import httpx
     import redis as redis_lib
 
-    from common.batches import BatchSettings
+    from common.settings import BatchSettings
     from worker.feeder import Feeder
 
     path = workdir / f"bench-{n}.jsonl"

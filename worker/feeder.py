@@ -34,10 +34,10 @@ from sqlalchemy import func, select
 
 from common import batches
 from common import jobs as job_states
-from common.batches import BATCH_QUEUE, BatchSettings, get_batch_settings
+from common.batches import BATCH_QUEUE
 from common.db import session_scope
 from common.queue import enqueue_generate
-from common.settings import Settings
+from common.settings import BatchSettings, Settings
 from common.storage import Storage, open_storage
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ class Feeder:
     def __init__(self, settings: Settings, batch_settings: BatchSettings | None = None, *,
                  storage: Storage | None = None, send: Callable[[uuid.UUID, str], None] = enqueue_generate):
         self.settings = settings
-        self.cfg = batch_settings or get_batch_settings()
+        self.cfg = batch_settings or settings.batches
         self.storage = storage or open_storage(settings.storage)
         self.send = send
         self.redis = redis_lib.Redis.from_url(settings.redis.url, socket_connect_timeout=2, socket_timeout=2)
@@ -138,7 +138,7 @@ class FeederThread(threading.Thread):
     def __init__(self, settings: Settings, batch_settings: BatchSettings | None = None):
         super().__init__(name="batch-feeder", daemon=True)
         self.settings = settings
-        self.cfg = batch_settings or get_batch_settings()
+        self.cfg = batch_settings or settings.batches
         self._halt = threading.Event()
 
     def run(self) -> None:

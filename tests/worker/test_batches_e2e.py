@@ -25,7 +25,7 @@ from tests.support import ApiClient, free_port, wait_http, wait_until
 
 SIDE = 64
 LINE = {"width": SIDE, "height": SIDE, "preset": "V4_TURBO_12", "steps": 1}
-FEED_DEPTH = 8  # common.batches.BatchSettings default, which the session's worker runs with
+FEED_DEPTH = 8  # common.settings.BatchSettings default, which the session's worker runs with
 
 
 @pytest.fixture(scope="module")

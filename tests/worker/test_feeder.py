@@ -12,7 +12,8 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import func, select, text, update
 
-from common.batches import BatchOptions, BatchSettings, items_source
+from common.batches import BatchOptions, items_source
+from common.settings import BatchSettings
 from common.models import Batch, Job
 from tests.support import scratch_database
 
