@@ -22,12 +22,13 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 @lru_cache(maxsize=8)
 def get_engine(url: str | None = None) -> Engine:
     settings = get_settings()
+    idle_ms = int(settings.database.idle_in_transaction_timeout_s * 1000)
     return create_engine(
         url or settings.database.url,
         pool_size=settings.database.pool_size,
         pool_pre_ping=True,  # a restarted Postgres costs one failed checkout, not a failed request
         pool_recycle=1800,
-        connect_args={"connect_timeout": 5},
+        connect_args={"connect_timeout": 5, "options": f"-c idle_in_transaction_session_timeout={idle_ms}"},
     )
 
 

@@ -70,10 +70,12 @@ def get_job(session: Session, job_id: uuid.UUID | str, *, tenant_id: uuid.UUID |
     return get_owned(session, Job, job_id, tenant_id=tenant_id, noun="job")
 
 
-def lock_in_id_order(session: Session, *where) -> list[uuid.UUID]:
+def lock_in_id_order(session: Session, *where, skip_locked: bool = False) -> list[uuid.UUID]:
     """Row-lock the matching jobs in id order. Every multi-row writer locks this way first, so two of them (a batch
-    cancel and the feeder, say) can never deadlock each other."""
-    return list(session.scalars(select(Job.id).where(*where).order_by(Job.id).with_for_update()))
+    cancel and the feeder, say) can never deadlock each other. `skip_locked` passes over rows someone else holds
+    (for work that can wait for its next pass)."""
+    return list(session.scalars(select(Job.id).where(*where).order_by(Job.id)
+                                .with_for_update(skip_locked=skip_locked)))
 
 
 def mark_enqueued(session: Session, job_ids: list[uuid.UUID]) -> None:
@@ -238,24 +240,29 @@ def queue_position(session: Session, *, job: Job) -> int | None:
 def recover_expired_leases(session: Session) -> tuple[list[tuple[uuid.UUID, str]], list[uuid.UUID]]:
     """Maintenance: running jobs whose lease expired (worker gone) go back to `queued` when attempts remain,
     or end `failed` (attempts_exhausted). Returns ([(requeued id, queue)], [dead-lettered ids])."""
-    lock_in_id_order(session, Job.status == S.RUNNING, Job.lease_expires_at < func.now())
+    # Rows another session holds are left for the next pass: the holder may be a worker frozen mid-heartbeat,
+    # which would otherwise stall every recovery until it wakes (or Postgres ends its idle transaction).
+    expired = lock_in_id_order(session, Job.status == S.RUNNING, Job.lease_expires_at < func.now(),
+                               skip_locked=True)
+    if not expired:
+        return [], []
+    mine = Job.id.in_(expired)
     requeued = session.execute(
         update(Job)
-        .where(Job.status == S.RUNNING, Job.lease_expires_at < func.now(), Job.attempts < Job.max_attempts,
-               Job.cancel_requested.is_(False))
+        .where(mine, Job.attempts < Job.max_attempts, Job.cancel_requested.is_(False))
         .values(status=S.QUEUED, lease_token=None, lease_expires_at=None, enqueued_at=None,
                 error={"type": "lease_expired", "message": "the worker stopped renewing its lease"})
         .returning(Job.id, Job.queue)
     ).all()
     canceled = session.execute(
         update(Job)
-        .where(Job.status == S.RUNNING, Job.lease_expires_at < func.now(), Job.cancel_requested.is_(True))
+        .where(mine, Job.status == S.RUNNING, Job.cancel_requested.is_(True))
         .values(status=S.CANCELED, lease_token=None, lease_expires_at=None, finished_at=func.now())
         .returning(Job.id, Job.webhook_url)
     ).all()
     dead = session.execute(
         update(Job)
-        .where(Job.status == S.RUNNING, Job.lease_expires_at < func.now(), Job.attempts >= Job.max_attempts)
+        .where(mine, Job.status == S.RUNNING, Job.attempts >= Job.max_attempts)
         .values(status=S.FAILED, lease_token=None, lease_expires_at=None, finished_at=func.now(),
                 error=func.jsonb_build_object("type", "attempts_exhausted", "message",
                                               "the job's worker was lost on every attempt",

@@ -19,6 +19,10 @@ DEV_SECRET = "dev-insecure-secret"
 class DatabaseSettings(BaseModel):
     url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/letterpress"
     pool_size: int = 5
+    # Postgres ends a session left idle inside a transaction this long (0: never). A process frozen mid-transaction
+    # (SIGSTOP, a VM pause) would otherwise hold its row and advisory locks until it wakes, and lease recovery of
+    # its job would wait for it. Our transactions are milliseconds; long statements (COPY) are not "idle".
+    idle_in_transaction_timeout_s: float = Field(60.0, ge=0)
 
 
 class RedisSettings(BaseModel):

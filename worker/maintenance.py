@@ -33,6 +33,9 @@ def broker_queue_empty(redis_url: str, queue: str) -> bool | None:
 def maintenance_pass(settings: Settings) -> dict[str, int]:
     """One pass. Returns counts for logs and tests."""
     counts = {"requeued": 0, "dead": 0, "reenqueued": 0}
+    # Jobs enqueued long ago count as lost only when the broker queue is empty: a deep queue of a big batch is
+    # waiting, not lost. Asked before the locked transaction, so Redis round trips never hold the lock.
+    empty = {queue: broker_queue_empty(settings.redis.url, queue) for queue in QUEUES}
     with session_scope() as session:
         if not session.scalar(select(func.pg_try_advisory_xact_lock(ADVISORY_LOCK_ID))):
             return counts
@@ -40,10 +43,7 @@ def maintenance_pass(settings: Settings) -> dict[str, int]:
         counts["requeued"], counts["dead"] = len(requeued), len(dead)
         to_enqueue: list[tuple] = []
         for queue in QUEUES:
-            # Jobs enqueued long ago count as lost only when the broker queue is empty: a deep queue of a big
-            # batch is waiting, not lost.
-            empty = broker_queue_empty(settings.redis.url, queue)
-            stale = settings.worker.requeue_after_s if empty else None
+            stale = settings.worker.requeue_after_s if empty[queue] else None
             to_enqueue += [(jid, queue) for jid in job_states.lost_enqueues(session, queue=queue,
                                                                             stale_after_s=stale)]
     sent = []

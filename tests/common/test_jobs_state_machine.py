@@ -99,6 +99,35 @@ def test_expired_lease_requeues_then_dead_letters(job_id):
     assert claim(job_id) is None
 
 
+def test_recovery_passes_over_a_row_another_session_holds(job_id, tenant):
+    """A worker frozen mid-heartbeat holds its job's row lock: recovery must not wait for it (the rest of the
+    expired leases are recovered now, that one on a later pass once the lock is gone)."""
+    with session_scope() as s:
+        other, _ = js.create_job(s, tenant_id=tenant.id, params=PARAMS, queue="test-none", max_attempts=2)
+    for jid in (job_id, other.id):
+        claim(jid)
+        expire_lease(jid)
+    with session_scope() as holder:
+        holder.execute(text("SELECT 1 FROM jobs WHERE id = :id FOR UPDATE"), {"id": job_id})
+        with session_scope() as s:
+            s.execute(text("SET LOCAL lock_timeout = '5s'"))  # waiting would fail the test, not hang it
+            requeued, _ = js.recover_expired_leases(s)
+        assert [jid for jid, _ in requeued if jid in (job_id, other.id)] == [other.id]
+    with session_scope() as s:
+        requeued, _ = js.recover_expired_leases(s)
+    assert (job_id, "test-none") in requeued
+
+
+def test_sessions_end_idle_transactions(stack_env):
+    """Every engine session carries the idle-in-transaction timeout (a frozen process cannot hold locks forever)."""
+    from common.settings import get_settings
+
+    with session_scope() as s:
+        shown = s.execute(text("SHOW idle_in_transaction_session_timeout")).scalar()
+    expected_s = get_settings().database.idle_in_transaction_timeout_s
+    assert shown == f"{int(expected_s)}s", shown
+
+
 def test_cancel_queued_running_finished(job_id, tenant):
     with session_scope() as s:
         other, _ = js.create_job(s, tenant_id=tenant.id, params=PARAMS, queue="test-none")
