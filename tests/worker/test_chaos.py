@@ -395,7 +395,10 @@ def test_chaos(chaos_stack, tiny_model):
     logs = [stack.procs.log(name) for name in stack.workers]
     per_job = collections.Counter(m for log in logs for m in SUCCESS_LINE.findall(log))
     successes = sum(per_job.values()) + sum(len(TASK_SUCCESS_LINE.findall(log)) for log in logs)
-    assert successes == n_jobs, (successes, n_jobs, {j: n for j, n in per_job.items() if n > 1})
+    # No job twice. The total may fall short without a defect: a worker SIGKILLed (or Postgres killed) between the
+    # completing commit and its log line leaves a succeeded row unlogged; every row is checked succeeded above.
+    assert max(per_job.values(), default=0) <= 1, {j: n for j, n in per_job.items() if n > 1}
+    assert successes <= n_jobs, (successes, n_jobs)
     assert [j for j, n in per_job.items() if n > 1] == []
     # the success was recorded by the job's last claim: the attempt number and worker in its timings are the row's
     # (a stale attempt that completed after the live one would leave its own there)
