@@ -18,7 +18,7 @@ from common.storage import open_storage
 from worker.attempt import AttemptContext, run_attempt
 from worker.batching import BatchingPolicy
 from worker.drain import Drain, SpotNoticeWatcher
-from worker.maintenance import MaintenanceThread
+from worker.maintenance import start_maintenance
 from worker.runner import PipelineRunner
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def context() -> AttemptContext:
 def _warm_up(**_) -> None:
     ctx = context()
     ctx.runner.load()
-    MaintenanceThread(ctx.settings).start()
+    start_maintenance(ctx.settings)
     if ctx.settings.worker.spot_notice_url:
         SpotNoticeWatcher(ctx.settings.worker.spot_notice_url, ctx.drain, ctx.settings.worker.spot_poll_s).start()
 

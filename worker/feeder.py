@@ -39,6 +39,7 @@ from common.db import session_scope
 from common.queue import enqueue_generate
 from common.settings import BatchSettings, Settings
 from common.storage import Storage, open_storage
+from worker.periodic import PeriodicThread
 
 log = logging.getLogger(__name__)
 ADVISORY_LOCK_ID = 0x4C50_4644  # "LPFD"
@@ -134,34 +135,27 @@ class Feeder:
         return done
 
 
-class FeederThread(threading.Thread):
-    def __init__(self, settings: Settings, batch_settings: BatchSettings | None = None):
-        super().__init__(name="batch-feeder", daemon=True)
-        self.settings = settings
-        self.cfg = batch_settings or settings.batches
-        self._halt = threading.Event()
+def _feed_pass(settings: Settings, cfg: BatchSettings) -> Callable[[], object]:
+    """One feeder pass, the Feeder made on the first (in the feeder's thread, retried if it cannot be made)."""
+    feeder: Feeder | None = None
 
-    def run(self) -> None:
-        feeder = Feeder(self.settings, self.cfg)
-        while not self._halt.wait(self.cfg.feed_period_s):
-            try:
-                feeder.run_once()
-            except Exception as exc:  # noqa: BLE001 - Postgres down: try again next period
-                log.warning("feeder pass failed: %s", exc)
-
-    def stop(self) -> None:
-        self._halt.set()
+    def feed_once() -> FeedResult:
+        nonlocal feeder
+        feeder = feeder or Feeder(settings, cfg)
+        return feeder.run_once()
+    return feed_once
 
 
-_thread: FeederThread | None = None
+_thread: PeriodicThread | None = None
 _thread_lock = threading.Lock()
 
 
-def start_feeder(settings: Settings) -> FeederThread:
+def start_feeder(settings: Settings) -> PeriodicThread:
     """Start this process's feeder thread once (idempotent)."""
     global _thread
     with _thread_lock:
         if _thread is None or not _thread.is_alive():
-            _thread = FeederThread(settings)
+            _thread = PeriodicThread("batch-feeder", settings.batches.feed_period_s,
+                                     _feed_pass(settings, settings.batches))
             _thread.start()
         return _thread

@@ -7,7 +7,6 @@ in a thread (and `letterpress maintenance` runs it alone); a Postgres advisory l
 from __future__ import annotations
 
 import logging
-import threading
 
 import redis as redis_lib
 from sqlalchemy import func, select
@@ -17,6 +16,7 @@ from common.db import session_scope
 from common.queue import QUEUES, enqueue_generate
 from common.settings import Settings
 from worker.feeder import start_feeder
+from worker.periodic import PeriodicThread
 
 log = logging.getLogger(__name__)
 ADVISORY_LOCK_ID = 0x4C50_4D41  # "LPMA"
@@ -64,22 +64,13 @@ def maintenance_pass(settings: Settings) -> dict[str, int]:
     return counts
 
 
-class MaintenanceThread(threading.Thread):
-    def __init__(self, settings: Settings):
-        super().__init__(name="maintenance", daemon=True)
-        self.settings = settings
-        self._halt = threading.Event()
-
-    def run(self) -> None:
-        start_feeder(self.settings)  # batches: the feeder tops up the broker beside this loop, at its own period
-        while not self._halt.wait(self.settings.worker.maintenance_period_s):
-            try:
-                maintenance_pass(self.settings)
-            except Exception as exc:  # noqa: BLE001 - Postgres down: try again next period
-                log.warning("maintenance pass failed: %s", exc)
-
-    def stop(self) -> None:
-        self._halt.set()
+def start_maintenance(settings: Settings) -> PeriodicThread:
+    """This process's maintenance loop, and beside it the batch feeder (which tops up the broker at its own
+    period)."""
+    start_feeder(settings)
+    thread = PeriodicThread("maintenance", settings.worker.maintenance_period_s, lambda: maintenance_pass(settings))
+    thread.start()
+    return thread
 
 
 def main() -> None:

@@ -11,7 +11,6 @@ maintenance period, so retries parked in Postgres go out even where no GPU worke
 from __future__ import annotations
 
 import logging
-import threading
 
 from celery import signals
 
@@ -21,6 +20,7 @@ from common.queue import WEBHOOK_TASK, enqueue_webhook, get_celery
 from common.settings import Settings, get_settings
 from common.webhooks.client import deliver
 from common.webhooks.signing import build_headers
+from worker.periodic import PeriodicThread
 
 log = logging.getLogger(__name__)
 app = get_celery()
@@ -54,25 +54,9 @@ def deliver_event(event_id: str) -> str:
     return run_delivery(event_id, get_settings())
 
 
-class DueEventsThread(threading.Thread):
-    """The due-events pass (common.outbox.enqueue_due) every maintenance period."""
-
-    def __init__(self, settings: Settings):
-        super().__init__(name="webhooks-due", daemon=True)
-        self.settings = settings
-        self._halt = threading.Event()
-
-    def run(self) -> None:
-        while not self._halt.wait(self.settings.worker.maintenance_period_s):
-            try:
-                outbox.enqueue_due(self.settings)
-            except Exception as exc:  # noqa: BLE001 - Postgres or Redis down: next period
-                log.warning("webhooks due-events pass failed: %s", exc)
-
-    def stop(self) -> None:
-        self._halt.set()
-
-
 @signals.worker_init.connect
 def _start_due_pass(**_) -> None:
-    DueEventsThread(get_settings()).start()
+    """The due-events pass (common.outbox.enqueue_due) every maintenance period."""
+    settings = get_settings()
+    PeriodicThread("webhooks-due", settings.worker.maintenance_period_s,
+                   lambda: outbox.enqueue_due(settings)).start()
