@@ -232,7 +232,7 @@ def _stack_env(args, root: Path, db_url: str, redis_url: str) -> dict[str, str]:
         "LETTERPRESS_STORAGE__URL": f"file://{root / 'storage'}",
         "LETTERPRESS_API__MIN_SIDE": "64",
         "LETTERPRESS_MODEL__COMPILE": "true" if args.e2e_compile else "false",
-        "LETTERPRESS_WORKER__BATCHING__ENABLED": "true" if getattr(args, "e2e_batching", False) else "false",
+        "LETTERPRESS_WORKER__BATCHING__ENABLED": "true" if args.e2e_batching else "false",
     }
     if args.model:
         env["LETTERPRESS_MODEL__ID"] = args.model
@@ -323,7 +323,7 @@ def _submit_and_wait(args, api_url: str, key: str, log: Callable[[str], None]) -
     platform = {"wall_s": wall, "img_per_min": 60.0 * n / wall,
                 "first_job_latency_s": (finished[0] - first_created).total_seconds(),
                 "timings": [j.timings for j in sorted(done, key=lambda j: j.finished_at)],
-                "batching": bool(getattr(args, "e2e_batching", False))}
+                "batching": args.e2e_batching}
     if n > 1:
         spread = (finished[-1] - finished[0]).total_seconds()
         platform["steady_img_per_min"] = 60.0 * (n - 1) / spread if spread > 0 else None
