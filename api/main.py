@@ -8,14 +8,14 @@ from fastapi import FastAPI
 from api.errors import install_error_handlers
 from api.routers import batches, health, jobs, webhooks
 from common.settings import get_settings
-from common.storage import open_storage
+from common.storage import shared_storage
 
 
 def create_app() -> FastAPI:
     settings = get_settings()
     app = FastAPI(title="Letterpress", version="0.1.0",
                   description="Queue-backed batch image generation for Ideogram 4")
-    app.state.storage = open_storage(settings.storage)
+    app.state.storage = shared_storage(settings.storage)
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(jobs.router)

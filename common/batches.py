@@ -10,7 +10,7 @@ Shape of the work:
 - Whoever sees a batch with nothing queued or running (the feeder pass, in every worker) finalizes it: a
   compare-and-set to `finalizing`, the manifest written to storage, then `completed | failed | cancelled`.
   Every step is idempotent, so two observers, or one that crashed half-way, do no harm.
-Status transitions of the jobs themselves stay in common/jobs.py; this module only selects which jobs.
+Status transitions of the jobs themselves stay in common/job_states.py; this module only selects which jobs.
 """
 from __future__ import annotations
 
@@ -26,7 +26,10 @@ from pydantic import ValidationError
 from sqlalchemy import BigInteger, and_, cast, exists, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
-from common import jobs as job_states, outbox
+from common import job_states
+from common.webhooks import outbox
+from common.broker import BATCH_QUEUE
+from common.batch_counts import RequestCounts, request_counts
 from common.db import get_owned
 from common.errors import Conflict, InvalidRequest
 from common.job_request import JobRequest, RequestError, to_params
@@ -34,7 +37,6 @@ from common.models import Batch, BatchStatus, Job, JobImage, JobStatus
 from common.settings import ApiSettings, BatchSettings, get_settings
 
 B, S = BatchStatus, JobStatus
-BATCH_QUEUE = "batch"
 MAX_CUSTOM_ID = 255
 # A line is either a JobRequest body with a `custom_id` beside its fields, or the OpenAI Batch envelope
 # {"custom_id": ..., "body": {...}} (method/url are accepted and ignored) so existing files convert as they are.
@@ -255,34 +257,6 @@ def get_batch(session: Session, batch_id: uuid.UUID | str, *, tenant_id: uuid.UU
     return get_owned(session, Batch, batch_id, tenant_id=tenant_id, noun="batch")
 
 
-# ------------------------------------------------------------------------------------------------- counts
-
-@dataclass
-class RequestCounts:
-    total: int = 0
-    queued: int = 0
-    running: int = 0
-    succeeded: int = 0
-    failed: int = 0
-    canceled: int = 0
-
-    @property
-    def open(self) -> int:
-        return self.queued + self.running
-
-
-def request_counts(session: Session, batch_ids: list[uuid.UUID]) -> dict[uuid.UUID, RequestCounts]:
-    """Counts by status for each batch: one GROUP BY over the (batch_id, status) index."""
-    counts: dict[uuid.UUID, RequestCounts] = {bid: RequestCounts() for bid in batch_ids}
-    if not batch_ids:
-        return counts
-    for bid, status, n in session.execute(select(Job.batch_id, Job.status, func.count())
-                                          .where(Job.batch_id.in_(batch_ids)).group_by(Job.batch_id, Job.status)):
-        setattr(counts[bid], status, n)
-        counts[bid].total += n
-    return counts
-
-
 # ----------------------------------------------------------------------------------------- control: cancel, rerun
 
 def cancel_batch(session: Session, *, batch: Batch) -> Batch:
@@ -354,7 +328,7 @@ def reset_stale_fed(session: Session, *, older_than_s: float) -> int:
     """Items fed longer ago than `older_than_s` and still queued, when the caller saw the broker's batch list
     empty: their messages were lost (Redis restarted or flushed). Marking them unfed lets the feeder send them
     again; a duplicate delivery is a no-op at claim. Locks the rows in id order first, as every multi-row job
-    writer does (common.jobs.lock_in_id_order), so it cannot deadlock with a batch cancel."""
+    writer does (common.job_states.lock_in_id_order), so it cannot deadlock with a batch cancel."""
     stale = (Job.batch_id.is_not(None), Job.queue == BATCH_QUEUE, Job.status == S.QUEUED,
              Job.enqueued_at < func.now() - timedelta(seconds=older_than_s))
     if not job_states.lock_in_id_order(session, *stale):

@@ -1,13 +1,18 @@
-"""Engine and session factory. Sessions are opened and committed at the edges (a request, a task)."""
+"""Engine and session factory. Sessions are opened and committed at the edges (a request, a task).
+
+`after_commit(session, key, factory)` gives a transaction work to do once it commits (the webhook outbox sends its
+event ids this way): nothing runs when it rolls back. The hooks live on this module's session factory, not on
+SQLAlchemy's global `Session` class, and are installed when the factory is made, never at import time.
+"""
 from __future__ import annotations
 
 import uuid
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -19,12 +24,17 @@ Row = TypeVar("Row")
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
 
-@lru_cache(maxsize=8)
 def get_engine(url: str | None = None) -> Engine:
+    """The engine of `url` (default: the settings' database), one per URL and process."""
+    return _engine(url or get_settings().database.url)
+
+
+@lru_cache(maxsize=8)
+def _engine(url: str) -> Engine:
     settings = get_settings()
     idle_ms = int(settings.database.idle_in_transaction_timeout_s * 1000)
     return create_engine(
-        url or settings.database.url,
+        url,
         pool_size=settings.database.pool_size,
         pool_pre_ping=True,  # a restarted Postgres costs one failed checkout, not a failed request
         pool_recycle=1800,
@@ -33,7 +43,45 @@ def get_engine(url: str | None = None) -> Engine:
 
 
 def session_factory(url: str | None = None) -> sessionmaker[Session]:
-    return sessionmaker(bind=get_engine(url), expire_on_commit=False)
+    """The session factory of `url` (default: the settings' database), one per URL and process."""
+    return _session_factory(url or get_settings().database.url)
+
+
+@lru_cache(maxsize=8)
+def _session_factory(url: str) -> sessionmaker[Session]:
+    factory = sessionmaker(bind=get_engine(url), expire_on_commit=False)
+    event.listen(factory, "after_commit", _run_after_commit)
+    event.listen(factory, "after_rollback", _drop_after_commit)
+    return factory
+
+
+def reset_engines() -> None:
+    """Forget cached engines and session factories (tests that point the settings at another database)."""
+    _session_factory.cache_clear()
+    _engine.cache_clear()
+
+
+_AFTER_COMMIT = "letterpress.after_commit"  # session.info key: {key: callable run once the transaction commits}
+Action = TypeVar("Action", bound=Callable[[], Any])
+
+
+def after_commit(session: Session, key: str, factory: Callable[[], Action]) -> Action:
+    """The action registered under `key` for this transaction, made by `factory()` on first use. Every action
+    runs once the transaction commits (in registration order); a rollback drops them all. Actions must not
+    raise: the commit has already happened."""
+    actions = session.info.setdefault(_AFTER_COMMIT, {})
+    if key not in actions:
+        actions[key] = factory()
+    return actions[key]
+
+
+def _run_after_commit(session: Session) -> None:
+    for action in session.info.pop(_AFTER_COMMIT, {}).values():
+        action()
+
+
+def _drop_after_commit(session: Session) -> None:
+    session.info.pop(_AFTER_COMMIT, None)
 
 
 @contextmanager

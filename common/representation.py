@@ -1,5 +1,5 @@
 """The public shape of a job (and of a batch), in one place: `GET /v1/jobs/{id}` (api/routers/jobs.py) and the
-payload of the job's webhook events (common/outbox.py) are both built here, so a receiver gets exactly what a
+payload of the job's webhook events (common/webhooks/outbox.py) are both built here, so a receiver gets exactly what a
 poll returns.
 
 Pure: no request, no session. The caller says where the job lives (`self_url`), how an image is reached
@@ -18,7 +18,7 @@ REQUEST_FIELDS = ("prompt", "caption", "preset", "width", "height", "seed", "num
 def job_representation(job: Job, *, self_url: str, image_url: Callable[[JobImage], str],
                        queue_position: int | None = None) -> dict[str, Any]:
     """The job object (`object: "job"`) as a dict of plain values and datetimes; api.schemas.JobOut validates
-    it for responses, `common.outbox.to_json` serializes it the same way for webhooks."""
+    it for responses, `common.webhooks.outbox.to_json` serializes it the same way for webhooks."""
     total = job.progress_total or job.params["steps"]
     return {
         "id": str(job.id), "object": "job", "status": job.status, "queue": job.queue,
@@ -38,7 +38,7 @@ def job_representation(job: Job, *, self_url: str, image_url: Callable[[JobImage
 
 def batch_representation(batch: Batch, counts: Any, *, self_url: str) -> dict[str, Any]:
     """The batch object (`object: "batch"`), the shape of api/routers/batches.py's BatchOut; `counts` is a
-    common.batches.RequestCounts. The payload of batch.* webhook events."""
+    common.batch_counts.RequestCounts. The payload of batch.* webhook events."""
     return {
         "id": str(batch.id), "object": "batch", "status": batch.status, "input_source": batch.input_source,
         "request_counts": {"total": counts.total, "queued": counts.queued, "running": counts.running,

@@ -6,14 +6,18 @@ Nested fields use a double underscore: `LETTERPRESS_DATABASE__URL`, `LETTERPRESS
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEV_SECRET = "dev-insecure-secret"
+ENV_PREFIX = "LETTERPRESS_"
+NESTED_DELIMITER = "__"
 
 
 class DatabaseSettings(BaseModel):
@@ -72,7 +76,7 @@ class ApiSettings(BaseModel):
 
 
 class BatchingSettings(BaseModel):
-    """Dynamic batching (worker.batching): off by default, see docs/PERFORMANCE.md "Dynamic batching"."""
+    """Dynamic batching (worker.co_batching): off by default, see docs/PERFORMANCE.md "Dynamic batching"."""
 
     enabled: bool = False
     max_batch: int = Field(4, ge=1)  # images per batch
@@ -119,7 +123,7 @@ class WebhookSettings(BaseModel):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="LETTERPRESS_", env_nested_delimiter="__", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter=NESTED_DELIMITER, extra="ignore")
 
     env: Literal["dev", "test", "prod"] = "dev"
     home: Path = Path("./.letterpress")
@@ -132,6 +136,18 @@ class Settings(BaseSettings):
     worker: WorkerSettings = WorkerSettings()
     batches: BatchSettings = BatchSettings()
     webhooks: WebhookSettings = WebhookSettings()
+    # LETTERPRESS_API_URL: the API's public base URL (webhook payloads' links, the CLI's target); default
+    # http://{api.host}:{api.port}
+    api_url: str | None = None
+
+    @property
+    def tiny_model_dir(self) -> Path:
+        """Where the tiny random-weight model lives when no model is configured and there is no GPU."""
+        return Path(self.home).expanduser().resolve() / "models" / "tiny"
+
+    @property
+    def public_api_url(self) -> str:
+        return (self.api_url or f"http://{self.api.host}:{self.api.port}").rstrip("/")
 
     @model_validator(mode="after")
     def _refuse_default_secret_in_prod(self) -> "Settings":
@@ -140,14 +156,50 @@ class Settings(BaseSettings):
         return self
 
 
-@lru_cache
+_installed: Settings | None = None
+
+
 def get_settings() -> Settings:
+    """This process's settings: the ones `use_settings` installed, else read once from the environment."""
+    return _installed if _installed is not None else _from_environment()
+
+
+@lru_cache
+def _from_environment() -> Settings:
     return Settings()
 
 
 def reset_settings_cache() -> None:
-    """For tests and the CLI, which change the environment after import."""
-    get_settings.cache_clear()
+    """Read the environment again (the CLI changes it before starting the local stack)."""
+    _from_environment.cache_clear()
+
+
+@contextmanager
+def use_settings(settings: Settings) -> Iterator[Settings]:
+    """Make `settings` this process's settings inside the block, then put the previous ones back: how tests point
+    the in-process code at their own stack without writing the process environment. Engines are cached per
+    database URL (common.db), so a block with another URL gets its own."""
+    global _installed
+    previous, _installed = _installed, settings
+    try:
+        yield settings
+    finally:
+        _installed = previous
+
+
+def settings_from_env(env: Mapping[str, str]) -> Settings:
+    """Settings as a process started with `env` (only `LETTERPRESS_*` keys; nested groups split on `__`) would
+    read them, without touching this process's environment."""
+    values: dict[str, Any] = {}
+    for key, value in env.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        *groups, field = key[len(ENV_PREFIX):].lower().split(NESTED_DELIMITER)
+        node = values
+        for group in groups:
+            node = node.setdefault(group, {})
+        node[field] = value
+    return Settings(**values)
 
 
 def hf_env(model: ModelSettings) -> dict[str, str]:

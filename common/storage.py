@@ -3,6 +3,8 @@ directory. Keys are deterministic (`{prefix}/{tenant}/{job_id}/{index}.png`), so
 same bytes. Writes are retried with exponential backoff; a put returns only once the object is durable."""
 from __future__ import annotations
 
+import threading
+
 import logging
 import os
 import tempfile
@@ -149,3 +151,17 @@ def open_storage(settings: StorageSettings) -> Storage:
         root = Path(parsed.netloc + parsed.path) if parsed.netloc else Path(parsed.path)
         return LocalStorage(root, max_retries=settings.max_retries)
     raise StorageError(f"unsupported storage URL {settings.url!r}: use s3://bucket/prefix or file:///dir")
+
+
+_shared: tuple[StorageSettings, Storage] | None = None
+_shared_lock = threading.Lock()
+
+
+def shared_storage(settings: StorageSettings) -> Storage:
+    """This process's one storage client for `settings` (the API, the worker and the webhook payloads share it;
+    boto3 clients are thread-safe and costly to make). A changed configuration gets a new client."""
+    global _shared
+    with _shared_lock:
+        if _shared is None or _shared[0] != settings:
+            _shared = (settings.model_copy(), open_storage(settings))
+        return _shared[1]

@@ -12,18 +12,30 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from common.db import migrate, reset_engines
+from common.settings import settings_from_env, use_settings
 from tests.support import ApiClient, Processes, make_tenant
+
+# Tests that use these fixtures run real API or worker processes: the `slow` tier (make test-fast skips them).
+SYSTEM_FIXTURES = {"processes", "api_url", "worker", "own_stack", "fresh_workers"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SYSTEM_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 TEST_DB = "letterpress_test"
 
 
 @pytest.fixture(scope="session")
 def services(tmp_path_factory):
-    from common.localstack import PostgresServer, RedisServer, S3Server
+    from common.devstack.servers import PostgresServer, RedisServer, S3Server
 
     root = tmp_path_factory.mktemp("services")
     started = []
@@ -68,16 +80,15 @@ def _fresh_database(server_url: str) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    from common.tiny_model import build_tiny_model
+    from common.devstack.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
 
 
 @pytest.fixture(scope="session")
-def stack_env(services, tiny_model, tmp_path_factory) -> dict[str, str]:
-    """The environment every process of the test stack shares; also applied to this process."""
-    from common.db import get_engine, migrate
-    from common.settings import reset_settings_cache
+def stack_env(services, tiny_model, tmp_path_factory) -> Iterator[dict[str, str]]:
+    """The environment every process of the test stack is started with. This process uses the same settings
+    through `use_settings` (the process environment is never written)."""
 
     env = {
         "LETTERPRESS_ENV": "test",
@@ -98,11 +109,10 @@ def stack_env(services, tiny_model, tmp_path_factory) -> dict[str, str]:
         "LETTERPRESS_DATABASE__IDLE_IN_TRANSACTION_TIMEOUT_S": "10",
         "LETTERPRESS_WEBHOOKS__ALLOW_LOOPBACK": "true",
     }
-    os.environ.update(env)
-    reset_settings_cache()
-    get_engine.cache_clear()
-    migrate()
-    return env
+    with use_settings(settings_from_env(env)):
+        migrate()
+        yield env
+    reset_engines()
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 
-from common.polling import wait_until  # noqa: F401 - the tests' wait loop, re-exported here
+from common.cli.polling import wait_until  # noqa: F401 - the tests' wait loop, re-exported here
 
 REPO = Path(__file__).resolve().parent.parent
 

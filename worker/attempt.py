@@ -1,9 +1,9 @@
 """One attempt at one job: claim, generate with a heartbeat, store the PNGs, record the result.
 
-With dynamic batching on (worker.batching), the attempt also claims compatible queued jobs and generates them in
+With dynamic batching on (worker.co_batching), the attempt also claims compatible queued jobs and generates them in
 the same call; each of them is still claimed, heartbeated, fenced, stored and recorded on its own (a `Member`).
 
-Every database write after the claim is fenced by the attempt's lease token (common.jobs). Images are written
+Every database write after the claim is fenced by the attempt's lease token (common.job_states). Images are written
 to storage before the job is marked succeeded, at deterministic keys, so a re-run overwrites the same bytes.
 
 The GPU never waits for the finishing work: once a job's images exist, PNG encoding, the storage writes and the
@@ -26,17 +26,18 @@ from dataclasses import dataclass, field
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from common import jobs as job_states
+from common import job_states
 from common.db import session_scope
 from common.errors import LeaseLost, StorageError
 from common.job_request import image_seeds
-from common.png import encode_png, recipe, sha256_hex
-from common.queue import enqueue_generate
+from worker.png import encode_png, recipe, sha256_hex
+from common.dispatch import dispatch
 from common.settings import Settings
 from common.storage import Storage, image_key
-from worker.batching import CANDIDATE_SCAN, BatchingPolicy, companions
+from worker.pipeline.spec import GenerationInterrupted, GenerationSpec
+from worker.co_batching import CANDIDATE_SCAN, CoBatchingPolicy, companions
 from worker.drain import Drain
-from worker.monitor import AttemptMonitor
+from worker.heartbeat import AttemptMonitor
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +45,15 @@ log = logging.getLogger(__name__)
 @dataclass
 class AttemptContext:
     settings: Settings
-    runner: object  # worker.runner.PipelineRunner (duck-typed so tests can pass another runner)
+    runner: object  # worker.pipeline.runner.PipelineRunner (duck-typed so tests can pass another runner)
     storage: Storage
     drain: Drain
     worker_id: str
     overlap_finish: bool = True  # store and complete on the finisher thread while the next job generates
-    batching: BatchingPolicy = field(default_factory=BatchingPolicy)  # off unless configured
+    batching: CoBatchingPolicy = field(default_factory=CoBatchingPolicy)  # off unless configured
 
 
 def spec_from_params(params: dict):
-    from worker.generation import GenerationSpec
-
     return GenerationSpec(prompt_text=params["prompt_text"], width=params["width"], height=params["height"],
                           steps=params["steps"], mu=params["mu"], std=params["std"],
                           guidance_schedule=tuple(params["guidance_schedule"]), seeds=tuple(image_seeds(params)))
@@ -63,10 +62,8 @@ def spec_from_params(params: dict):
 def requeue(job_id: uuid.UUID, queue: str) -> None:
     """Hand a job that went back to `queued` to the broker now; if that fails, maintenance will."""
     try:
-        enqueue_generate(job_id, queue)
-        with session_scope() as session:
-            job_states.mark_enqueued(session, [job_id])
-    except Exception as exc:  # noqa: BLE001
+        dispatch([(job_id, queue)])
+    except Exception as exc:  # noqa: BLE001 - Postgres down while marking: maintenance finds the job anyway
         log.warning("job %s: re-enqueue failed (%s); maintenance will retry", job_id, exc)
 
 
@@ -116,7 +113,7 @@ def _member(claim: job_states.Claim, ctx: AttemptContext) -> Member:
 
 
 def _claim_companions(lead: job_states.Claim, ctx: AttemptContext) -> list[job_states.Claim]:
-    """Claim the queued jobs that may share `lead`'s batch (worker.batching); none when batching is off."""
+    """Claim the queued jobs that may share `lead`'s batch (worker.co_batching); none when batching is off."""
     policy = ctx.batching
     if not policy.enabled or not ctx.settings.model.fast_path:
         return []
@@ -159,8 +156,6 @@ def _spec_or_none(params: dict):
 def _generate_and_record(members: list[Member], ctx: AttemptContext, t0: float) -> str:
     """Generate every member's images in one call, then record each member's outcome. Returns the first
     member's outcome (the job Celery delivered); the others' are logged."""
-    from worker.generation import GenerationInterrupted
-
     def should_stop() -> bool:  # a batch stops for a drain, or when no member wants its images any more
         return ctx.drain.expired() or all(m.wants_stop for m in members)
 

@@ -12,14 +12,14 @@ import uuid
 
 from celery import signals
 
-from common.queue import GENERATE_TASK, get_celery
+from common.broker import GENERATE_TASK, get_celery
 from common.settings import get_settings
-from common.storage import open_storage
-from worker.attempt import AttemptContext, run_attempt
-from worker.batching import BatchingPolicy
+from common.storage import shared_storage
+from worker.attempt import AttemptContext, run_attempt, wait_for_finishing
+from worker.co_batching import CoBatchingPolicy
 from worker.drain import Drain, SpotNoticeWatcher
 from worker.maintenance import start_maintenance
-from worker.runner import PipelineRunner
+from worker.pipeline.runner import PipelineRunner
 
 log = logging.getLogger(__name__)
 app = get_celery()
@@ -31,10 +31,10 @@ def context() -> AttemptContext:
     if _ctx is None:
         settings = get_settings()
         gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "cpu")
-        _ctx = AttemptContext(settings=settings, runner=PipelineRunner(settings), storage=open_storage(settings.storage),
+        _ctx = AttemptContext(settings=settings, runner=PipelineRunner(settings), storage=shared_storage(settings.storage),
                               drain=Drain(settings.worker.drain_grace_s),
                               worker_id=f"{socket.gethostname()}:{os.getpid()}:gpu{gpu}",
-                              batching=BatchingPolicy.from_settings(settings.worker.batching))
+                              batching=CoBatchingPolicy.from_settings(settings.worker.batching))
     return _ctx
 
 
@@ -55,8 +55,6 @@ def _start_drain(sig=None, how=None, **_) -> None:
 @signals.worker_shutdown.connect
 def _wait_for_finishing(**_) -> None:
     """The last job's images may still be storing on the finisher thread (worker.attempt): let it complete."""
-    from worker.attempt import wait_for_finishing
-
     if not wait_for_finishing(timeout=120):
         log.warning("the last job was still being stored at shutdown; its lease will expire and it will re-run")
 

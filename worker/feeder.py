@@ -12,7 +12,7 @@ every `feed_period_s` one feeder (a Postgres advisory lock elects it among the w
   matters because kombu's Redis transport rotates its queue order after every message (round robin between
   -Q interactive,batch), so a deep batch queue would take every other worker slot from interactive traffic.
 
-Lost messages: maintenance's lost-enqueue recovery skips batch items (common.jobs.lost_enqueues); the feeder
+Lost messages: maintenance's lost-enqueue recovery skips batch items (common.job_states.lost_enqueues); the feeder
 owns them. Items fed long ago and still queued while the broker's batch list is empty lost their message (Redis
 restarted or flushed): they are marked unfed and fed again. A duplicate delivery is a no-op at claim.
 
@@ -29,21 +29,18 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
-import redis as redis_lib
 from sqlalchemy import func, select
 
 from common import batches
-from common import jobs as job_states
-from common.batches import BATCH_QUEUE
 from common.db import session_scope
-from common.queue import enqueue_generate
+from common.broker import BATCH_QUEUE, INTERACTIVE_QUEUE, enqueue_generate, queue_depth
+from common.dispatch import dispatch
 from common.settings import BatchSettings, Settings
-from common.storage import Storage, open_storage
+from common.storage import Storage, shared_storage
 from worker.periodic import PeriodicThread
 
 log = logging.getLogger(__name__)
 ADVISORY_LOCK_ID = 0x4C50_4644  # "LPFD"
-INTERACTIVE_QUEUE = "interactive"
 
 
 @dataclass
@@ -59,16 +56,12 @@ class Feeder:
                  storage: Storage | None = None, send: Callable[[uuid.UUID, str], None] = enqueue_generate):
         self.settings = settings
         self.cfg = batch_settings or settings.batches
-        self.storage = storage or open_storage(settings.storage)
+        self.storage = storage or shared_storage(settings.storage)
         self.send = send
-        self.redis = redis_lib.Redis.from_url(settings.redis.url, socket_connect_timeout=2, socket_timeout=2)
         self._last_stale_check = float("-inf")
 
     def depth(self, queue: str) -> int | None:
-        try:
-            return int(self.redis.llen(queue))
-        except redis_lib.RedisError:
-            return None
+        return queue_depth(self.settings.redis.url, queue)
 
     def run_once(self) -> FeedResult:
         result = self.feed()
@@ -76,34 +69,29 @@ class Feeder:
         return result
 
     def feed(self) -> FeedResult:
-        """One top-up of the batch queue to `feed_depth`."""
-        result = FeedResult(depth=self.depth(BATCH_QUEUE))
-        if result.depth is None:
-            return result  # Redis down: nothing can be sent; Postgres keeps the items
-        room = self.cfg.feed_depth - result.depth
-        if self.cfg.interactive_first and (self.depth(INTERACTIVE_QUEUE) or 0) > 0:
-            room = 0
-        stale_after = self.settings.worker.requeue_after_s
-        check_stale = result.depth == 0 and time.monotonic() - self._last_stale_check >= stale_after / 2
-        if room <= 0 and not check_stale:
-            return result
+        """One top-up of the batch queue to `feed_depth`. The depth is read while holding the feeders' lock: read
+        before it, two workers' feeders could each see the same shallow queue and both fill it (overshooting
+        `feed_depth` by up to twice)."""
+        early = self.depth(BATCH_QUEUE)
+        if early is not None and early >= self.cfg.feed_depth:
+            return FeedResult(depth=early)  # full: no need for the lock (the usual case between top-ups)
+        result = FeedResult()
         with session_scope() as session:
             if not session.scalar(select(func.pg_try_advisory_xact_lock(ADVISORY_LOCK_ID))):
                 return result  # another worker's feeder is in its pass
-            if check_stale:
+            result.depth = self.depth(BATCH_QUEUE)
+            if result.depth is None:
+                return result  # Redis down: nothing can be sent; Postgres keeps the items
+            room = self.cfg.feed_depth - result.depth
+            if self.cfg.interactive_first and (self.depth(INTERACTIVE_QUEUE) or 0) > 0:
+                room = 0
+            stale_after = self.settings.worker.requeue_after_s
+            if result.depth == 0 and time.monotonic() - self._last_stale_check >= stale_after / 2:
                 self._last_stale_check = time.monotonic()
                 result.stale_reset = batches.reset_stale_fed(session, older_than_s=stale_after)
-            sent = []
-            for job_id, _batch_id in batches.feed_candidates(session, room=room):
-                try:
-                    self.send(job_id, BATCH_QUEUE)
-                except Exception as exc:  # noqa: BLE001 - broker down: the rest stay unfed for the next pass
-                    log.warning("feeder: enqueue failed (%s); will retry next pass", exc)
-                    break
-                sent.append(job_id)
-            if sent:
-                job_states.mark_enqueued(session, sent)
-            result.fed = len(sent)
+            if room > 0:
+                candidates = [(job_id, BATCH_QUEUE) for job_id, _batch_id in batches.feed_candidates(session, room=room)]
+                result.fed = len(dispatch(candidates, session=session, send=self.send))
         if result.fed or result.stale_reset:
             log.info("feeder: depth %s, fed %d, stale reset %d", result.depth, result.fed, result.stale_reset)
         return result

@@ -7,14 +7,16 @@ in a thread (and `letterpress maintenance` runs it alone); a Postgres advisory l
 from __future__ import annotations
 
 import logging
+import time
 
-import redis as redis_lib
 from sqlalchemy import func, select
 
-from common import jobs as job_states, outbox
+from common import job_states
+from common.broker import QUEUES, queue_empty
 from common.db import session_scope
-from common.queue import QUEUES, enqueue_generate
-from common.settings import Settings
+from common.dispatch import dispatch
+from common.settings import Settings, get_settings
+from common.webhooks import outbox
 from worker.feeder import start_feeder
 from worker.periodic import PeriodicThread
 
@@ -22,20 +24,12 @@ log = logging.getLogger(__name__)
 ADVISORY_LOCK_ID = 0x4C50_4D41  # "LPMA"
 
 
-def broker_queue_empty(redis_url: str, queue: str) -> bool | None:
-    """Whether the Redis list behind a Celery queue is empty; None when Redis cannot be asked."""
-    try:
-        return redis_lib.Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=2).llen(queue) == 0
-    except redis_lib.RedisError:
-        return None
-
-
 def maintenance_pass(settings: Settings) -> dict[str, int]:
     """One pass. Returns counts for logs and tests."""
     counts = {"requeued": 0, "dead": 0, "reenqueued": 0}
     # Jobs enqueued long ago count as lost only when the broker queue is empty: a deep queue of a big batch is
     # waiting, not lost. Asked before the locked transaction, so Redis round trips never hold the lock.
-    empty = {queue: broker_queue_empty(settings.redis.url, queue) for queue in QUEUES}
+    empty = {queue: queue_empty(settings.redis.url, queue) for queue in QUEUES}
     with session_scope() as session:
         if not session.scalar(select(func.pg_try_advisory_xact_lock(ADVISORY_LOCK_ID))):
             return counts
@@ -46,19 +40,8 @@ def maintenance_pass(settings: Settings) -> dict[str, int]:
             stale = settings.worker.requeue_after_s if empty[queue] else None
             to_enqueue += [(jid, queue) for jid in job_states.lost_enqueues(session, queue=queue,
                                                                             stale_after_s=stale)]
-    sent = []
-    for job_id, queue in to_enqueue:
-        try:
-            enqueue_generate(job_id, queue)
-            sent.append(job_id)
-        except Exception as exc:  # noqa: BLE001 - Redis still down: next pass
-            log.warning("maintenance: enqueue failed (%s); will retry next pass", exc)
-            break
-    if sent:
-        with session_scope() as session:
-            job_states.mark_enqueued(session, sent)
-    counts["reenqueued"] = len(sent)
-    counts["webhooks"] = outbox.enqueue_due(settings)  # due webhook retries and lost sends (common/outbox.py)
+    counts["reenqueued"] = len(dispatch(to_enqueue))  # Redis still down: the rest wait for the next pass
+    counts["webhooks"] = outbox.enqueue_due(settings)  # due webhook retries and lost sends (common/webhooks/outbox.py)
     if any(counts.values()):
         log.info("maintenance: %s", counts)
     return counts
@@ -75,10 +58,6 @@ def start_maintenance(settings: Settings) -> PeriodicThread:
 
 def main() -> None:
     """`letterpress maintenance`: the loop alone, for deployments that want it outside the workers."""
-    import time
-
-    from common.settings import get_settings
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = get_settings()
     start_feeder(settings)

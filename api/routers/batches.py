@@ -28,6 +28,7 @@ from api.pagination import ListPage, newest_first
 from api.schemas import check_webhook_url
 from common import batches
 from common.batches import BatchOptions, InvalidBatch
+from common.batch_counts import RequestCounts, request_counts
 from common.db import session_factory
 from common.errors import Conflict, InvalidRequest
 from common.models import Batch, BatchStatus, JobStatus
@@ -90,14 +91,14 @@ class BatchList(ListPage[BatchOut]):
     pass
 
 
-def batch_out(request: Request, batch: Batch, counts: batches.RequestCounts) -> BatchOut:
+def batch_out(request: Request, batch: Batch, counts: RequestCounts) -> BatchOut:
     """The batch as GET returns it; the shape lives in common.representation (shared with batch.* webhooks)."""
     return BatchOut(**batch_representation(batch, counts,
                                            self_url=str(request.url_for("get_batch", batch_id=str(batch.id)))))
 
 
 def _out(request: Request, session, batch: Batch) -> BatchOut:
-    return batch_out(request, batch, batches.request_counts(session, [batch.id])[batch.id])
+    return batch_out(request, batch, request_counts(session, [batch.id])[batch.id])
 
 
 def invalid_batch_response(exc: InvalidBatch) -> JSONResponse:
@@ -243,7 +244,7 @@ def list_batches(request: Request, session: SessionDep, tenant: CurrentTenant,
     if status:
         query = query.where(Batch.status == status)
     page = newest_first(session, query, Batch, cursor=cursor, limit=limit)
-    counts = batches.request_counts(session, [b.id for b in page.rows])
+    counts = request_counts(session, [b.id for b in page.rows])
     return BatchList.of(page, [batch_out(request, b, counts[b.id]) for b in page.rows])
 
 

@@ -11,11 +11,11 @@ from sqlalchemy import select
 from api.deps import CurrentTenant, SessionDep, SettingsDep, StorageDep
 from api.pagination import newest_first
 from api.schemas import JobList, JobOut, check_webhook_url
-from common import jobs as job_states
+from common import job_states
 from common.errors import NotFound
 from common.job_request import JobRequest, to_params
 from common.models import Job, JobStatus
-from common.queue import enqueue_generate
+from common.dispatch import dispatch
 from common.representation import job_representation
 from common.storage import Storage
 
@@ -35,18 +35,6 @@ def job_out(request: Request, session, storage: Storage, job: Job) -> JobOut:
         queue_position=job_states.queue_position(session, job=job)))
 
 
-def enqueue_committed(session, job: Job) -> None:
-    """After commit: hand the id to Redis. If Redis is down the job stays queued with enqueued_at NULL and the
-    maintenance loop enqueues it later; the request still succeeds (Postgres holds the job)."""
-    try:
-        enqueue_generate(job.id, job.queue)
-    except Exception as exc:  # noqa: BLE001 - any broker failure: record and move on, maintenance re-enqueues
-        log.warning("enqueue of job %s failed, maintenance will retry: %s", job.id, exc)
-        return
-    job_states.mark_enqueued(session, [job.id])
-    session.commit()
-
-
 @router.post("", status_code=202, response_model=JobOut)
 def create_job(body: JobRequest, request: Request, response: Response, session: SessionDep, tenant: CurrentTenant,
                settings: SettingsDep, storage: StorageDep,
@@ -58,7 +46,9 @@ def create_job(body: JobRequest, request: Request, response: Response, session: 
         webhook_url=body.webhook_url, max_attempts=settings.worker.max_attempts)
     session.commit()
     if created:
-        enqueue_committed(session, job)
+        # after commit: if Redis is down the job stays queued, unsent, and maintenance sends it later
+        dispatch([(job.id, job.queue)], session=session)
+        session.commit()
     else:
         response.status_code = 200
     response.headers["Location"] = str(request.url_for("get_job", job_id=str(job.id)))

@@ -12,7 +12,7 @@ from sqlalchemy import select
 
 from api.deps import CurrentTenant, SessionDep
 from api.pagination import ListPage, newest_first
-from common import outbox
+from common.webhooks import outbox
 from common.errors import InvalidRequest, NotFound
 from common.models import WebhookDelivery, WebhookDisabledEndpoint, WebhookEvent, WebhookEventStatus
 

@@ -11,14 +11,18 @@ import random
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import TYPE_CHECKING, Literal
-
-if TYPE_CHECKING:
-    from common.webhooks.client import DeliveryResult
+from typing import Literal, Protocol
 
 MAX_RETRY_AFTER_S = 24 * 3600.0
 
 Outcome = Literal["success", "retry", "disable", "refused"]
+
+
+class AttemptResult(Protocol):
+    """What `classify` reads of an attempt's result (common.webhooks.client.DeliveryResult)."""
+
+    refused: bool
+    status_code: int | None
 
 
 def next_attempt_delay(
@@ -63,7 +67,7 @@ def parse_retry_after(value: str | None, *, now: datetime | None = None) -> floa
     return max((when - (now or datetime.now(UTC))).total_seconds(), 0.0)
 
 
-def classify(result: DeliveryResult) -> Outcome:
+def classify(result: AttemptResult) -> Outcome:
     """What to do after an attempt.
 
     - "success": a 2xx answer.

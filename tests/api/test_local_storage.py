@@ -1,13 +1,12 @@
 """With local storage, the API serves each PNG to its owner only."""
 from __future__ import annotations
 
-import importlib
-
 from fastapi.testclient import TestClient
 
-from common import jobs as js
+from api.main import create_app
+from common import job_states as js
 from common.db import session_scope
-from common.settings import get_settings, reset_settings_cache
+from common.settings import settings_from_env, use_settings
 from common.storage import LocalStorage, image_key, open_storage
 from tests.support import make_tenant
 
@@ -16,11 +15,9 @@ PARAMS = {"prompt": "p", "prompt_text": "p", "preset": "V4_TURBO_12", "width": 2
           "num_images": 1}
 
 
-def test_local_storage_served_to_owner_only(stack_env, tmp_path, monkeypatch):
-    monkeypatch.setenv("LETTERPRESS_STORAGE__URL", f"file://{tmp_path}")
-    reset_settings_cache()
-    try:
-        storage = open_storage(get_settings().storage)
+def test_local_storage_served_to_owner_only(stack_env, tmp_path):
+    with use_settings(settings_from_env({**stack_env, "LETTERPRESS_STORAGE__URL": f"file://{tmp_path}"})) as cfg:
+        storage = open_storage(cfg.storage)
         assert isinstance(storage, LocalStorage)
         owner, other = make_tenant(), make_tenant()
         with session_scope() as s:
@@ -31,10 +28,7 @@ def test_local_storage_served_to_owner_only(stack_env, tmp_path, monkeypatch):
             js.complete(s, job_id=job.id, token=claim.token,
                         images=[js.StoredImage(0, 1, key, "0" * 64, 256, 256, 15)])
         assert (tmp_path / key).read_bytes() == b"\x89PNG fake bytes"
-        import api.main
-
-        app = importlib.reload(api.main).app
-        http = TestClient(app)
+        http = TestClient(create_app())
         got = http.get(f"/v1/jobs/{job.id}", headers={"Authorization": f"Bearer {owner.key}"}).json()
         url = got["images"][0]["url"]
         assert url.endswith(f"/v1/jobs/{job.id}/images/0")
@@ -45,9 +39,6 @@ def test_local_storage_served_to_owner_only(stack_env, tmp_path, monkeypatch):
         assert http.get(url).status_code == 401
         missing = http.get(f"/v1/jobs/{job.id}/images/3", headers={"Authorization": f"Bearer {owner.key}"})
         assert missing.status_code == 404
-    finally:
-        monkeypatch.undo()
-        reset_settings_cache()
 
 
 def test_local_storage_refuses_keys_escaping_its_root(tmp_path):

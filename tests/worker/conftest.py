@@ -45,7 +45,7 @@ class OwnStack:
 
 def make_own_stack(services, stack_env, tmp_path_factory, bucket: str, **overrides) -> OwnStack:
     from common.db import migrate
-    from common.localstack import PostgresServer, RedisServer
+    from common.devstack.servers import PostgresServer, RedisServer
 
     root = tmp_path_factory.mktemp("own")
     pg = PostgresServer(root / "pg", fsync=False)

@@ -20,7 +20,7 @@ import redis
 from PIL import Image
 from sqlalchemy import func, select
 
-from common.png import sha256_hex
+from worker.png import sha256_hex
 from tests.support import ApiClient, free_port, wait_http, wait_until
 
 SIDE = 64
@@ -144,7 +144,7 @@ def test_interactive_job_starts_before_a_500_job_batch_drains_and_cancel(client,
     done = client.wait(job["id"], timeout=60)
     assert done["status"] == "succeeded"
     from common.db import session_scope
-    from common.jobs import get_job
+    from common.job_states import get_job
     from common.models import Job
 
     with session_scope() as session:
@@ -229,7 +229,7 @@ def test_cli_batch_run_wait_out_then_rerun_resumes_and_skips_files(client, small
     src.write_text("".join(json.dumps(x) + "\n" for x in lines(5, "cli/x")))  # "/" is not a file name: hashed
     env = {**__import__("os").environ, "LETTERPRESS_API_URL": small_api, "LETTERPRESS_API_KEY": tenant.key}
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "common.cli", "batch", "run", str(src), "--wait", "--out", str(out)]
+    cmd = [sys.executable, "-m", "common.cli.main", "batch", "run", str(src), "--wait", "--out", str(out)]
     first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-2000:]
     assert "submitted: 5 items" in first.stdout and "5 image(s) written" in first.stdout
@@ -246,6 +246,6 @@ def test_cli_batch_run_wait_out_then_rerun_resumes_and_skips_files(client, small
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({**LINE, "custom_id": "a", "prompt": "x"}) + "\n" + "{oops\n")
-    refused = subprocess.run([sys.executable, "-m", "common.cli", "batch", "run", str(bad)], env=env,
+    refused = subprocess.run([sys.executable, "-m", "common.cli.main", "batch", "run", str(bad)], env=env,
                              capture_output=True, text=True, timeout=60)
     assert refused.returncode == 1 and "line 2" in refused.stderr

@@ -5,7 +5,6 @@ Redis list length is the broker depth."""
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from datetime import timedelta
 
@@ -24,20 +23,14 @@ LINE = {"prompt": "a poster that says HELLO", "width": 256, "height": 256, "pres
 def iso(services, stack_env):
     """Point this process (only) at a fresh database and Redis db; restore afterwards."""
     from common.db import get_engine
-    from common.settings import get_settings, reset_settings_cache
+    from common.settings import settings_from_env, use_settings
 
     with scratch_database(services, "lp_feeder") as url:
         redis_url = services["redis_url"].rsplit("/", 1)[0] + "/7"
-        saved = {k: os.environ.get(k) for k in ("LETTERPRESS_DATABASE__URL", "LETTERPRESS_REDIS__URL")}
-        os.environ.update({"LETTERPRESS_DATABASE__URL": url, "LETTERPRESS_REDIS__URL": redis_url})
-        reset_settings_cache()
-        get_engine.cache_clear()
-        yield get_settings()
+        env = {**stack_env, "LETTERPRESS_DATABASE__URL": url, "LETTERPRESS_REDIS__URL": redis_url}
+        with use_settings(settings_from_env(env)) as settings:
+            yield settings
         get_engine(url).dispose()
-        for key, value in saved.items():
-            os.environ[key] = value
-        reset_settings_cache()
-        get_engine.cache_clear()
 
 
 @pytest.fixture
@@ -58,7 +51,7 @@ class Sent:
     """Sends real Celery messages to the isolated Redis and remembers the order."""
 
     def __init__(self, settings):
-        from common.queue import GENERATE_TASK, make_celery
+        from common.broker import GENERATE_TASK, make_celery
 
         self.app, self.task, self.ids = make_celery(settings), GENERATE_TASK, []
 
@@ -151,7 +144,7 @@ def test_interactive_messages_waiting_pause_the_batch_top_up(env):
 
 
 def test_lost_messages_are_fed_again_and_maintenance_leaves_batch_items_alone(env):
-    from common import jobs as job_states
+    from common import job_states
     from common.db import session_scope
 
     settings, r = env
@@ -173,7 +166,7 @@ def test_lost_messages_are_fed_again_and_maintenance_leaves_batch_items_alone(en
 
 
 def _finish(job_ids, *, ok: bool):
-    from common import jobs as job_states
+    from common import job_states
     from common.db import session_scope
 
     for jid in job_ids:

@@ -7,7 +7,7 @@ import io
 import boto3
 from PIL import Image
 
-from common.png import read_recipe, sha256_hex
+from worker.png import read_recipe, sha256_hex
 
 JOB = {"prompt": "a poster that says HELLO", "width": 320, "height": 256, "preset": "V4_TURBO_12", "seed": 1234,
        "num_images": 2}

@@ -108,7 +108,7 @@ def receiver():
 @pytest.fixture(scope="module")
 def webhooks_worker(processes, api_url):
     """The delivery worker process, as `letterpress webhooks-worker` starts it, with a short schedule."""
-    from common.queue import webhooks_worker_argv
+    from common.broker import webhooks_worker_argv
 
     name = "webhooks"
     offset = len(processes.log(name))
@@ -157,7 +157,7 @@ def without_urls(job: dict) -> dict:
 def test_job_completion_reaches_the_receiver_signed(client, worker, webhooks_worker, receiver, tenant, stack_env):
     secret = secret_of(client)
     assert secret.startswith("whsec_") and secret_of(client) == secret  # created once, then stable
-    cli = subprocess.run([sys.executable, "-m", "common.cli", "webhooks", "secret", "--tenant", tenant.name],
+    cli = subprocess.run([sys.executable, "-m", "common.cli.main", "webhooks", "secret", "--tenant", tenant.name],
                          cwd=REPO, env={**os.environ, **stack_env}, capture_output=True, text=True, timeout=60)
     assert cli.returncode == 0 and cli.stdout.strip() == secret, cli.stderr
 

@@ -1,0 +1,305 @@
+"""The `letterpress` command. Processes that belong to `api` or `worker` are started as modules
+(`python -m ...`), so `common` never imports them.
+
+    letterpress up                       local stack: Postgres, Redis, API, worker(s), local storage
+    letterpress submit "prompt" --wait   through the REST API, with a progress bar; saves the PNGs
+    letterpress api | worker | maintenance | migrate
+    letterpress webhooks-worker          webhook deliveries (the `webhooks` queue; no GPU)
+    letterpress webhooks secret --tenant NAME
+    letterpress keys create --name NAME
+    letterpress model init-tiny PATH
+    letterpress bench [--size tiny] [--e2e] ...  seconds a step, images a minute, memory, TFLOP/s of every path
+    letterpress batch run prompts.jsonl --wait --out DIR    a JSONL batch with a live progress bar
+    letterpress batch status|cancel|retry|download ID
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from common.settings import get_settings, reset_settings_cache
+
+
+def _exec_module(module: str, *args: str) -> int:
+    return subprocess.call([sys.executable, "-m", module, *args])
+
+
+def cmd_api(args) -> int:
+    s = get_settings()
+    return _exec_module("uvicorn", "api.main:app", "--host", args.host or s.api.host, "--port",
+                        str(args.port or s.api.port))
+
+
+def cmd_worker(args) -> int:
+    from common.devstack.tiny_model import ensure_default_tiny_model
+
+    ensure_default_tiny_model(get_settings(), cpu_only=args.cpu)
+    return _exec_module("worker.launcher", *(["--cpu"] if args.cpu else []), "--queues", args.queues)
+
+
+def cmd_webhooks_worker(args) -> int:
+    from common.broker import webhooks_worker_argv
+
+    return subprocess.call(webhooks_worker_argv(concurrency=args.concurrency))
+
+
+def cmd_webhooks_secret(args) -> int:
+    from common.webhooks import outbox
+    from common.auth import get_or_create_tenant
+    from common.db import session_scope
+
+    with session_scope() as session:
+        tenant = get_or_create_tenant(session, args.tenant)
+        if args.rotate:
+            row = outbox.rotate_secret(session, tenant_id=tenant.id, previous_valid_for_s=args.previous_valid_for_s)
+        else:
+            row = outbox.get_secret(session, tenant_id=tenant.id)
+        secret = row.secret
+    print(secret)
+    return 0
+
+
+def cmd_maintenance(_args) -> int:
+    return _exec_module("worker.maintenance")
+
+
+def cmd_migrate(args) -> int:
+    from common.db import downgrade, migrate
+
+    (downgrade if args.down else migrate)(revision=args.revision or ("base" if args.down else "head"))
+    print(f"database at {args.revision or ('base' if args.down else 'head')}")
+    return 0
+
+
+def cmd_keys_create(args) -> int:
+    from common.auth import create_api_key, get_or_create_tenant
+    from common.db import session_scope
+
+    with session_scope() as session:
+        key = create_api_key(session, tenant=get_or_create_tenant(session, args.tenant or args.name), name=args.name)
+    print(key)
+    print("(shown once: store it now)", file=sys.stderr)
+    return 0
+
+
+def cmd_model_init_tiny(args) -> int:
+    from common.devstack.tiny_model import build_tiny_model
+
+    path = build_tiny_model(args.path, seed=args.seed)
+    print(f"tiny random-weight Ideogram 4 written to {path}")
+    return 0
+
+
+def cmd_submit(args) -> int:
+    from common.cli.client import Client, api_key, api_url
+
+    settings = get_settings()
+    body: dict = {"num_images": args.num_images}
+    if args.caption:
+        body["caption"] = json.loads(Path(args.caption).read_text())
+    else:
+        body["prompt"] = args.prompt
+    for field in ("preset", "width", "height", "seed", "steps"):
+        if getattr(args, field) is not None:
+            body[field] = getattr(args, field)
+    client = Client(api_url(settings), api_key(settings))
+    job = client.submit(body, idempotency_key=args.idempotency_key)
+    print(f"job {job['id']} {job['status']}")
+    if not args.wait:
+        return 0
+    job = client.wait(job["id"])
+    if job["status"] != "succeeded":
+        print(f"job {job['id']} {job['status']}: {json.dumps(job['error'])}", file=sys.stderr)
+        return 1
+    for path in client.download(job, Path(args.out)):
+        print(path)
+    return 0
+
+
+def _batch_client():
+    from common.cli.client import BatchClient, api_key, api_url
+
+    settings = get_settings()
+    return BatchClient(api_url(settings), api_key(settings))
+
+
+def _file_idempotency_key(path: Path, skip_invalid: bool) -> str:
+    """The same file submitted again resumes its batch instead of starting a second one."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return f"file-{digest.hexdigest()}{'-skip' if skip_invalid else ''}"
+
+
+def _print_batch(batch: dict) -> None:
+    c = batch["request_counts"]
+    print(f"batch {batch['id']} {batch['status']}: {c['succeeded']} succeeded, {c['failed']} failed, "
+          f"{c['canceled']} canceled, {c['running']} running, {c['queued']} queued of {c['total']}")
+    if batch.get("invalid"):
+        print(f"  {batch['invalid']['count']} invalid line(s) skipped", file=sys.stderr)
+
+
+def cmd_batch_run(args) -> int:
+    client = _batch_client()
+    path = Path(args.file)
+    key = None if args.no_resume else (args.idempotency_key or _file_idempotency_key(path, args.skip_invalid))
+    metadata = json.loads(args.metadata) if args.metadata else None
+    batch, resumed = client.create_batch(path, idempotency_key=key, skip_invalid=args.skip_invalid,
+                                         metadata=metadata)
+    print(f"batch {batch['id']} {'resumed' if resumed else 'submitted'}: {batch['request_counts']['total']} items")
+    if not args.wait:
+        return 0
+    batch = client.wait_batch(batch["id"])
+    _print_batch(batch)
+    if args.out:
+        written, kept = client.download_batch(batch["id"], args.out)
+        print(f"{written} image(s) written, {kept} already there, manifest.jsonl in {args.out}")
+    return 0 if batch["status"] == "completed" and not batch["request_counts"]["failed"] else 1
+
+
+def cmd_batch_status(args) -> int:
+    client = _batch_client()
+    batch = client.wait_batch(args.id) if args.wait else client.get_batch(args.id)
+    if args.json:
+        print(json.dumps(batch, indent=2))
+    else:
+        _print_batch(batch)
+    return 0
+
+
+def cmd_batch_cancel(args) -> int:
+    _print_batch(_batch_client().cancel_batch(args.id))
+    return 0
+
+
+def cmd_batch_retry(args) -> int:
+    _print_batch(_batch_client().retry_batch(args.id))
+    return 0
+
+
+def cmd_batch_download(args) -> int:
+    written, kept = _batch_client().download_batch(args.id, args.out)
+    print(f"{written} image(s) written, {kept} already there, manifest.jsonl in {args.out}")
+    return 0
+
+
+def cmd_up(args) -> int:
+    from common.devstack.stack import run_dev_stack
+
+    return run_dev_stack(api_port=args.port, workers=not args.no_worker)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="letterpress", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", aliases=["dev"], help="run the local stack (no Docker)")
+    up.add_argument("--port", type=int, default=None)
+    up.add_argument("--no-worker", action="store_true")
+    up.set_defaults(func=cmd_up)
+
+    api = sub.add_parser("api", help="run the REST API (uvicorn)")
+    api.add_argument("--host")
+    api.add_argument("--port", type=int)
+    api.set_defaults(func=cmd_api)
+
+    w = sub.add_parser("worker", help="one Celery worker per visible GPU (or one CPU worker)")
+    w.add_argument("--cpu", action="store_true")
+    w.add_argument("--queues", default="interactive,batch")
+    w.set_defaults(func=cmd_worker)
+
+    sub.add_parser("maintenance", help="requeue expired leases and lost enqueues").set_defaults(
+        func=cmd_maintenance)
+
+    ww = sub.add_parser("webhooks-worker", help="deliver webhooks (Celery, `webhooks` queue, thread pool)")
+    ww.add_argument("--concurrency", type=int, default=8)
+    ww.set_defaults(func=cmd_webhooks_worker)
+
+    webhooks = sub.add_parser("webhooks", help="webhooks").add_subparsers(dest="webhooks_command", required=True)
+    ws = webhooks.add_parser("secret", help="print the tenant's whsec_ signing secret (created on first use)")
+    ws.add_argument("--tenant", required=True, help="tenant name")
+    ws.add_argument("--rotate", action="store_true", help="make a new secret; the old one signs beside it a while")
+    ws.add_argument("--previous-valid-for-s", type=int, default=24 * 3600)
+    ws.set_defaults(func=cmd_webhooks_secret)
+
+    # listed for --help; main() hands `bench ...` to `python -m worker.bench` before parsing
+    sub.add_parser("bench", add_help=False, help="GPU benchmark of every path (`letterpress bench --help`)")
+
+    m = sub.add_parser("migrate", help="alembic upgrade head (or --down)")
+    m.add_argument("--down", action="store_true")
+    m.add_argument("--revision")
+    m.set_defaults(func=cmd_migrate)
+
+    keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
+    kc = keys.add_parser("create", help="create an API key and print it once")
+    kc.add_argument("--name", required=True)
+    kc.add_argument("--tenant", help="tenant name (default: the key's name)")
+    kc.set_defaults(func=cmd_keys_create)
+
+    model = sub.add_parser("model", help="models").add_subparsers(dest="model_command", required=True)
+    it = model.add_parser("init-tiny", help="build a tiny random-weight Ideogram 4 in diffusers format")
+    it.add_argument("path")
+    it.add_argument("--seed", type=int, default=0)
+    it.set_defaults(func=cmd_model_init_tiny)
+
+    s = sub.add_parser("submit", help="submit a job through the REST API")
+    s.add_argument("prompt", nargs="?")
+    s.add_argument("--caption", help="path to a structured caption JSON file instead of a prompt")
+    s.add_argument("--preset")
+    s.add_argument("--width", type=int)
+    s.add_argument("--height", type=int)
+    s.add_argument("--seed", type=int)
+    s.add_argument("--steps", type=int)
+    s.add_argument("--num-images", type=int, default=1)
+    s.add_argument("--idempotency-key")
+    s.add_argument("--wait", action="store_true", help="show progress and download the images")
+    s.add_argument("--out", default="out")
+    s.set_defaults(func=cmd_submit)
+
+    batch = sub.add_parser("batch", help="JSONL batches").add_subparsers(dest="batch_command", required=True)
+    br = batch.add_parser("run", help="submit a JSONL file (one job request + custom_id a line)")
+    br.add_argument("file")
+    br.add_argument("--wait", action="store_true", help="follow it with a progress bar until it ends")
+    br.add_argument("--out", help="with --wait: save the images and manifest.jsonl to DIR or s3://bucket/prefix")
+    br.add_argument("--skip-invalid", action="store_true", help="run the valid lines, report the invalid ones")
+    br.add_argument("--metadata", help="a JSON object stored on the batch")
+    br.add_argument("--idempotency-key", help="default: derived from the file's bytes, so rerunning resumes")
+    br.add_argument("--no-resume", action="store_true", help="always start a new batch")
+    br.set_defaults(func=cmd_batch_run)
+    bs = batch.add_parser("status", help="counts and status")
+    bs.add_argument("id")
+    bs.add_argument("--wait", action="store_true")
+    bs.add_argument("--json", action="store_true")
+    bs.set_defaults(func=cmd_batch_status)
+    for name, func, text in (("cancel", cmd_batch_cancel, "cancel queued items; running ones finish"),
+                             ("retry", cmd_batch_retry, "re-run only the failed items")):
+        bc = batch.add_parser(name, help=text)
+        bc.add_argument("id")
+        bc.set_defaults(func=func)
+    bd = batch.add_parser("download", help="save the images and manifest.jsonl (skips files already there)")
+    bd.add_argument("id")
+    bd.add_argument("--out", required=True, help="DIR or s3://bucket/prefix")
+    bd.set_defaults(func=cmd_batch_download)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # every argument, options included, belongs to worker.bench
+        return _exec_module("worker.bench", *argv[1:])
+    args = build_parser().parse_args(argv)
+    if getattr(args, "command", None) == "submit" and not (args.prompt or args.caption):
+        build_parser().error("submit needs a prompt or --caption FILE")
+    reset_settings_cache()
+    return args.func(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""Dispatch: hand committed queued jobs to the broker, then record them as enqueued. The one place that does
+"send, then mark": the API at submit, the batch feeder, a worker giving a job back, and maintenance re-enqueueing
+what Redis lost.
+
+Postgres is the truth: a job is committed `queued` before its message is sent, so a send that fails (Redis down)
+loses nothing: the job keeps `enqueued_at IS NULL` and maintenance sends it later. A message sent twice is
+harmless (the claim makes the second delivery a no-op).
+"""
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Iterable
+
+from sqlalchemy.orm import Session
+
+from common import job_states
+from common.broker import enqueue_generate
+from common.db import session_scope
+
+log = logging.getLogger(__name__)
+
+Send = Callable[[uuid.UUID, str], None]
+
+
+def dispatch(jobs: Iterable[tuple[uuid.UUID, str]], *, session: Session | None = None,
+             send: Send = enqueue_generate) -> list[uuid.UUID]:
+    """Send each (job id, queue), in order, then mark the sent ones enqueued: in `session` when given (the
+    caller commits), else in a transaction of its own. Stops at the first failed send (the broker is down: the
+    rest would fail too) and never raises for it. Returns the ids sent."""
+    sent: list[uuid.UUID] = []
+    for job_id, queue in jobs:
+        try:
+            send(job_id, queue)
+        except Exception as exc:  # noqa: BLE001 - any broker failure: Postgres keeps the job, maintenance resends
+            log.warning("enqueue of job %s failed (%s); maintenance will send it", job_id, exc)
+            break
+        sent.append(job_id)
+    if sent:
+        if session is not None:
+            job_states.mark_enqueued(session, sent)
+        else:
+            with session_scope() as own:
+                job_states.mark_enqueued(own, sent)
+    return sent

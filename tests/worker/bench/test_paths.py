@@ -1,0 +1,83 @@
+"""`letterpress bench` on the tiny model, CPU: it runs every CPU path, writes sane JSON and markdown, and its
+end-to-end mode drives the real platform (Postgres, Redis, API, a Celery worker) to completion."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from common.presets import PRESETS
+from worker.bench.models import step_flops
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def run_bench(out: Path, *args: str, timeout: int = 900) -> dict:
+    cmd = [sys.executable, "-m", "worker.bench", "--size", "tiny", "--device", "cpu", "--out", str(out), *args]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (out / "bench.md").is_file()
+    return json.loads((out / "bench.json").read_text())
+
+
+def test_tiny_bench_writes_every_row_with_sane_fields(tmp_path):
+    result = run_bench(tmp_path, "--sizes", "32", "--steps", "3", "--paths", "stock,stock-tight,fast",
+                       "--batch-sizes", "1,2", "--batch-res", "32", "--equiv-steps", "3",
+                       "--presets", "V4_QUALITY_48,V4_TURBO_12")
+    meta = result["meta"]
+    assert meta["device"] == "cpu" and meta["size"] == "tiny" and meta["torch"] and meta["diffusers"]
+    assert meta["prompt_tokens"] > 50
+    rows = result["rows"]
+    assert not [r for r in rows if "error" in r], [r.get("error") for r in rows]
+    names = [(r["name"], r["batch"]) for r in rows]
+    assert names == [("fp32 stock", 1), ("fp32 stock-tight", 1), ("fp32 fast", 1), ("fp32 fast", 1),
+                     ("fp32 fast", 2)]
+    for r in rows:
+        assert r["s_step"] > 0 and r["fixed_s"] >= 0 and r["steps_timed"] == 3
+        assert r["tflops"] > 0 and r["useful_tflops"] > 0
+        for name, rate in r["img_per_min"].items():
+            expected = 60 * r["batch"] / (r["fixed_s"] + PRESETS[name].steps * r["s_step"])
+            assert rate == pytest.approx(expected)
+        assert r["img_per_min"]["V4_TURBO_12"] > r["img_per_min"]["V4_QUALITY_48"]
+    stock, tight, fast = rows[0], rows[1], rows[2]
+    assert stock["text_tokens"] == 2048 and tight["text_tokens"] == fast["text_tokens"] == meta["prompt_tokens"]
+    assert stock["tflop_step"] > fast["tflop_step"]  # the stock call computes the padding too
+    # Float32 on CPU: the fast path is within one level of the stock call and equal to stock at equal length.
+    assert fast["diff_vs_stock"]["max"] <= 1 and fast["diff_vs_stock_tight"]["max"] == 0
+    assert rows[4]["prompt_tokens"][0] != rows[4]["prompt_tokens"][1]  # a mixed-length batch: the masked path
+    equivalence = {e["path"]: e for e in result["equivalence"]}
+    assert equivalence["fast"]["vs_stock"]["max"] <= 1 and equivalence["fast"]["steps"] == 3
+    md = (tmp_path / "bench.md").read_text()
+    assert "| fp32 fast |" in md and "python" in md and "-m worker.bench " in md
+
+
+def test_step_flops_match_the_design_figure_for_the_real_model():
+    """DESIGN.md: one step at 1024² with trimmed text is about 168 TFLOP."""
+    config = SimpleNamespace(num_attention_heads=18, attention_head_dim=256, num_layers=34, intermediate_size=12288,
+                             llm_features_dim=53248)
+    pipe = SimpleNamespace(transformer=SimpleNamespace(config=config))
+    fast = step_flops(pipe, text_tokens=200, image_tokens=4096, batch=1, stock=False)
+    stock = step_flops(pipe, text_tokens=2048, image_tokens=4096, batch=1, stock=True)
+    assert 160e12 < fast < 175e12
+    assert stock > 1.25 * fast  # padding to 2,048 and the per-step projection
+    assert step_flops(pipe, text_tokens=200, image_tokens=4096, batch=4, stock=False) == pytest.approx(4 * fast)
+
+
+def test_tiny_bench_end_to_end_through_the_platform(tmp_path):
+    result = run_bench(tmp_path, "--e2e-only", "--e2e-jobs", "2", "--e2e-size", "64", "--e2e-steps", "2")
+    e2e = result["e2e"]
+    assert "error" not in e2e, e2e.get("traceback")
+    assert e2e["jobs"] == 2 and len(e2e["bare"]["generate_s"]) == 2
+    assert e2e["platform"]["img_per_min"] > 0 and e2e["bare"]["img_per_min"] > 0 and e2e["ratio"] > 0
+    assert all(t["store_s"] >= 0 and t["generate_s"] > 0 for t in e2e["platform"]["timings"])
+
+
+def test_cli_bench_passes_arguments_through():
+    proc = subprocess.run([sys.executable, "-m", "common.cli.main", "bench", "--help"], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--e2e" in proc.stdout and "--size" in proc.stdout

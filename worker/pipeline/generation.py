@@ -1,0 +1,39 @@
+"""The one entry point the worker generates through: a spec in, PIL images out, one per seed.
+
+Two paths give the same images for the same spec and seeds:
+
+- the stock `Ideogram4Pipeline.__call__` (`fast=False`): the reference, exactly as diffusers ships it;
+- the worker's fast path (`fast=True`, `worker.pipeline.fast_path`): tight text padding, no attention mask when nothing is
+  padded, the text projection once a job, cached text encodings, optional regional compile.
+
+Both report progress after every denoising step and stop at a step boundary when asked (lease lost, job canceled,
+worker draining) by raising `GenerationInterrupted`, so no partial images ever leave this module.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from worker.pipeline.fast_path import generate_batch
+from worker.pipeline.spec import GenerationSpec, StepCallback, StepControl, StopCheck
+from worker.pipeline.stock import generate_stock
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from worker.pipeline.loading import LoadedPipeline
+
+
+def generate(
+    loaded: LoadedPipeline,
+    spec: GenerationSpec,
+    *,
+    fast: bool = True,
+    on_step: StepCallback | None = None,
+    should_stop: StopCheck | None = None,
+) -> list[Image.Image]:
+    """Generate one image per seed of `spec`, in seed order. Same spec, seeds and model: same pixels."""
+    if fast:
+        return generate_batch(loaded, [spec], on_step=on_step, should_stop=should_stop)[0]
+    control = StepControl(spec.steps, on_step, should_stop)
+    control.check(0)
+    return generate_stock(loaded, spec, control)

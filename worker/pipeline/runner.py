@@ -1,0 +1,57 @@
+"""The GPU runner: `load()` once at worker start (warm), then `run(spec)` for every job of the worker's life
+(`run_batch(specs)` for a dynamic batch, worker.co_batching)."""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+from PIL import Image
+
+from common.settings import Settings
+from worker.pipeline.fast_path import generate_batch, prepare_compiled
+from worker.pipeline.generation import generate
+from worker.pipeline.loading import LoadedPipeline, default_model_id, load_pipeline
+
+log = logging.getLogger(__name__)
+
+
+class PipelineRunner:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.loaded: LoadedPipeline | None = None
+        self.load_s = 0.0
+
+    @property
+    def model_id(self) -> str:
+        return self.loaded.model_id if self.loaded else ""
+
+    @property
+    def revision(self) -> str | None:
+        return self.loaded.revision if self.loaded else None
+
+    def load(self) -> None:
+        model = self.settings.model
+        if not model.id:
+            model = model.model_copy(update={"id": default_model_id(self.settings)})
+        t0 = time.perf_counter()
+        self.loaded = load_pipeline(model)
+        if model.compile or (model.compile is None and str(self.loaded.device).startswith("cuda")):
+            prepare_compiled(self.loaded)
+        self.load_s = time.perf_counter() - t0
+        log.info("pipeline %s (%s, %s) warm in %.1fs", self.loaded.model_id, self.loaded.variant,
+                 self.loaded.device, self.load_s)
+
+    def run(self, spec, *, on_step: Callable[[int, int], None] | None = None,
+            should_stop: Callable[[], bool] | None = None) -> list[Image.Image]:
+        if self.loaded is None:
+            self.load()
+        return generate(self.loaded, spec, fast=self.settings.model.fast_path, on_step=on_step,
+                        should_stop=should_stop)
+
+    def run_batch(self, specs, *, on_step: Callable[[int, int], None] | None = None,
+                  should_stop: Callable[[], bool] | None = None) -> list[list[Image.Image]]:
+        """Several jobs' specs (one `co_batch_key`) as one fast-path call; one list of images per spec."""
+        if self.loaded is None:
+            self.load()
+        return generate_batch(self.loaded, specs, on_step=on_step, should_stop=should_stop)

@@ -1,0 +1,84 @@
+"""What a generation is, for every path: the spec that determines a job's pixels, its limits, which specs may share
+one denoising pass, per-image seed generators, and cooperative progress/stop at step boundaries."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+# The stock call pads every prompt to this many tokens; it is also the longest prompt either path accepts.
+MAX_SEQUENCE_LENGTH = 2048
+# VAE factor 8 x patch 2: image sides must be multiples of this.
+SIDE_MULTIPLE = 16
+
+StepCallback = Callable[[int, int], None]
+StopCheck = Callable[[], bool]
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    """Everything that determines a job's pixels (with the model and its revision)."""
+
+    prompt_text: str  # plain prompt, or a caption already serialized to JSON
+    width: int
+    height: int
+    steps: int
+    mu: float
+    std: float
+    guidance_schedule: tuple[float, ...]  # length == steps
+    seeds: tuple[int, ...]  # one image per seed, in order
+
+    def __post_init__(self) -> None:
+        # Accept lists from JSON params but keep the spec hashable and immutable.
+        object.__setattr__(self, "guidance_schedule", tuple(float(g) for g in self.guidance_schedule))
+        object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
+        if self.steps < 1:
+            raise ValueError(f"steps must be at least 1, got {self.steps}")
+        if len(self.guidance_schedule) != self.steps:
+            raise ValueError(f"guidance_schedule has {len(self.guidance_schedule)} entries for {self.steps} steps")
+        if not self.seeds:
+            raise ValueError("a spec needs at least one seed")
+        for name, side in (("width", self.width), ("height", self.height)):
+            if side <= 0 or side % SIDE_MULTIPLE:
+                raise ValueError(f"{name} must be a positive multiple of {SIDE_MULTIPLE}, got {side}")
+
+
+class GenerationInterrupted(Exception):
+    """`should_stop()` returned True at a step boundary; no images were produced."""
+
+    def __init__(self, steps_done: int, steps_total: int):
+        super().__init__(f"generation stopped after {steps_done} of {steps_total} steps")
+        self.steps_done = steps_done
+        self.steps_total = steps_total
+
+
+class StepControl:
+    """Progress reporting and cooperative stopping at step boundaries, shared by both paths."""
+
+    def __init__(self, total: int, on_step: StepCallback | None = None, should_stop: StopCheck | None = None):
+        self.total = total
+        self._on_step = on_step
+        self._should_stop = should_stop
+
+    def check(self, done: int) -> None:
+        """Raise `GenerationInterrupted` if the caller wants the generation stopped."""
+        if self._should_stop is not None and self._should_stop():
+            raise GenerationInterrupted(done, self.total)
+
+    def step_done(self, done: int) -> None:
+        """Step `done` (1-based) finished: report it, then honour a stop request."""
+        if self._on_step is not None:
+            self._on_step(done, self.total)
+        self.check(done)
+
+
+def seed_generators(device: str, seeds: tuple[int, ...]) -> list[torch.Generator]:
+    """One generator per image, so each image's noise depends only on its own seed, never on its batch."""
+    return [torch.Generator(device).manual_seed(seed) for seed in seeds]
+
+
+def co_batch_key(spec: GenerationSpec) -> tuple:
+    """Specs with equal keys may run as one denoising pass (same size, schedule and guidance; prompts and seeds
+    differ): the worker's co-batching (worker.co_batching) and the fast path's batches both group by it."""
+    return (spec.width, spec.height, spec.steps, spec.mu, spec.std, tuple(spec.guidance_schedule))
