@@ -113,8 +113,32 @@ def test_depth_stays_bounded_and_items_go_in_line_order(env):
     assert line_of(sent.ids[8:]) == [9, 10, 11]
 
 
+def test_two_feeders_never_overfill_the_broker(env):
+    """The depth is read under the feeders' lock: a feeder whose early read went stale while another worker's
+    feeder filled the queue must not fill it again (seen in CI as a batch queue at 10 with feed_depth 8)."""
+    settings, r = env
+    make_batch(settings, 40)
+    first, sent_first = feeder(settings, depth=8)
+    second, sent_second = feeder(settings, depth=8)
+    real_depth = second.depth
+    reads = []
+
+    def depth_read_before_the_other_feeder_ran(queue):
+        depth = real_depth(queue)
+        if not reads:
+            first.feed()  # the other worker's feeder runs between this read and the lock
+        reads.append(depth)
+        return depth
+
+    second.depth = depth_read_before_the_other_feeder_ran
+    result = second.feed()
+    assert reads[0] == 0 and len(sent_first.ids) == 8  # the stale read saw an empty queue; the other filled it
+    assert result.fed == 0 and sent_second.ids == []
+    assert r.llen("batch") == 8
+
+
 def test_tenants_share_first_then_their_batches(env):
-    settings, _ = env
+    settings, r = env
     a1, _ = make_batch(settings, 40, "tenant-a")
     a2, _ = make_batch(settings, 40, "tenant-a")
     b1, _ = make_batch(settings, 40, "tenant-b")
@@ -125,7 +149,7 @@ def test_tenants_share_first_then_their_batches(env):
     # one slot at a time (a worker took one message each pass): tenants alternate, tenant A's batches rotate
     f1, sent1 = feeder(settings, depth=1)
     for _ in range(8):
-        f1.redis.delete("batch")
+        r.delete("batch")
         assert f1.feed().fed == 1
     owners = batch_of(sent1.ids)
     assert {owners[i] for i in range(0, 8, 2)} == {b1} or {owners[i] for i in range(1, 8, 2)} == {b1}

@@ -23,7 +23,7 @@ from common.devstack.servers import (
     wait_for_port,
 )
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.support import REPO
 
 
 def _refused(host: str, port: int) -> bool:

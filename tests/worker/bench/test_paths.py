@@ -13,7 +13,7 @@ import pytest
 from common.presets import PRESETS
 from worker.bench.models import step_flops
 
-REPO = Path(__file__).resolve().parents[3]
+from tests.support import REPO
 
 
 def run_bench(out: Path, *args: str, timeout: int = 900) -> dict:

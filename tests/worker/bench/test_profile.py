@@ -12,7 +12,7 @@ import pytest
 
 from worker.bench.profile import classify
 
-REPO = Path(__file__).resolve().parents[3]
+from tests.support import REPO
 
 
 @pytest.mark.parametrize("name, expected", [
