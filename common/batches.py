@@ -27,14 +27,14 @@ from sqlalchemy import BigInteger, and_, cast, exists, func, or_, select, text, 
 from sqlalchemy.orm import Session
 
 from common import job_states
-from common.webhooks import outbox
-from common.broker import BATCH_QUEUE
 from common.batch_counts import RequestCounts, request_counts
+from common.broker import BATCH_QUEUE
 from common.db import get_owned
 from common.errors import Conflict, InvalidRequest
 from common.job_request import JobRequest, RequestError, to_params
 from common.models import Batch, BatchStatus, Job, JobImage, JobStatus
 from common.settings import ApiSettings, BatchSettings, get_settings
+from common.webhooks import outbox
 
 B, S = BatchStatus, JobStatus
 MAX_CUSTOM_ID = 255

@@ -23,10 +23,10 @@ from typing import Any
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from common.webhooks import outbox
 from common.db import get_owned
 from common.errors import Conflict, LeaseLost
 from common.models import Job, JobImage, JobStatus
+from common.webhooks import outbox
 
 S = JobStatus
 

@@ -17,7 +17,7 @@ REQUEST_FIELDS = ("prompt", "caption", "preset", "width", "height", "seed", "num
 
 def job_representation(job: Job, *, self_url: str, image_url: Callable[[JobImage], str],
                        queue_position: int | None = None) -> dict[str, Any]:
-    """The job object (`object: "job"`) as a dict of plain values and datetimes; api.schemas.JobOut validates
+    """The job object (`object: "job"`) as a dict of plain values and datetimes; api.schemas.jobs.JobOut validates
     it for responses, `common.webhooks.outbox.to_json` serializes it the same way for webhooks."""
     total = job.progress_total or job.params["steps"]
     return {

@@ -3,11 +3,10 @@ directory. Keys are deterministic (`{prefix}/{tenant}/{job_id}/{index}.png`), so
 same bytes. Writes are retried with exponential backoff; a put returns only once the object is durable."""
 from __future__ import annotations
 
-import threading
-
 import logging
 import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Protocol, TypeVar

@@ -28,16 +28,16 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from common import job_states
 from common.db import session_scope
+from common.dispatch import dispatch
 from common.errors import LeaseLost, StorageError
 from common.job_request import image_seeds
-from worker.png import encode_png, recipe, sha256_hex
-from common.dispatch import dispatch
 from common.settings import Settings
 from common.storage import Storage, image_key
-from worker.pipeline.spec import GenerationInterrupted, GenerationSpec
 from worker.co_batching import CANDIDATE_SCAN, CoBatchingPolicy, companions
 from worker.drain import Drain
 from worker.heartbeat import AttemptMonitor
+from worker.pipeline.spec import GenerationInterrupted, GenerationSpec
+from worker.png import encode_png, recipe, sha256_hex
 
 log = logging.getLogger(__name__)
 

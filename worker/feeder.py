@@ -32,8 +32,8 @@ from typing import Callable
 from sqlalchemy import func, select
 
 from common import batches
-from common.db import session_scope
 from common.broker import BATCH_QUEUE, INTERACTIVE_QUEUE, enqueue_generate, queue_depth
+from common.db import session_scope
 from common.dispatch import dispatch
 from common.settings import BatchSettings, Settings
 from common.storage import Storage, shared_storage

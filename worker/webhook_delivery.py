@@ -14,10 +14,10 @@ import logging
 
 from celery import signals
 
-from common.webhooks import outbox
-from common.db import session_scope
 from common.broker import WEBHOOK_TASK, enqueue_webhook, get_celery
+from common.db import session_scope
 from common.settings import Settings, get_settings
+from common.webhooks import outbox
 from common.webhooks.client import deliver
 from common.webhooks.signing import build_headers
 from worker.periodic import PeriodicThread

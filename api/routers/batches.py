@@ -10,13 +10,12 @@ import json
 import logging
 import tempfile
 import uuid
-from datetime import datetime
 from typing import IO, Annotated, Any, Iterator
 from urllib.parse import urlparse
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
@@ -24,11 +23,12 @@ from starlette.datastructures import UploadFile
 
 from api.deps import CurrentTenant, SessionDep, SettingsDep, StorageDep
 from api.errors import error_response
-from api.pagination import ListPage, newest_first
-from api.schemas import check_webhook_url
+from api.pagination import newest_first
+from api.schemas.batches import BatchCreate, BatchList, BatchOut
+from api.schemas.jobs import check_webhook_url
 from common import batches
-from common.batches import BatchOptions, InvalidBatch
 from common.batch_counts import RequestCounts, request_counts
+from common.batches import BatchOptions, InvalidBatch
 from common.db import session_factory
 from common.errors import Conflict, InvalidRequest
 from common.models import Batch, BatchStatus, JobStatus
@@ -40,55 +40,6 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 SPOOL_BYTES = 8 * 1024 * 1024
 RESULTS_CHUNK = 64 * 1024
-
-
-# ------------------------------------------------------------------------------------------------- shapes
-
-class BatchCreate(BaseModel):
-    """The JSON body (or the multipart form fields beside `file`). Exactly one input: `items`, `input_url`, or
-    the uploaded file."""
-    model_config = ConfigDict(extra="forbid")
-
-    items: list[Any] | None = Field(None, description="inline lines: JobRequest fields + custom_id")
-    input_url: str | None = Field(None, pattern=r"^s3://[^/]+/.+", description="s3://bucket/key of a JSONL file")
-    skip_invalid: bool = False
-    metadata: dict[str, Any] | None = None
-    webhook_url: str | None = Field(None, max_length=2048)
-
-
-class RequestCountsOut(BaseModel):
-    total: int
-    queued: int
-    running: int
-    succeeded: int
-    failed: int
-    canceled: int
-
-
-class BatchOut(BaseModel):
-    id: str
-    object: str = "batch"
-    status: str
-    input_source: str | None
-    request_counts: RequestCountsOut
-    invalid: dict[str, Any] | None = Field(None, description="lines skipped with skip_invalid: {count, lines}")
-    metadata: dict[str, Any] | None
-    webhook_url: str | None
-    manifest_key: str
-    results_url: str
-    created_at: datetime
-    in_progress_at: datetime | None
-    finalizing_at: datetime | None
-    completed_at: datetime | None
-    failed_at: datetime | None
-    cancelling_at: datetime | None
-    cancelled_at: datetime | None
-    manifest_written_at: datetime | None
-    urls: dict[str, str]
-
-
-class BatchList(ListPage[BatchOut]):
-    pass
 
 
 def batch_out(request: Request, batch: Batch, counts: RequestCounts) -> BatchOut:

@@ -10,12 +10,12 @@ from sqlalchemy import select
 
 from api.deps import CurrentTenant, SessionDep, SettingsDep, StorageDep
 from api.pagination import newest_first
-from api.schemas import JobList, JobOut, check_webhook_url
+from api.schemas.jobs import JobList, JobOut, check_webhook_url
 from common import job_states
+from common.dispatch import dispatch
 from common.errors import NotFound
 from common.job_request import JobRequest, to_params
 from common.models import Job, JobStatus
-from common.dispatch import dispatch
 from common.representation import job_representation
 from common.storage import Storage
 

@@ -47,9 +47,9 @@ def cmd_webhooks_worker(args) -> int:
 
 
 def cmd_webhooks_secret(args) -> int:
-    from common.webhooks import outbox
     from common.auth import get_or_create_tenant
     from common.db import session_scope
+    from common.webhooks import outbox
 
     with session_scope() as session:
         tenant = get_or_create_tenant(session, args.tenant)

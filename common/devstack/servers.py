@@ -93,11 +93,11 @@ Use from `letterpress up` (data under LETTERPRESS_HOME, kept across runs, same p
 """
 from __future__ import annotations
 
+import abc
 import atexit
 import contextlib
 import glob
 import hashlib
-import abc
 import importlib.util
 import logging
 import os

@@ -18,7 +18,13 @@ import httpx
 
 from common.settings import WebhookSettings
 from common.webhooks.schedule import parse_retry_after
-from common.webhooks.ssrf import DEFAULT_PORTS, ResolvedTarget, Resolver, UnsafeURLError, resolve_safe
+from common.webhooks.ssrf import (
+    DEFAULT_PORTS,
+    ResolvedTarget,
+    Resolver,
+    UnsafeURLError,
+    resolve_safe,
+)
 
 EXCERPT_BYTES = 1024
 USER_AGENT = "Letterpress-Webhooks/1"

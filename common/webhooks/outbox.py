@@ -39,8 +39,15 @@ from sqlalchemy.orm import Session
 from common.batch_counts import request_counts
 from common.broker import WEBHOOK_QUEUE, enqueue_webhook, queue_empty
 from common.db import after_commit, session_scope
-from common.models import (Batch, Job, WebhookDelivery, WebhookDisabledEndpoint, WebhookEvent, WebhookEventStatus,
-                           WebhookSecret)
+from common.models import (
+    Batch,
+    Job,
+    WebhookDelivery,
+    WebhookDisabledEndpoint,
+    WebhookEvent,
+    WebhookEventStatus,
+    WebhookSecret,
+)
 from common.representation import batch_representation, job_representation
 from common.settings import Settings, WebhookSettings, get_settings
 from common.storage import shared_storage

@@ -1,4 +1,4 @@
-"""api.pagination (cursor round trip, refusal of foreign cursors, the list body) and api.schemas.check_webhook_url,
+"""api.pagination (cursor round trip, refusal of foreign cursors, the list body) and api.schemas.jobs.check_webhook_url,
 without a server; then keyset paging of /v1/webhooks lists (text and uuid ids) against the real API."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 import pytest
 
 from api.pagination import ListPage, Page, decode_cursor, encode_cursor
-from api.schemas import JobList, check_webhook_url
+from api.schemas.jobs import JobList, check_webhook_url
 from common.errors import InvalidRequest
 from common.settings import WebhookSettings
 

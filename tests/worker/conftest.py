@@ -24,8 +24,9 @@ class OwnStack:
     names: itertools.count = field(default_factory=itertools.count)
 
     def client(self) -> ApiClient:
-        from common.auth import create_api_key, get_or_create_tenant
         from sqlalchemy.orm import Session
+
+        from common.auth import create_api_key, get_or_create_tenant
 
         with Session(self.engine) as session:
             tenant = get_or_create_tenant(session, f"fault-{uuid.uuid4().hex[:6]}")

@@ -20,8 +20,8 @@ import redis
 from PIL import Image
 from sqlalchemy import func, select
 
-from worker.png import sha256_hex
 from tests.support import ApiClient, free_port, wait_http, wait_until
+from worker.png import sha256_hex
 
 SIDE = 64
 LINE = {"width": SIDE, "height": SIDE, "preset": "V4_TURBO_12", "steps": 1}

@@ -98,10 +98,10 @@ def reference_digests(model_path: str) -> dict[tuple[str, int], str]:
     import torch
 
     from common.job_request import JobRequest, to_params
-    from worker.png import encode_png, recipe
     from common.settings import ApiSettings, get_settings
     from worker.attempt import spec_from_params
     from worker.pipeline.runner import PipelineRunner
+    from worker.png import encode_png, recipe
 
     runner = PipelineRunner(get_settings())
     runner.load()

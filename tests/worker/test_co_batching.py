@@ -5,8 +5,7 @@ import pytest
 
 from common.settings import BatchingSettings
 from worker.co_batching import CoBatchingPolicy, companions
-from worker.pipeline.spec import co_batch_key
-from worker.pipeline.spec import GenerationSpec
+from worker.pipeline.spec import GenerationSpec, co_batch_key
 
 ON = CoBatchingPolicy(enabled=True, max_batch=4, max_pixels=512 * 512)
 

@@ -12,8 +12,8 @@ import pytest
 from sqlalchemy import func, select, text, update
 
 from common.batches import BatchOptions, items_source
-from common.settings import BatchSettings
 from common.models import Batch, Job
+from common.settings import BatchSettings
 from tests.support import scratch_database
 
 LINE = {"prompt": "a poster that says HELLO", "width": 256, "height": 256, "preset": "V4_TURBO_12", "steps": 2}

@@ -70,9 +70,9 @@ def worker_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from worker.png import encode_png
     from common.settings import get_settings
     from worker.pipeline.runner import PipelineRunner
+    from worker.png import encode_png
 
     class WarmRunner(PipelineRunner):
         """The worker's runner, loaded before Celery starts (its worker_init hook calls load() again)."""

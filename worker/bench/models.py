@@ -39,8 +39,12 @@ def build_random_real(device: str):
     embedding table); it changes how many tokens a prompt has, which the report states.
     """
     # Lazy: diffusers and transformers take seconds to import, and only this build needs them here.
-    from diffusers import (AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Ideogram4Pipeline,
-                           Ideogram4Transformer2DModel)
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Ideogram4Pipeline,
+        Ideogram4Transformer2DModel,
+    )
     from transformers import Qwen3VLConfig, Qwen3VLModel
 
     text_config = {"hidden_size": 4096, "num_hidden_layers": 36, "intermediate_size": 12288,

@@ -53,7 +53,13 @@ import torch
 
 from common.presets import PRESETS
 from worker.bench import e2e as bench_e2e
-from worker.bench.models import DEFAULT_PROMPT, build_random_real, make_spec, step_flops, uncompile
+from worker.bench.models import (
+    DEFAULT_PROMPT,
+    build_random_real,
+    make_spec,
+    step_flops,
+    uncompile,
+)
 
 PATHS = ("stock", "stock-tight", "fast", "compile", "compile-cudnn")
 CUDNN_FIRST = ("CUDNN_ATTENTION",)
@@ -171,8 +177,8 @@ class Stages:
             yield stage, loaded
 
     def _loaded_stages(self):
-        from worker.pipeline.loading import load_pipeline
         from common.settings import ModelSettings
+        from worker.pipeline.loading import load_pipeline
 
         path = self.args.model or str(self._tiny_path())
         for stage in self._stages():

@@ -286,9 +286,9 @@ def unfuse_projections(pipe) -> None:
 def _load(args):
     if args.model == "real":
         return build_random_real(args.device)
-    from worker.pipeline.loading import load_pipeline
-    from common.settings import ModelSettings
     from common.devstack.tiny_model import build_tiny_model
+    from common.settings import ModelSettings
+    from worker.pipeline.loading import load_pipeline
 
     path = build_tiny_model(Path(tempfile.mkdtemp(prefix="letterpress-profile-")) / "tiny")
     return load_pipeline(ModelSettings(id=str(path), variant="fp32"), device=args.device)

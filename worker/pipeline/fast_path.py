@@ -61,8 +61,13 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler, Ideogram4Pipeline
-from diffusers.models.transformers.transformer_ideogram4 import SEQUENCE_PADDING_INDICATOR
-from diffusers.pipelines.ideogram4.pipeline_ideogram4 import _logit_normal_sigmas, _resolution_aware_mu
+from diffusers.models.transformers.transformer_ideogram4 import (
+    SEQUENCE_PADDING_INDICATOR,
+)
+from diffusers.pipelines.ideogram4.pipeline_ideogram4 import (
+    _logit_normal_sigmas,
+    _resolution_aware_mu,
+)
 
 from worker.pipeline.spec import (
     MAX_SEQUENCE_LENGTH,

@@ -325,7 +325,11 @@ def _quantize_fp8(pipe: Ideogram4Pipeline) -> None:
     final layer stay bf16: they cost little and matter most for fidelity.
     """
     try:
-        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+        from torchao.quantization import (
+            Float8DynamicActivationFloat8WeightConfig,
+            PerRow,
+            quantize_,
+        )
     except ImportError as exc:
         raise ModelConfigError("fp8 needs torchao: pip install 'letterpress[gpu]' (or torchao>=0.10)") from exc
 
@@ -399,7 +403,11 @@ def _is_gated(chain: list[BaseException]) -> bool:
 
 
 def _is_missing(chain: list[BaseException]) -> bool:
-    from huggingface_hub.errors import EntryNotFoundError, HFValidationError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HFValidationError,
+        RepositoryNotFoundError,
+    )
 
     missing = (RepositoryNotFoundError, EntryNotFoundError, HFValidationError, FileNotFoundError, OSError)
     return any(isinstance(e, missing) or _http_status(e) == 404 for e in chain)

@@ -6,7 +6,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from worker.pipeline.spec import MAX_SEQUENCE_LENGTH, GenerationSpec, StepControl, seed_generators
+from worker.pipeline.spec import (
+    MAX_SEQUENCE_LENGTH,
+    GenerationSpec,
+    StepControl,
+    seed_generators,
+)
 
 if TYPE_CHECKING:
     from PIL import Image

@@ -22,7 +22,6 @@ from common.devstack.servers import (
     free_port,
     wait_for_port,
 )
-
 from tests.support import REPO
 
 

@@ -11,10 +11,10 @@ from sqlalchemy import select, text
 from standardwebhooks import Webhook
 
 from common import job_states as js
-from common.webhooks import outbox
 from common.db import after_commit, session_scope
 from common.models import WebhookDelivery, WebhookEvent
 from common.settings import WebhookSettings
+from common.webhooks import outbox
 from common.webhooks.client import DeliveryResult
 from common.webhooks.signing import build_headers
 

@@ -6,7 +6,12 @@ import pytest
 
 from common.settings import WebhookSettings
 from common.webhooks.client import DeliveryResult
-from common.webhooks.schedule import MAX_RETRY_AFTER_S, classify, next_attempt_delay, parse_retry_after
+from common.webhooks.schedule import (
+    MAX_RETRY_AFTER_S,
+    classify,
+    next_attempt_delay,
+    parse_retry_after,
+)
 
 SCHEDULE = WebhookSettings().retry_schedule_s
 

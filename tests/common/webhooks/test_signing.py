@@ -7,7 +7,12 @@ import pytest
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
-from common.webhooks.signing import build_headers, generate_secret, sign, signature_header
+from common.webhooks.signing import (
+    build_headers,
+    generate_secret,
+    sign,
+    signature_header,
+)
 
 BODY = json.dumps({"type": "job.succeeded", "data": {"id": "job_1", "status": "succeeded"}}).encode()
 

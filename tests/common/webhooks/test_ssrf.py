@@ -3,7 +3,13 @@ import socket
 
 import pytest
 
-from common.webhooks.ssrf import UnsafeURLError, blocked_reason, check_url, resolve_safe, system_resolver
+from common.webhooks.ssrf import (
+    UnsafeURLError,
+    blocked_reason,
+    check_url,
+    resolve_safe,
+    system_resolver,
+)
 
 PUBLIC_V4 = "93.184.216.34"
 PUBLIC_V6 = "2606:2800:220:1:248:1893:25c8:1946"

@@ -11,9 +11,8 @@ from types import SimpleNamespace
 import pytest
 
 from common.presets import PRESETS
-from worker.bench.models import step_flops
-
 from tests.support import REPO
+from worker.bench.models import step_flops
 
 
 def run_bench(out: Path, *args: str, timeout: int = 900) -> dict:

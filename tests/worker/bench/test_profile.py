@@ -6,13 +6,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from worker.bench.profile import classify
-
 from tests.support import REPO
+from worker.bench.profile import classify
 
 
 @pytest.mark.parametrize("name, expected", [

@@ -14,7 +14,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.worker.pipeline.tiny_pipeline import LONG_CAPTION, SHORT_PROMPT, image_bytes, load_tiny, make_spec, pixel_diff
+from tests.worker.pipeline.tiny_pipeline import (
+    LONG_CAPTION,
+    SHORT_PROMPT,
+    image_bytes,
+    load_tiny,
+    make_spec,
+    pixel_diff,
+)
 from worker.pipeline import fast_path
 from worker.pipeline.fast_path import (
     PAD_MULTIPLE,

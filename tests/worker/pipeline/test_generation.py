@@ -3,7 +3,12 @@ from __future__ import annotations
 
 import pytest
 
-from tests.worker.pipeline.tiny_pipeline import image_bytes, load_tiny, make_spec, pixel_diff
+from tests.worker.pipeline.tiny_pipeline import (
+    image_bytes,
+    load_tiny,
+    make_spec,
+    pixel_diff,
+)
 from worker.pipeline.fast_path import text_cache
 from worker.pipeline.generation import generate
 from worker.pipeline.spec import GenerationInterrupted, GenerationSpec

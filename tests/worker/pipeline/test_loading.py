@@ -8,8 +8,19 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+from huggingface_hub.errors import (
+    GatedRepoError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+)
 
+from common.devstack.tiny_model import (
+    TINY_MARKER,
+    build_tiny_model,
+    ensure_default_tiny_model,
+    is_tiny_model,
+)
+from common.settings import ModelSettings, Settings
 from worker.pipeline import loading as pipeline_loader
 from worker.pipeline.loading import (
     DEFAULT_HUB_MODEL,
@@ -20,8 +31,6 @@ from worker.pipeline.loading import (
     resolve_variant,
     translate_load_error,
 )
-from common.settings import ModelSettings, Settings
-from common.devstack.tiny_model import TINY_MARKER, build_tiny_model, ensure_default_tiny_model, is_tiny_model
 
 CPU = DeviceInfo(kind="cpu")
 A100_80 = DeviceInfo(kind="cuda", total_memory=80 * 10**9, capability=(8, 0), name="NVIDIA A100-SXM4-80GB")

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from worker.pipeline.loading import LoadedPipeline, load_pipeline
-from common.settings import ModelSettings
 from common.devstack.tiny_model import build_tiny_model
+from common.settings import ModelSettings
+from worker.pipeline.loading import LoadedPipeline, load_pipeline
 from worker.pipeline.spec import GenerationSpec
 
 SHORT_PROMPT = "A photo of a cat"

@@ -1,0 +1,57 @@
+"""Batch request and response shapes: POST /v1/batches (JSON, or the multipart form fields beside `file`) and
+the batch object (an OpenAI-Batch-like `object: "batch"`)."""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from api.pagination import ListPage
+
+
+class BatchCreate(BaseModel):
+    """The JSON body (or the multipart form fields beside `file`). Exactly one input: `items`, `input_url`, or
+    the uploaded file."""
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[Any] | None = Field(None, description="inline lines: JobRequest fields + custom_id")
+    input_url: str | None = Field(None, pattern=r"^s3://[^/]+/.+", description="s3://bucket/key of a JSONL file")
+    skip_invalid: bool = False
+    metadata: dict[str, Any] | None = None
+    webhook_url: str | None = Field(None, max_length=2048)
+
+
+class RequestCountsOut(BaseModel):
+    total: int
+    queued: int
+    running: int
+    succeeded: int
+    failed: int
+    canceled: int
+
+
+class BatchOut(BaseModel):
+    id: str
+    object: str = "batch"
+    status: str
+    input_source: str | None
+    request_counts: RequestCountsOut
+    invalid: dict[str, Any] | None = Field(None, description="lines skipped with skip_invalid: {count, lines}")
+    metadata: dict[str, Any] | None
+    webhook_url: str | None
+    manifest_key: str
+    results_url: str
+    created_at: datetime
+    in_progress_at: datetime | None
+    finalizing_at: datetime | None
+    completed_at: datetime | None
+    failed_at: datetime | None
+    cancelling_at: datetime | None
+    cancelled_at: datetime | None
+    manifest_written_at: datetime | None
+    urls: dict[str, str]
+
+
+class BatchList(ListPage[BatchOut]):
+    pass
