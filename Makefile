@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install up test bench clean
+.PHONY: install up test test-fast lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +19,14 @@ install: $(STAMP)
 up: $(STAMP)
 	$(BIN)/letterpress up
 
-test: $(STAMP)
+test: $(STAMP)          # everything, as CI runs it (import contracts included: tests/test_architecture.py)
 	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)     # the quick tier before a commit: no multi-process system tests
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: $(STAMP)          # imports flow one way (pyproject.toml [tool.importlinter])
+	$(BIN)/lint-imports
 
 bench: $(STAMP)
 	$(BIN)/letterpress bench

@@ -22,7 +22,7 @@ from common.settings import settings_from_env, use_settings
 from tests.support import ApiClient, Processes, make_tenant
 
 # Tests that use these fixtures run real API or worker processes: the `slow` tier (make test-fast skips them).
-SYSTEM_FIXTURES = {"processes", "api_url", "worker", "own_stack", "fresh_workers"}
+SYSTEM_FIXTURES = {"processes", "api_url", "worker", "own_stack", "fresh_workers", "chaos_stack"}
 
 
 def pytest_collection_modifyitems(items):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+from common.devstack.servers import free_port  # noqa: F401 - the tests' free port, re-exported here
 
 from common.cli.polling import wait_until  # noqa: F401 - the tests' wait loop, re-exported here
 
@@ -42,12 +43,6 @@ def scratch_database(services: dict, prefix: str, *, migrated: bool = True) -> I
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))  # a test's pool may still hold connections
         admin.dispose()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_http(url: str, timeout: float = 60.0) -> None:

@@ -40,12 +40,6 @@ E2E_PROMPT = ("A poster for a small jazz festival: bold art deco lettering that 
               "silhouette, deep blue and gold, date and venue in small caps at the bottom")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _sync() -> None:
     import torch
 
@@ -112,7 +106,7 @@ def worker_main(argv: list[str]) -> int:
     Path(args.result).write_text(json.dumps({"load_s": load_s, "generate_s": generate_s, "png_s": png_s,
                                              "variant": runner.loaded.variant, "device": runner.loaded.device}))
 
-    import socket as _socket
+
 
     from common.storage import open_storage
     from worker import celery_app
@@ -122,7 +116,7 @@ def worker_main(argv: list[str]) -> int:
 
     celery_app._ctx = AttemptContext(settings=settings, runner=runner, storage=open_storage(settings.storage),
                                      drain=Drain(settings.worker.drain_grace_s),
-                                     worker_id=f"{_socket.gethostname()}:{os.getpid()}:bench",
+                                     worker_id=f"{socket.gethostname()}:{os.getpid()}:bench",
                                      batching=CoBatchingPolicy.from_settings(settings.worker.batching))
     celery_app.app.worker_main(["worker", "--pool", "solo", "--concurrency", "1", "-Q", "interactive,batch",
                                 "-n", "bench@%h", "--loglevel", "INFO", "--without-gossip", "--without-mingle"])
@@ -141,7 +135,7 @@ def _preset_steps(preset: str) -> int:
 
 def run(args, log: Callable[[str], None]) -> dict[str, Any]:
     """Start the stack, measure, stop everything; returns the numbers (and where the logs are)."""
-    from common.devstack.servers import PostgresServer, RedisServer
+    from common.devstack.servers import PostgresServer, RedisServer, free_port
 
     root = Path(tempfile.mkdtemp(prefix="letterpress-e2e-"))
     logs = Path(args.out) / "e2e-logs"
@@ -169,7 +163,7 @@ def run(args, log: Callable[[str], None]) -> dict[str, Any]:
         log(f"e2e: Postgres, Redis, schema ready in {result['services_s']:.1f} s")
 
         full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
-        api_port = _free_port()
+        api_port = free_port()
         procs.append(_spawn([sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port",
                              str(api_port), "--log-level", "warning"], full_env, logs / "api.log"))
         api_url = f"http://127.0.0.1:{api_port}"

@@ -9,6 +9,7 @@ import sys
 import time
 
 import httpx
+import pytest
 from PIL import Image
 
 from tests.support import free_port, wait_until
@@ -19,6 +20,7 @@ def clean_env(**extra: str) -> dict[str, str]:
     return {**env, "PYTHONUNBUFFERED": "1", **extra}
 
 
+@pytest.mark.slow  # the whole local stack in subprocesses
 def test_up_then_submit_gets_a_png(tmp_path):
     home, port = tmp_path / "home", free_port()
     env = clean_env(LETTERPRESS_HOME=str(home))

@@ -66,6 +66,7 @@ def test_step_flops_match_the_design_figure_for_the_real_model():
     assert step_flops(pipe, text_tokens=200, image_tokens=4096, batch=4, stock=False) == pytest.approx(4 * fast)
 
 
+@pytest.mark.slow  # boots Postgres, Redis, the API and a worker process
 def test_tiny_bench_end_to_end_through_the_platform(tmp_path):
     result = run_bench(tmp_path, "--e2e-only", "--e2e-jobs", "2", "--e2e-size", "64", "--e2e-steps", "2")
     e2e = result["e2e"]
