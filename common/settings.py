@@ -5,6 +5,7 @@ Nested fields use a double underscore: `LETTERPRESS_DATABASE__URL`, `LETTERPRESS
 """
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -73,6 +74,9 @@ class ApiSettings(BaseModel):
     min_side: int = 256
     max_metadata_bytes: int = 4096
     page_size_max: int = 200
+    # URL prefixes (`s3://shared-prompts/public/`) any tenant may name as input_url besides its own storage prefix;
+    # read with the storage credentials. JSON list: LETTERPRESS_API__INPUT_URL_ALLOW='["s3://bucket/prefix/"]'
+    input_url_allow: list[str] = []
 
 
 class BatchingSettings(BaseModel):
@@ -198,7 +202,8 @@ def settings_from_env(env: Mapping[str, str]) -> Settings:
         node = values
         for group in groups:
             node = node.setdefault(group, {})
-        node[field] = value
+        # complex fields (lists, objects) come as JSON in the environment, as pydantic-settings reads them
+        node[field] = json.loads(value) if value.lstrip()[:1] in ("[", "{") else value
     return Settings(**values)
 
 

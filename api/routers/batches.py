@@ -1,5 +1,6 @@
-"""/v1/batches: submit a JSONL batch (multipart upload, inline `items`, or an `s3://` URI), read it, list,
-cancel, retry, resume (same input under the same Idempotency-Key), and stream its results manifest.
+"""/v1/batches: submit a JSONL batch (multipart upload, inline `items`, or an `s3://` URI inside the caller's own
+storage prefix or an allow-listed one, see common/references.py), read it, list, cancel, retry, resume (same input
+under the same Idempotency-Key), and stream its results manifest.
 
 The domain lives in common/batches.py; this module is the HTTP shape. Jobs of a batch are not enqueued here:
 the feeder (worker/feeder.py) hands them to the broker a bounded number at a time.
@@ -11,7 +12,6 @@ import logging
 import tempfile
 import uuid
 from typing import IO, Annotated, Any, Iterator
-from urllib.parse import urlparse
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -32,6 +32,7 @@ from common.batches import BatchOptions, InvalidBatch
 from common.db import session_factory
 from common.errors import Conflict, InvalidRequest
 from common.models import Batch, BatchStatus, JobStatus
+from common.references import download_tenant_object, resolve_tenant_object
 from common.representation import batch_representation
 from common.settings import Settings
 from common.storage import S3Storage, Storage
@@ -98,16 +99,18 @@ async def _read_request(request: Request) -> tuple[BatchCreate, UploadFile | Non
     return options, upload
 
 
-def _fetch_s3(url: str, settings: Settings) -> IO[bytes]:
-    """Download an s3:// JSONL with the storage credentials into a spooled temporary file."""
-    parsed = urlparse(url)
+def _fetch_s3(url: str, tenant_id: uuid.UUID, settings: Settings, storage: Storage) -> IO[bytes]:
+    """Download the caller's s3:// JSONL into a spooled temporary file, only when common.references lets this
+    tenant name that object (its own prefix or an allow-listed one); refusals and read errors are generic 422s."""
+    bucket, key = resolve_tenant_object(url, tenant_id=tenant_id, storage_settings=settings.storage,
+                                        allow=settings.api.input_url_allow, field="input_url")
     spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)
     try:
-        S3Storage(parsed.netloc, "", settings.storage).client.download_fileobj(parsed.netloc,
-                                                                               parsed.path.lstrip("/"), spool)
-    except Exception as exc:  # noqa: BLE001 - any client error is the caller's input
+        download_tenant_object(bucket, key, spool, storage_settings=settings.storage, field="input_url",
+                               client=storage.client if isinstance(storage, S3Storage) else None)
+    except BaseException:
         spool.close()
-        raise InvalidRequest(f"cannot read {url}: {exc}", field="input_url") from None
+        raise
     return spool
 
 
@@ -136,7 +139,7 @@ async def create_batch(request: Request, response: Response, session: SessionDep
         spool = upload.file
         source, name = batches.jsonl_source(_rewinding(spool)), f"upload:{upload.filename or 'input.jsonl'}"
     else:
-        spool = await run_in_threadpool(_fetch_s3, body.input_url, settings)
+        spool = await run_in_threadpool(_fetch_s3, body.input_url, tenant.id, settings, storage)
         source, name = batches.jsonl_source(_rewinding(spool)), body.input_url
     try:
         batch, created = await run_in_threadpool(_create_or_resume, session, tenant.id, settings, storage, source,

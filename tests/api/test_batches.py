@@ -136,10 +136,10 @@ def test_request_level_errors_name_the_field(bclient, body, field):
     assert resp.json()["error"]["field"] == field
 
 
-def test_s3_input_url(bclient, services):
+def test_s3_input_url(bclient, services, tenant):
     s3 = boto3.client("s3", endpoint_url=services["s3"].endpoint_url, region_name="us-east-1",
                       aws_access_key_id="test", aws_secret_access_key="test")
-    key = f"inputs/{uuid.uuid4().hex}.jsonl"
+    key = f"images/{tenant.id}/inputs/{uuid.uuid4().hex}.jsonl"  # inside the tenant's own prefix (test_references)
     s3.put_object(Bucket="letterpress-test", Key=key, Body=jsonl(items(4)))
     resp = bclient.http.post("/v1/batches", json={"input_url": f"s3://letterpress-test/{key}"})
     assert resp.status_code == 202, resp.text
