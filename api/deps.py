@@ -1,4 +1,4 @@
-"""FastAPI dependencies as `Annotated` aliases: SessionDep, SettingsDep, StorageDep, CurrentTenant."""
+"""FastAPI dependencies as `Annotated` aliases: SessionDep, SettingsDep, StorageDep, CurrentTenant, IdempotencyKey."""
 from __future__ import annotations
 
 from typing import Annotated, Iterator
@@ -43,3 +43,8 @@ def current_tenant(session: SessionDep, authorization: Annotated[str | None, Hea
 
 
 CurrentTenant = Annotated[Tenant, Depends(current_tenant)]
+
+# The `Idempotency-Key` header of every create: printable ASCII, no surrounding blanks, at most 255 characters
+# (an empty or blank key is refused, not taken as a key).
+IdempotencyKey = Annotated[str | None, Header(min_length=1, max_length=255,
+                                              pattern=r"^[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?$")]

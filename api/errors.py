@@ -6,7 +6,13 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import (
+    DataError,
+    DBAPIError,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+)
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from common.errors import LetterpressError
@@ -47,9 +53,29 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(_: Request, exc: StarletteHTTPException):
         return error_response(exc.status_code, "http_error", str(exc.detail))
 
+    # Only a database that cannot be reached is an outage (503). A value it refuses or a constraint it enforces
+    # is the request's doing (validation should have caught it first; this is the net under it); anything else
+    # is our bug (500), logged in full, never shown.
     @app.exception_handler(OperationalError)
-    @app.exception_handler(DBAPIError)
+    @app.exception_handler(InterfaceError)
     async def _database_down(_: Request, exc: Exception):
         log.error("database unavailable: %s", exc)
         return error_response(503, "service_unavailable", "the database is unavailable; retry shortly",
                               headers={"Retry-After": "5"})
+
+    @app.exception_handler(DataError)
+    async def _refused_value(_: Request, exc: DataError):
+        log.warning("the database refused a value of a request: %s", exc.orig)
+        return error_response(422, "invalid_request", "a value in the request cannot be stored")
+
+    @app.exception_handler(IntegrityError)
+    async def _constraint(_: Request, exc: IntegrityError):
+        log.warning("a request broke a database constraint: %s", exc.orig)
+        return error_response(409, "conflict", "the request conflicts with the current state; read it and retry")
+
+    @app.exception_handler(DBAPIError)
+    async def _database_error(_: Request, exc: DBAPIError):
+        if exc.connection_invalidated:
+            return await _database_down(_, exc)
+        log.exception("database error", exc_info=exc)
+        return error_response(500, "internal_error", "internal error")

@@ -57,7 +57,15 @@ def jsonl_source(open_binary: Callable[[], Iterable[bytes]]) -> LineSource:
     """Lines of a JSONL file; `open_binary` is called once per pass (a replay hashes the input again)."""
     def lines() -> Iterator[tuple[int, Any]]:
         for number, raw in enumerate(open_binary(), start=1):
-            text = raw.decode("utf-8", errors="replace").strip() if isinstance(raw, bytes) else raw.strip()
+            if isinstance(raw, bytes):
+                if number == 1:
+                    raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark, as editors on Windows write
+                try:
+                    raw = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    yield number, raw  # undecodable: parse_item refuses it (never silently replaced)
+                    continue
+            text = raw.strip()
             if text:
                 yield number, text
     return lines
@@ -75,6 +83,8 @@ class BatchOptions:
 
 
 def _canonical(raw: Any) -> bytes:
+    if isinstance(raw, bytes):
+        return raw
     return raw.encode() if isinstance(raw, str) else json.dumps(raw, sort_keys=True, separators=(",", ":")).encode()
 
 
@@ -115,18 +125,23 @@ def _loc(loc: tuple) -> str:
 
 def parse_item(line: int, raw: Any, api: ApiSettings) -> BatchItem | list[LineError]:
     """One line -> a validated item, or its errors (each naming the field)."""
+    if isinstance(raw, bytes):
+        return [LineError(line, "not valid UTF-8")]
     if isinstance(raw, str):
         try:
             raw = json.loads(raw)
         except json.JSONDecodeError as exc:
             return [LineError(line, f"not valid JSON: {exc.msg} (column {exc.colno})")]
+        except RecursionError:
+            return [LineError(line, "not valid JSON: nested too deeply")]
     if not isinstance(raw, dict):
         return [LineError(line, "each line must be a JSON object")]
     custom_id = raw.get("custom_id")
     errors: list[LineError] = []
-    if not isinstance(custom_id, str) or not custom_id.strip() or len(custom_id) > MAX_CUSTOM_ID:
+    if (not isinstance(custom_id, str) or not custom_id.strip() or len(custom_id) > MAX_CUSTOM_ID
+            or "\x00" in custom_id):
         errors.append(LineError(line, f"custom_id is required: a non-blank string of at most {MAX_CUSTOM_ID} "
-                                      "characters", "custom_id"))
+                                      "characters, without NUL", "custom_id"))
         custom_id = custom_id if isinstance(custom_id, str) else None
     if isinstance(raw.get("body"), dict) and set(raw) <= ENVELOPE_KEYS:
         body = raw["body"]

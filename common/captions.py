@@ -7,7 +7,9 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Text = Annotated[str, Field(min_length=1, max_length=2000)]
+from common.input_limits import PlainText
+
+Text = Annotated[PlainText, Field(min_length=1, max_length=2000)]
 
 
 class ObjectElement(BaseModel):
@@ -19,7 +21,7 @@ class ObjectElement(BaseModel):
 class TextElement(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: Literal["text"]
-    text: Annotated[str, Field(min_length=1, max_length=500)]
+    text: Annotated[PlainText, Field(min_length=1, max_length=500)]
     desc: Text | None = None
 
 

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from common.captions import Caption
+from common.input_limits import PlainText, StorableJson
 from common.presets import PRESETS, RENDERING_SPEED, get_preset
 from common.settings import ApiSettings
 
@@ -23,7 +24,7 @@ PresetName = Literal["V4_QUALITY_48", "V4_HIGH_34", "V4_DEFAULT_20", "V4_FAST_16
 class JobRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str | None = Field(None, min_length=1, max_length=8000)
+    prompt: PlainText | None = Field(None, min_length=1, max_length=8000)
     caption: Caption | None = None
     preset: PresetName | None = None
     rendering_speed: Literal["TURBO", "DEFAULT", "QUALITY"] | None = None
@@ -35,8 +36,8 @@ class JobRequest(BaseModel):
     steps: int | None = Field(None, ge=1, le=200)
     guidance_scale: float | None = Field(None, ge=0.0, le=30.0)
     magic_prompt: bool = False
-    metadata: dict[str, Any] | None = None
-    webhook_url: str | None = Field(None, max_length=2048)
+    metadata: StorableJson | None = None
+    webhook_url: PlainText | None = Field(None, max_length=2048)
 
     @field_validator("prompt")
     @classmethod

@@ -21,6 +21,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from common.db import get_owned
@@ -47,22 +48,36 @@ def create_job(session: Session, *, tenant_id: uuid.UUID, params: dict[str, Any]
                idempotency_key: str | None = None, metadata: dict | None = None, webhook_url: str | None = None,
                max_attempts: int = 3) -> tuple[Job, bool]:
     """Insert a queued job. Returns (job, created). The same Idempotency-Key with the same request returns the
-    existing job (created=False); with another request it raises Conflict."""
+    existing job (created=False); with another request it raises Conflict. Concurrent creates with one key make
+    one job: the loser of the unique-constraint race answers like a replay."""
     digest = request_hash(params, metadata, webhook_url)
     if idempotency_key is not None:
-        existing = session.scalar(select(Job).where(Job.tenant_id == tenant_id,
-                                                    Job.idempotency_key == idempotency_key))
+        existing = _replay(session, tenant_id=tenant_id, idempotency_key=idempotency_key, digest=digest)
         if existing is not None:
-            if existing.request_hash != digest:
-                raise Conflict("Idempotency-Key was already used with a different request", field="Idempotency-Key")
             return existing, False
     job = Job(tenant_id=tenant_id, queue=queue, status=S.QUEUED, params=params, request_hash=digest,
               idempotency_key=idempotency_key, metadata_=metadata, webhook_url=webhook_url, attempts=0,
               max_attempts=max_attempts, preemptions=0, cancel_requested=False, progress_step=0,
               progress_total=params["steps"])
-    session.add(job)
-    session.flush()
+    try:
+        with session.begin_nested():  # a savepoint: losing the race rolls back the insert only
+            session.add(job)
+            session.flush()
+    except IntegrityError:
+        if idempotency_key is None:
+            raise
+        existing = _replay(session, tenant_id=tenant_id, idempotency_key=idempotency_key, digest=digest)
+        if existing is None:
+            raise
+        return existing, False
     return job, True
+
+
+def _replay(session: Session, *, tenant_id: uuid.UUID, idempotency_key: str, digest: str) -> Job | None:
+    existing = session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == idempotency_key))
+    if existing is not None and existing.request_hash != digest:
+        raise Conflict("Idempotency-Key was already used with a different request", field="Idempotency-Key")
+    return existing
 
 
 def get_job(session: Session, job_id: uuid.UUID | str, *, tenant_id: uuid.UUID | None = None) -> Job:

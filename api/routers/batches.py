@@ -13,7 +13,7 @@ import tempfile
 import uuid
 from typing import IO, Annotated, Any, Iterator
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from sqlalchemy import select
@@ -21,7 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from api.deps import CurrentTenant, SessionDep, SettingsDep, StorageDep
+from api.deps import CurrentTenant, IdempotencyKey, SessionDep, SettingsDep, StorageDep
 from api.errors import error_response
 from api.pagination import newest_first
 from api.schemas.batches import BatchCreate, BatchList, BatchOut
@@ -79,13 +79,13 @@ async def _read_request(request: Request) -> tuple[BatchCreate, UploadFile | Non
             if "metadata" in fields:
                 try:
                     fields["metadata"] = json.loads(fields["metadata"])
-                except json.JSONDecodeError:
+                except (json.JSONDecodeError, RecursionError):
                     raise InvalidRequest("metadata must be a JSON object", field="metadata") from None
             options = BatchCreate.model_validate(fields)
         else:
             try:
                 body = await request.json()
-            except (json.JSONDecodeError, UnicodeDecodeError):
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
                 raise InvalidRequest("send JSON {items: [...]} or a multipart JSONL upload (field `file`)",
                                      field="body") from None
             options = BatchCreate.model_validate(body)
@@ -126,7 +126,7 @@ def _rewinding(file: IO[bytes]):
 @router.post("", status_code=202, response_model=BatchOut)
 async def create_batch(request: Request, response: Response, session: SessionDep, tenant: CurrentTenant,
                        settings: SettingsDep, storage: StorageDep,
-                       idempotency_key: Annotated[str | None, Header(max_length=255)] = None):
+                       idempotency_key: IdempotencyKey = None):
     """202 with the new batch; 200 with the same batch when the same input comes again under the same
     Idempotency-Key (its failed and canceled items are queued again: a resume); 409 when the key was used with
     other input; 422 with line-numbered `errors` for invalid lines (unless skip_invalid)."""

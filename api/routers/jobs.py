@@ -4,11 +4,11 @@ from __future__ import annotations
 import logging
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import FileResponse, RedirectResponse
 from sqlalchemy import select
 
-from api.deps import CurrentTenant, SessionDep, SettingsDep, StorageDep
+from api.deps import CurrentTenant, IdempotencyKey, SessionDep, SettingsDep, StorageDep
 from api.pagination import newest_first
 from api.schemas.jobs import JobList, JobOut, check_webhook_url
 from common import job_states
@@ -38,7 +38,7 @@ def job_out(request: Request, session, storage: Storage, job: Job) -> JobOut:
 @router.post("", status_code=202, response_model=JobOut)
 def create_job(body: JobRequest, request: Request, response: Response, session: SessionDep, tenant: CurrentTenant,
                settings: SettingsDep, storage: StorageDep,
-               idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> JobOut:
+               idempotency_key: IdempotencyKey = None) -> JobOut:
     params = to_params(body, settings.api)
     check_webhook_url(body.webhook_url, settings.webhooks)
     job, created = job_states.create_job(

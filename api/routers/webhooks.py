@@ -57,7 +57,7 @@ def _uuid(value: str | None, field: str) -> uuid.UUID | None:
 
 
 def _event(session, tenant_id: uuid.UUID, event_id: str) -> WebhookEvent:
-    event = session.get(WebhookEvent, event_id)
+    event = None if "\x00" in event_id else session.get(WebhookEvent, event_id)  # NUL: no id Postgres can hold
     if event is None or event.tenant_id != tenant_id:
         raise NotFound(f"webhook event {event_id} not found")
     return event

@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.pagination import ListPage
+from common.input_limits import PlainText, StorableJson
 
 
 class BatchCreate(BaseModel):
@@ -18,8 +19,8 @@ class BatchCreate(BaseModel):
     items: list[Any] | None = Field(None, description="inline lines: JobRequest fields + custom_id")
     input_url: str | None = Field(None, pattern=r"^s3://[^/]+/.+", description="s3://bucket/key of a JSONL file")
     skip_invalid: bool = False
-    metadata: dict[str, Any] | None = None
-    webhook_url: str | None = Field(None, max_length=2048)
+    metadata: StorableJson | None = None
+    webhook_url: PlainText | None = Field(None, max_length=2048)
 
 
 class RequestCountsOut(BaseModel):

@@ -6,7 +6,7 @@ Each test's jobs sit in a queue of their own, so a requeue's Celery message can 
 else (a stack worker, another test) ever sees them."""
 from __future__ import annotations
 
-import threading
+import io
 import time
 import uuid
 
@@ -154,7 +154,7 @@ def test_success_stores_pngs_at_deterministic_keys_and_completes(env):
         recipe = read_recipe(data)
         assert recipe["seed"] == seed and recipe["model"] == "fake/ideogram-4-tiny" and recipe["revision"] == "rev-1"
         assert recipe["prompt"] == "a sign that says OPEN" and recipe["steps"] == 3
-        assert np.array_equal(np.asarray(Image.open(__import__("io").BytesIO(data)).convert("RGB")),
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")),
                               np.asarray(fake_image(runner.runs[0], seed)))
 
 
