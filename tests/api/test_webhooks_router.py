@@ -8,9 +8,11 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 
 from common import job_states
 from common.db import session_scope
+from common.models import WebhookEvent
 from common.webhooks import outbox
 from tests.support import make_tenant
 
@@ -61,7 +63,7 @@ def canceled_job_event(tenant, url=HOOK) -> tuple[uuid.UUID, str]:
         job_states.cancel(s, job=job)
         job_id = job.id
     with session_scope() as s:
-        return job_id, s.scalar(outbox.select(outbox.WebhookEvent.id).where(outbox.WebhookEvent.job_id == job_id))
+        return job_id, s.scalar(select(WebhookEvent.id).where(WebhookEvent.job_id == job_id))
 
 
 def error_of(resp, status: int, field: str | None = None) -> dict:
@@ -160,9 +162,10 @@ def test_events_are_listed_and_shown_to_their_tenant_only(alice, bob):
 
 
 def test_unknown_event_ids_are_404(alice):
-    for event_id in ("msg_00000000000000000000000000", "not-an-id", str(uuid.uuid4())):
+    for event_id in ("msg_00000000000000000000000000", "not-an-id", str(uuid.uuid4()), "msg_" + "X" * 200):
         error_of(alice.get(f"/events/{event_id}"), 404)
         error_of(alice.post(f"/events/{event_id}/redeliver"), 404)
+    error_of(alice.get("/events/msg_%00"), 404)  # a NUL: no id Postgres can hold, not a database error
 
 
 def test_event_filters(alice):
@@ -199,7 +202,7 @@ def test_redelivering_an_event_records_the_request(alice):
     resp = alice.post(f"/events/{event_id}/redeliver")
     assert resp.status_code == 202 and resp.json()["id"] == event_id
     with session_scope() as s:
-        event = s.get(outbox.WebhookEvent, event_id)
+        event = s.get(WebhookEvent, event_id)
         assert event.redeliver_requested_at is not None
 
 

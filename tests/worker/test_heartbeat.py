@@ -115,9 +115,10 @@ def test_a_finished_job_is_a_lost_lease(claimed):
 
 
 def test_a_database_error_is_retried_not_fatal(claimed):
-    """A Postgres blip: the beat logs and the monitor keeps its state (no lease_lost)."""
+    """A beat that fails for any reason but a lost lease (a Postgres blip) is logged and retried: no lease_lost,
+    and the progress it could not write is still owed. Here the write fails before it is sent (a NaN ttl)."""
     m = AttemptMonitor(job_id=claimed.job_id, token=claimed.token, ttl_s=float("nan"), heartbeat_s=60,
-                       progress_interval_s=60)  # NaN seconds: Postgres refuses the interval
+                       progress_interval_s=60)
     m.report(2, 12)
     m.beat()
     assert not m.lease_lost.is_set() and row(claimed.job_id).progress_step == 0

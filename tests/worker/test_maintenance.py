@@ -173,6 +173,7 @@ def test_an_expired_lease_of_a_canceled_job_ends_canceled(env):
     sql("UPDATE jobs SET cancel_requested = true WHERE id=:id", id=job_id)
     counts = maintenance_pass(settings)
     assert counts["requeued"] == 0 and counts["reenqueued"] == 0
+    assert counts["dead"] == 1  # job_states.recover_expired_leases reports the canceled among the dead
     j = job(job_id)
     assert j.status == "canceled" and j.finished_at is not None and j.lease_token is None
     assert r.llen("interactive") == 0

@@ -1,4 +1,5 @@
-"""common.devstack.servers against real processes: Postgres, Redis and moto's S3 server, started, killed, restarted."""
+"""common.devstack.servers against real servers: Postgres and Redis processes and moto's threaded S3 server,
+started, killed, restarted."""
 from __future__ import annotations
 
 import os
@@ -14,6 +15,7 @@ import redis
 
 from common.devstack.servers import (
     BinaryNotFoundError,
+    LocalStackError,
     PostgresServer,
     RedisServer,
     S3Server,
@@ -224,7 +226,7 @@ def test_s3_server_bucket_put_get_stop(tmp_path):
 
     with S3Server(tmp_path / "s3") as s3:
         assert s3.endpoint_url == f"http://127.0.0.1:{s3.port}"
-        assert s3.pid != os.getpid()  # a subprocess, not a thread of the tests
+        assert s3.pid == os.getpid()  # moto's ThreadedMotoServer: a thread of this process
         s3.create_bucket("letterpress-test")
         s3.create_bucket("letterpress-test")  # idempotent
 
@@ -246,6 +248,30 @@ def test_s3_server_bucket_put_get_stop(tmp_path):
         port = s3.port
     assert not s3.is_running()
     assert _refused("127.0.0.1", port)
+
+    with S3Server(tmp_path / "s3") as again:  # the remembered port, and the buckets of this process's moto
+        assert again.port == port
+        assert "letterpress-test" in [b["Name"] for b in again.client().list_buckets()["Buckets"]]
+
+
+def test_s3_server_takes_another_port_when_its_port_was_taken(tmp_path, monkeypatch):
+    """moto's own `start()` waits forever for a port it cannot bind; ours tries another (or fails at once)."""
+    import common.devstack.servers as servers
+
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+
+        with pytest.raises(LocalStackError, match="could not listen"):
+            S3Server(tmp_path / "explicit", port=taken).start()
+
+        real_free_port = servers.free_port
+        handed = iter([taken])  # the race: the first "free" port is taken by the time moto binds it
+        monkeypatch.setattr(servers, "free_port", lambda host="127.0.0.1": next(handed, None) or real_free_port(host))
+        with S3Server(tmp_path / "raced") as s3:
+            assert s3.port != taken
+            s3.create_bucket("raced-bucket")
 
 
 # ---------------------------------------------------------------------------------------------------------------

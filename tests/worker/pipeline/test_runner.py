@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import worker.pipeline.runner as runner_module
 from common.settings import ModelSettings, Settings
 from tests.worker.pipeline.tiny_pipeline import image_bytes, make_spec
+from worker.pipeline.loading import ModelConfigError
 from worker.pipeline.runner import PipelineRunner
 from worker.pipeline.spec import GenerationInterrupted
 
@@ -41,6 +43,15 @@ def spec(seeds=(3, 4), prompt="a red fox"):
 def test_before_load_the_runner_names_no_model():
     r = PipelineRunner(Settings(model=ModelSettings(id="/nonexistent", compile=False)))
     assert r.loaded is None and r.model_id == "" and r.revision is None and r.load_s == 0.0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the default model is the Hub's")
+def test_no_model_id_and_no_tiny_model_at_home_is_a_clear_error(tmp_path):
+    r = PipelineRunner(Settings(home=tmp_path, model=ModelSettings(id="", compile=False)))
+    with pytest.raises(ModelConfigError) as caught:
+        r.load()
+    assert "LETTERPRESS_MODEL__ID" in str(caught.value) and str(tmp_path) in str(caught.value)
+    assert r.loaded is None
 
 
 def test_first_run_loads_the_model_and_returns_one_image_per_seed(runner, loads, tiny_model):
