@@ -86,7 +86,7 @@ def to_params(req: JobRequest, api: ApiSettings) -> dict[str, Any]:
         width, height = req.width or 1024, req.height or 1024
         _check_side("width", width, api.min_side, api.max_width)
         _check_side("height", height, api.min_side, api.max_height)
-    if req.metadata is not None and len(json.dumps(req.metadata)) > api.max_metadata_bytes:
+    if req.metadata is not None and len(json.dumps(req.metadata, ensure_ascii=False).encode()) > api.max_metadata_bytes:
         raise RequestError("metadata", f"metadata must serialize to at most {api.max_metadata_bytes} bytes")
     steps = req.steps or preset.steps
     seed_generated = req.seed is None

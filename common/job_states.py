@@ -196,7 +196,9 @@ def fail(session: Session, *, job_id: uuid.UUID, token: uuid.UUID, error: dict[s
     if job is None:
         raise LeaseLost(f"job {job_id}: lease lost before recording failure")
     if retryable and job.attempts < job.max_attempts:
-        status, values = S.QUEUED, {"error": error}
+        # back in line from step 0 and not yet sent (the caller dispatches it; if that send fails, maintenance
+        # sees `enqueued_at IS NULL` at its next pass)
+        status, values = S.QUEUED, {"error": error, "progress_step": 0, "enqueued_at": None}
     else:
         if retryable:
             error = {"type": "attempts_exhausted", "message": f"gave up after {job.attempts} attempts",

@@ -90,12 +90,13 @@ def run_attempt(job_id: uuid.UUID, ctx: AttemptContext) -> str:
         log.info("job %s: not claimable (finished, canceled or leased elsewhere): duplicate delivery ignored", job_id)
         return "skipped"
     lead = _member(claim, ctx)  # heartbeating before anything else can take time
-    members = [lead, *(_member(c, ctx) for c in _claim_companions(claim, ctx))]
-    if len(members) > 1:
-        log.info("job %s: batched with %s", job_id, ", ".join(str(m.claim.job_id) for m in members[1:]))
+    members = [lead]
     t0 = time.perf_counter()
     outcome = "failed"
-    try:
+    try:  # from here on every member's heartbeat is stopped however this ends (a running heartbeat keeps a lease)
+        members += [_member(c, ctx) for c in _claim_companions(claim, ctx)]
+        if len(members) > 1:
+            log.info("job %s: batched with %s", job_id, ", ".join(str(m.claim.job_id) for m in members[1:]))
         outcome = _generate_and_record(members, ctx, t0)
         return outcome
     finally:

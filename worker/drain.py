@@ -45,10 +45,24 @@ class SpotNoticeWatcher(threading.Thread):
 
     def notice_seen(self) -> bool:
         try:
-            resp = httpx.get(self.url, timeout=2.0, headers={"Metadata-Flavor": "Google"})
+            resp = httpx.get(self.url, timeout=2.0, headers={"Metadata-Flavor": "Google", **self._imds_token()})
         except httpx.HTTPError:
             return False
         return resp.status_code == 200 and resp.text.strip().upper() not in ("", "FALSE")
+
+    def _imds_token(self) -> dict[str, str]:
+        """AWS instances that require IMDSv2 answer 401 to a GET without a session token: ask the metadata
+        service for one first (`PUT /latest/api/token`). Elsewhere (GCP, IMDSv1, a test server) the PUT fails
+        or is refused and the GET goes without it."""
+        parsed = httpx.URL(self.url)
+        if "/latest/meta-data/" not in parsed.path:
+            return {}
+        try:
+            resp = httpx.put(parsed.copy_with(path="/latest/api/token", query=None), timeout=2.0,
+                             headers={"X-aws-ec2-metadata-token-ttl-seconds": "300"})
+        except httpx.HTTPError:
+            return {}
+        return {"X-aws-ec2-metadata-token": resp.text.strip()} if resp.status_code == 200 else {}
 
     def run(self) -> None:
         while not self.drain.draining:

@@ -152,6 +152,11 @@ def test_seed_bounds_and_server_chosen_seed():
     assert len({p["seed"] for p in chosen}) > 1  # random, not a constant
 
 
+def test_metadata_size_limit_counts_utf8_bytes_not_escapes():
+    to_params(JobRequest(prompt="a", metadata={"k": "\u00e9" * 1000}), API)  # 2,009 bytes: fits in 4,096
+    assert params_error(prompt="a", metadata={"k": "\u00e9" * 2100}).field == "metadata"  # 4,209 bytes
+
+
 def test_metadata_size_limit_names_metadata():
     limit = API.max_metadata_bytes
     fits = {"k": "x" * (limit - len(json.dumps({"k": ""})))}

@@ -71,6 +71,18 @@ def test_retryable_failure_requeues_until_attempts_exhausted(job_id):
     assert error["type"] == "attempts_exhausted" and error["last_error"]["type"] == "storage_error"
 
 
+def test_a_requeued_failure_starts_over_unsent(job_id):
+    c = claim(job_id)
+    with session_scope() as s:
+        js.mark_enqueued(s, [job_id])
+        js.heartbeat(s, job_id=job_id, token=c.token, ttl_s=30, progress_step=2)
+        assert js.fail(s, job_id=job_id, token=c.token, error={"type": "x"}, retryable=True) == "queued"
+    with session_scope() as s:
+        job = js.get_job(s, job_id)
+        # no stale progress while it waits; not yet sent, so maintenance resends it if the re-send fails
+        assert (job.progress_step, job.enqueued_at) == (0, None)
+
+
 def test_preemption_is_free(job_id):
     for _ in range(3):  # more preemptions than max_attempts
         c = claim(job_id)

@@ -61,12 +61,24 @@ class Metadata:
     def __init__(self):
         self.answer = (404, b"")
         self.requests: list[dict] = []
+        self.imdsv2 = False  # like AWS with IMDSv2 required: 401 to a GET without a session token
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
+            def do_PUT(self):  # noqa: N802 - http.server's name
+                issued = outer.imdsv2 and self.path == "/latest/api/token" and \
+                    self.headers.get("X-aws-ec2-metadata-token-ttl-seconds")
+                body = b"session-token" if issued else b""
+                self.send_response(200 if issued else 405)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
             def do_GET(self):  # noqa: N802 - http.server's name
                 outer.requests.append({"path": self.path, "flavor": self.headers.get("Metadata-Flavor")})
                 status, body = outer.answer
+                if outer.imdsv2 and self.headers.get("X-aws-ec2-metadata-token") != "session-token":
+                    status, body = 401, b""
                 self.send_response(status)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
@@ -106,6 +118,13 @@ def test_notice_seen_reads_the_metadata_answer(metadata, status, body, seen):
     watcher = SpotNoticeWatcher(metadata.url, Drain(1.0))
     assert watcher.notice_seen() is seen
     assert metadata.requests[-1] == {"path": "/latest/meta-data/spot/instance-action", "flavor": "Google"}
+
+
+def test_notice_seen_on_aws_with_imdsv2_required(metadata):
+    metadata.imdsv2, metadata.answer = True, (200, b'{"action": "stop", "time": "2025-01-01T00:00:00Z"}')
+    assert SpotNoticeWatcher(metadata.url, Drain(1.0)).notice_seen() is True
+    metadata.answer = (404, b"")
+    assert SpotNoticeWatcher(metadata.url, Drain(1.0)).notice_seen() is False
 
 
 def test_an_unreachable_metadata_service_is_no_notice():
