@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Annotated, Iterator
 
 from fastapi import Depends, Header, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from common.auth import authenticate
@@ -34,12 +35,16 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
 
 
-def current_tenant(session: SessionDep, authorization: Annotated[str | None, Header()] = None) -> Tenant:
-    key = None
-    if authorization:
-        scheme, _, value = authorization.partition(" ")
-        key = value.strip() if scheme.lower() == "bearer" else None
-    return authenticate(session, key)
+# `Authorization: Bearer <key>`, declared as the OpenAPI security scheme `bearerAuth` of every /v1 route. It never
+# answers by itself (auto_error=False): a missing or malformed header reads as no key, and `authenticate` answers
+# 401 (common.errors.AuthenticationError) with the usual error body.
+bearer = HTTPBearer(auto_error=False, scheme_name="bearerAuth", bearerFormat="lp_...",
+                    description="an API key (`letterpress keys create`): `Authorization: Bearer lp_...`")
+
+
+def current_tenant(session: SessionDep,
+                   credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)] = None) -> Tenant:
+    return authenticate(session, credentials.credentials if credentials else None)
 
 
 CurrentTenant = Annotated[Tenant, Depends(current_tenant)]

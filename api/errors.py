@@ -51,7 +51,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException):
-        return error_response(exc.status_code, "http_error", str(exc.detail))
+        # keep the exception's headers: a 405 carries `Allow` (the methods the path answers)
+        return error_response(exc.status_code, "http_error", str(exc.detail), headers=getattr(exc, "headers", None))
 
     # Only a database that cannot be reached is an outage (503). A value it refuses or a constraint it enforces
     # is the request's doing (validation should have caught it first; this is the net under it); anything else

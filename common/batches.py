@@ -274,9 +274,19 @@ def get_batch(session: Session, batch_id: uuid.UUID | str, *, tenant_id: uuid.UU
 
 # ----------------------------------------------------------------------------------------- control: cancel, rerun
 
+def lock_batch(session: Session, batch: Batch) -> None:
+    """Row-lock the batch (and read its current status) before touching its jobs. The one lock order for batches
+    and jobs: batch rows first, then jobs in id order (common.job_states.lock_in_id_order). The feeder stamps the
+    batches it feeds before it marks their jobs, so a cancel or a re-run that locked jobs first could deadlock
+    with it."""
+    session.execute(select(Batch.id).where(Batch.id == batch.id).with_for_update())
+    session.refresh(batch)
+
+
 def cancel_batch(session: Session, *, batch: Batch) -> Batch:
     """Queued items are canceled at once; running ones finish. The batch is `cancelling` until nothing runs,
     then the finalizer makes it `cancelled` (with a manifest of what was done)."""
+    lock_batch(session, batch)
     if batch.status in B.TERMINAL or batch.status == B.FINALIZING:
         raise Conflict(f"batch {batch.id} is already {batch.status}", field="status")
     job_states.cancel_queued_where(session, Job.batch_id == batch.id)
@@ -291,6 +301,7 @@ def rerun(session: Session, *, batch: Batch, statuses: tuple[str, ...]) -> int:
     """Put the batch's items in `statuses` (failed and/or canceled) back in the queue; succeeded items are kept.
     Resume (same input, same Idempotency-Key) re-runs failed and canceled items; retry only failed ones.
     Returns how many items were requeued."""
+    lock_batch(session, batch)
     n = job_states.requeue_finished_where(session, Job.batch_id == batch.id, statuses=statuses)
     if n:
         # back to work: a finalizer still holding `finalizing` loses its compare-and-set and writes nothing
@@ -342,10 +353,13 @@ def feed_candidates(session: Session, *, room: int) -> list[tuple[uuid.UUID, uui
 def reset_stale_fed(session: Session, *, older_than_s: float) -> int:
     """Items fed longer ago than `older_than_s` and still queued, when the caller saw the broker's batch list
     empty: their messages were lost (Redis restarted or flushed). Marking them unfed lets the feeder send them
-    again; a duplicate delivery is a no-op at claim. Locks the rows in id order first, as every multi-row job
-    writer does (common.job_states.lock_in_id_order), so it cannot deadlock with a batch cancel."""
+    again; a duplicate delivery is a no-op at claim. Locks their batches, then the jobs in id order, as every
+    writer of batches and jobs does (lock_batch), so it cannot deadlock with a batch cancel."""
     stale = (Job.batch_id.is_not(None), Job.queue == BATCH_QUEUE, Job.status == S.QUEUED,
              Job.enqueued_at < func.now() - timedelta(seconds=older_than_s))
+    # the one lock order: their batches' rows first (lock_batch), then the jobs
+    session.execute(select(Batch.id).where(Batch.id.in_(select(Job.batch_id).where(*stale).distinct()))
+                    .order_by(Batch.id).with_for_update())
     if not job_states.lock_in_id_order(session, *stale):
         return 0
     return session.execute(update(Job).where(*stale).values(enqueued_at=None)

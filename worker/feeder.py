@@ -89,7 +89,9 @@ class Feeder:
             if result.depth == 0 and time.monotonic() - self._last_stale_check >= stale_after / 2:
                 self._last_stale_check = time.monotonic()
                 result.stale_reset = batches.reset_stale_fed(session, older_than_s=stale_after)
-            if room > 0:
+            # Feeding stamps batch rows; after a reset this transaction holds job locks, and a batch row locked
+            # after job locks would break the one lock order (common.batches.lock_batch): feed at the next pass.
+            if room > 0 and not result.stale_reset:
                 candidates = [(job_id, BATCH_QUEUE) for job_id, _batch_id in batches.feed_candidates(session, room=room)]
                 result.fed = len(dispatch(candidates, session=session, send=self.send))
         if result.fed or result.stale_reset:

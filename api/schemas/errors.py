@@ -1,0 +1,55 @@
+"""The error body every failure answers with (`{"error": {"type", "message", "field"?, ...}}`, built by
+api/errors.py) and `error_responses`, the `responses=` of a route: which statuses it answers, each with that body.
+
+Every route lists its own statuses so the OpenAPI document tells the truth (Schemathesis holds it to that:
+tests/api/test_fuzz.py)."""
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: str = Field(description="machine-readable kind, e.g. unauthorized, not_found, conflict, "
+                                  "validation_error, invalid_request, service_unavailable, http_error")
+    message: str = Field(description="what went wrong and, where it helps, what to do")
+    field: str | None = Field(None, description="the request field (body path, header, query or path parameter) "
+                                                "the error is about, when there is one")
+    errors: list[dict[str, Any]] | None = Field(
+        None, description="every problem found: `{field, message}` for a validation error, line-numbered "
+                          "`{line, field?, message, custom_id?}` entries for an invalid batch")
+    invalid_count: int | None = Field(None, description="an invalid batch: how many lines are invalid")
+
+
+class ErrorOut(BaseModel):
+    """The body of every 4xx and 5xx answer."""
+    error: ErrorDetail
+
+
+_RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}
+_DESCRIPTIONS: dict[int, str] = {
+    400: "Bad request: the body cannot be read (e.g. a malformed multipart form)",
+    401: "Missing or invalid API key (send `Authorization: Bearer <key>`)",
+    404: "No such object for this tenant (another tenant's objects are not found either)",
+    409: "Conflict with the object's current state, or an Idempotency-Key reused with other input",
+    413: "Request body too large",
+    422: "Invalid request: `field` names the offending field",
+    429: "Too many requests in flight; retry after `Retry-After` seconds",
+    503: "A dependency (the database) is unavailable; retry after `Retry-After` seconds",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """`responses=` for a route that can answer these statuses with an ErrorOut body. 401 and 503 (database
+    unavailable) are included for every /v1 route: authentication reads the database."""
+    wanted = sorted({401, 503, *statuses})
+    responses: dict[int | str, dict[str, Any]] = {}
+    for status in wanted:
+        response: dict[str, Any] = {"model": ErrorOut, "description": _DESCRIPTIONS.get(status, "Error")}
+        if status in (429, 503):
+            response["headers"] = _RETRY_AFTER
+        responses[status] = response
+    return responses
