@@ -13,6 +13,7 @@ from sqlalchemy.exc import (
     InterfaceError,
     OperationalError,
 )
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from common.errors import LetterpressError
@@ -37,7 +38,9 @@ def error_response(status: int, type_: str, message: str, field: str | None = No
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(LetterpressError)
     async def _domain(_: Request, exc: LetterpressError):
-        return error_response(exc.status_code, exc.type, exc.message, exc.field)
+        retry_after = getattr(exc, "retry_after_s", None)
+        return error_response(exc.status_code, exc.type, exc.message, exc.field,
+                              headers={"Retry-After": str(retry_after)} if retry_after is not None else None)
 
     @app.exception_handler(RequestError)
     async def _request(_: Request, exc: RequestError):
@@ -57,6 +60,11 @@ def install_error_handlers(app: FastAPI) -> None:
     # Only a database that cannot be reached is an outage (503). A value it refuses or a constraint it enforces
     # is the request's doing (validation should have caught it first; this is the net under it); anything else
     # is our bug (500), logged in full, never shown.
+    @app.exception_handler(PoolTimeout)
+    async def _overloaded(_: Request, exc: PoolTimeout):
+        log.warning("no database connection free within the pool timeout: answering 503 (overload)")
+        return error_response(503, "overloaded", "the server is busy; retry shortly", headers={"Retry-After": "1"})
+
     @app.exception_handler(OperationalError)
     @app.exception_handler(InterfaceError)
     async def _database_down(_: Request, exc: Exception):

@@ -5,6 +5,7 @@ import logging
 
 from fastapi import FastAPI
 
+from api import limits
 from api.errors import install_error_handlers
 from api.routers import batches, health, jobs, webhooks
 from common.settings import get_settings
@@ -17,6 +18,7 @@ def create_app() -> FastAPI:
                   description="Queue-backed batch image generation for Ideogram 4")
     app.state.storage = shared_storage(settings.storage)
     install_error_handlers(app)
+    limits.install(app)
     app.include_router(health.router)
     app.include_router(jobs.router)
     app.include_router(batches.router)

@@ -36,6 +36,8 @@ def _engine(url: str) -> Engine:
     return create_engine(
         url,
         pool_size=settings.database.pool_size,
+        max_overflow=settings.database.max_overflow,
+        pool_timeout=settings.database.pool_timeout_s,
         pool_pre_ping=True,  # a restarted Postgres costs one failed checkout, not a failed request
         pool_recycle=1800,
         connect_args={"connect_timeout": 5, "options": f"-c idle_in_transaction_session_timeout={idle_ms}"},

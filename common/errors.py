@@ -39,6 +39,16 @@ class Conflict(LetterpressError):
     type = "conflict"
 
 
+class TooManyRequests(LetterpressError):
+    """A bound on concurrent work was reached; retry after `retry_after_s` (the `Retry-After` header)."""
+    status_code = 429
+    type = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1, field: str | None = None):
+        super().__init__(message, field=field)
+        self.retry_after_s = retry_after_s
+
+
 class ServiceUnavailable(LetterpressError):
     status_code = 503
     type = "service_unavailable"

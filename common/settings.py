@@ -24,6 +24,10 @@ NESTED_DELIMITER = "__"
 class DatabaseSettings(BaseModel):
     url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/letterpress"
     pool_size: int = 5
+    max_overflow: int = 10
+    # a request that finds every pooled connection busy this long is answered 503 at once (overload), instead
+    # of queueing behind the others
+    pool_timeout_s: float = Field(5.0, gt=0)
     # Postgres ends a session left idle inside a transaction this long (0: never). A process frozen mid-transaction
     # (SIGSTOP, a VM pause) would otherwise hold its row and advisory locks until it wakes, and lease recovery of
     # its job would wait for it. Our transactions are milliseconds; long statements (COPY) are not "idle".
@@ -77,6 +81,13 @@ class ApiSettings(BaseModel):
     # URL prefixes (`s3://shared-prompts/public/`) any tenant may name as input_url besides its own storage prefix;
     # read with the storage credentials. JSON list: LETTERPRESS_API__INPUT_URL_ALLOW='["s3://bucket/prefix/"]'
     input_url_allow: list[str] = []
+    # Request bodies (api/limits.py): refused with 413 before they are parsed, counted as they stream in.
+    max_body_bytes: int = Field(64 * 1024, ge=1024)  # every route but the batch upload
+    max_batch_json_bytes: int = Field(32 * 1024 * 1024, ge=1024)  # POST /v1/batches as JSON {"items": [...]}
+    max_batch_upload_bytes: int = Field(1024 * 1024 * 1024, ge=1024)  # POST /v1/batches multipart (spooled to disk)
+    # Batch ingests (validation + COPY) running at once in one API process, overall and per tenant; more: 429
+    max_ingests: int = Field(4, ge=1)
+    max_ingests_per_tenant: int = Field(2, ge=1)
 
 
 class BatchingSettings(BaseModel):

@@ -23,8 +23,10 @@ from starlette.datastructures import UploadFile
 
 from api.deps import CurrentTenant, IdempotencyKey, SessionDep, SettingsDep, StorageDep
 from api.errors import error_response
+from api.limits import ingest_slots
 from api.pagination import newest_first
-from api.schemas.batches import BatchCreate, BatchList, BatchOut
+from api.schemas.batches import BATCH_REQUEST_BODY, BatchCreate, BatchList, BatchOut
+from api.schemas.errors import error_responses
 from api.schemas.jobs import check_webhook_url
 from common import batches
 from common.batch_counts import RequestCounts, request_counts
@@ -41,6 +43,7 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 SPOOL_BYTES = 8 * 1024 * 1024
 RESULTS_CHUNK = 64 * 1024
+_LOCATION = {"Location": {"description": "the batch's URL", "schema": {"type": "string"}}}
 
 
 def batch_out(request: Request, batch: Batch, counts: RequestCounts) -> BatchOut:
@@ -84,7 +87,8 @@ async def _read_request(request: Request) -> tuple[BatchCreate, UploadFile | Non
             options = BatchCreate.model_validate(fields)
         else:
             try:
-                body = await request.json()
+                # parsed on a worker thread: a 32 MB items list must not hold the event loop (and /healthz)
+                body = await run_in_threadpool(json.loads, await request.body())
             except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
                 raise InvalidRequest("send JSON {items: [...]} or a multipart JSONL upload (field `file`)",
                                      field="body") from None
@@ -123,32 +127,39 @@ def _rewinding(file: IO[bytes]):
 
 # ------------------------------------------------------------------------------------------------- routes
 
-@router.post("", status_code=202, response_model=BatchOut)
+@router.post("", status_code=202, response_model=BatchOut, openapi_extra={"requestBody": BATCH_REQUEST_BODY},
+             responses={
+                 202: {"description": "Accepted: the batch is created and its jobs queued", "headers": _LOCATION},
+                 200: {"model": BatchOut, "headers": _LOCATION,
+                       "description": "The batch created before under the same Idempotency-Key and input, resumed "
+                                      "(its failed and canceled items queued again)"},
+                 **error_responses(400, 409, 413, 422, 429)})
 async def create_batch(request: Request, response: Response, session: SessionDep, tenant: CurrentTenant,
                        settings: SettingsDep, storage: StorageDep,
                        idempotency_key: IdempotencyKey = None):
     """202 with the new batch; 200 with the same batch when the same input comes again under the same
     Idempotency-Key (its failed and canceled items are queued again: a resume); 409 when the key was used with
     other input; 422 with line-numbered `errors` for invalid lines (unless skip_invalid)."""
-    body, upload = await _read_request(request)
-    check_webhook_url(body.webhook_url, settings.webhooks)
-    options = BatchOptions(skip_invalid=body.skip_invalid, metadata=body.metadata, webhook_url=body.webhook_url)
-    if body.items is not None:
-        source, name, spool = batches.items_source(body.items), "inline", None
-    elif upload is not None:
-        spool = upload.file
-        source, name = batches.jsonl_source(_rewinding(spool)), f"upload:{upload.filename or 'input.jsonl'}"
-    else:
-        spool = await run_in_threadpool(_fetch_s3, body.input_url, tenant.id, settings, storage)
-        source, name = batches.jsonl_source(_rewinding(spool)), body.input_url
-    try:
-        batch, created = await run_in_threadpool(_create_or_resume, session, tenant.id, settings, storage, source,
-                                                 name, options, idempotency_key)
-    except InvalidBatch as exc:
-        return invalid_batch_response(exc)
-    finally:
-        if spool is not None:
-            spool.close()
+    with ingest_slots.take(tenant.id, settings.api):  # 429 at once past the concurrent-ingest bounds
+        body, upload = await _read_request(request)
+        check_webhook_url(body.webhook_url, settings.webhooks)
+        options = BatchOptions(skip_invalid=body.skip_invalid, metadata=body.metadata, webhook_url=body.webhook_url)
+        if body.items is not None:
+            source, name, spool = batches.items_source(body.items), "inline", None
+        elif upload is not None:
+            spool = upload.file
+            source, name = batches.jsonl_source(_rewinding(spool)), f"upload:{upload.filename or 'input.jsonl'}"
+        else:
+            spool = await run_in_threadpool(_fetch_s3, body.input_url, tenant.id, settings, storage)
+            source, name = batches.jsonl_source(_rewinding(spool)), body.input_url
+        try:
+            batch, created = await run_in_threadpool(_create_or_resume, session, tenant.id, settings, storage, source,
+                                                     name, options, idempotency_key)
+        except InvalidBatch as exc:
+            return invalid_batch_response(exc)
+        finally:
+            if spool is not None:
+                spool.close()
     if not created:
         response.status_code = 200
     response.headers["Location"] = str(request.url_for("get_batch", batch_id=str(batch.id)))
@@ -184,12 +195,13 @@ def _create_or_resume(session, tenant_id: uuid.UUID, settings: Settings, storage
     raise Conflict("a concurrent request with the same Idempotency-Key is in flight", field="Idempotency-Key")
 
 
-@router.get("/{batch_id}", response_model=BatchOut, name="get_batch")
+@router.get("/{batch_id}", response_model=BatchOut, name="get_batch",
+            responses=error_responses(404, 422))
 def get_batch(batch_id: str, request: Request, session: SessionDep, tenant: CurrentTenant) -> BatchOut:
     return _out(request, session, batches.get_batch(session, batch_id, tenant_id=tenant.id))
 
 
-@router.get("", response_model=BatchList)
+@router.get("", response_model=BatchList, responses=error_responses(422))
 def list_batches(request: Request, session: SessionDep, tenant: CurrentTenant,
                  status: Annotated[str | None, Query(pattern="^(" + "|".join(BatchStatus.ALL) + ")$")] = None,
                  limit: Annotated[int, Query(ge=1, le=200)] = 20, cursor: str | None = None) -> BatchList:
@@ -202,7 +214,7 @@ def list_batches(request: Request, session: SessionDep, tenant: CurrentTenant,
     return BatchList.of(page, [batch_out(request, b, counts[b.id]) for b in page.rows])
 
 
-@router.post("/{batch_id}/cancel", response_model=BatchOut)
+@router.post("/{batch_id}/cancel", response_model=BatchOut, responses=error_responses(404, 409, 413, 422))
 def cancel_batch(batch_id: str, request: Request, session: SessionDep, tenant: CurrentTenant) -> BatchOut:
     """Queued items are canceled at once, running ones finish; `cancelling` until then, then `cancelled`."""
     batch = batches.cancel_batch(session, batch=batches.get_batch(session, batch_id, tenant_id=tenant.id))
@@ -210,7 +222,7 @@ def cancel_batch(batch_id: str, request: Request, session: SessionDep, tenant: C
     return _out(request, session, batch)
 
 
-@router.post("/{batch_id}/retry", response_model=BatchOut)
+@router.post("/{batch_id}/retry", response_model=BatchOut, responses=error_responses(404, 409, 413, 422))
 def retry_batch(batch_id: str, request: Request, session: SessionDep, tenant: CurrentTenant) -> BatchOut:
     """Re-run only the failed items (succeeded and canceled ones stay as they are)."""
     batch = batches.get_batch(session, batch_id, tenant_id=tenant.id)
@@ -222,7 +234,12 @@ def retry_batch(batch_id: str, request: Request, session: SessionDep, tenant: Cu
     return _out(request, session, batch)
 
 
-@router.get("/{batch_id}/results")
+@router.get("/{batch_id}/results", response_class=StreamingResponse, responses={
+    200: {"description": "The results manifest: one JSON object per line, one line per input line",
+          "content": {"application/x-ndjson": {"schema": {"type": "string"}}},
+          "headers": {"Content-Disposition": {"description": 'attachment; filename="<batch id>.jsonl"',
+                                              "schema": {"type": "string"}}}},
+    **error_responses(404, 422)})
 def batch_results(batch_id: str, request: Request, session: SessionDep, tenant: CurrentTenant,
                   storage: StorageDep, urls: bool = True) -> StreamingResponse:
     """The manifest as JSONL, one line per input line in input order (custom_id, line, job_id, status, seed,

@@ -1,0 +1,155 @@
+"""Bounds the front door puts on requests.
+
+Before any handler runs (a pure ASGI middleware):
+
+- a body-carrying call to /v1 without `Authorization: Bearer ...` is 401 before a byte of its body is read
+  (the key itself is checked by the route's CurrentTenant, as for every call);
+- a body larger than the route's limit is 413, naming the limit: at once when `Content-Length` says so, else as
+  soon as the streamed body passes it, so an oversized body is never held, parsed or spooled whole.
+
+Limits (common.settings.ApiSettings): `max_body_bytes` for every route, except POST /v1/batches:
+`max_batch_json_bytes` for a JSON body, `max_batch_upload_bytes` for a multipart upload (Starlette spools the
+file part to disk).
+
+Batch ingests (validation and COPY of up to a million lines) run a bounded number at once per API process,
+overall and per tenant (`max_ingests`, `max_ingests_per_tenant`); one more is 429 with `Retry-After`, at once.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from contextlib import contextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from starlette.exceptions import HTTPException
+
+from api.errors import error_response
+from common.errors import TooManyRequests
+from common.settings import ApiSettings, get_settings
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+BODY_METHODS = {"POST", "PUT", "PATCH"}
+
+
+class BodyTooLarge(HTTPException):
+    """Raised from `receive` once the streamed body passes its limit. An HTTPException, so a handler reading the
+    body (FastAPI's own parsing, `request.form()`) lets it through to the 413 answer instead of a 400."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, f"the request body passed {limit} bytes, the most this call takes")
+        self.limit = limit
+
+
+def body_limit(method: str, path: str, content_type: str, api: ApiSettings) -> int:
+    """The most bytes this call's body may have."""
+    if method == "POST" and path.rstrip("/") == "/v1/batches":
+        if content_type.startswith("multipart/form-data"):
+            return api.max_batch_upload_bytes
+        return api.max_batch_json_bytes
+    return api.max_body_bytes
+
+
+def _header(scope: Scope, name: bytes) -> str:
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return ""
+
+
+async def _answer(send: Send, status: int, type_: str, message: str, field: str) -> None:
+    body = json.dumps({"error": {"type": type_, "message": message, "field": field}}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class RequestBounds:
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in BODY_METHODS:
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        if path.startswith("/v1/") and not _header(scope, b"authorization").lower().startswith("bearer "):
+            return await _answer(send, 401, "unauthorized", "missing API key: send Authorization: Bearer <key>",
+                                 "Authorization")
+        limit = body_limit(scope["method"], path, _header(scope, b"content-type").lower(), get_settings().api)
+        declared = _header(scope, b"content-length")
+        if declared.isdigit() and int(declared) > limit:
+            return await _answer(send, 413, "payload_too_large",
+                                 f"the request body is {declared} bytes; this call takes at most {limit}", "body")
+        seen = 0
+        started = False
+
+        async def counting_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise BodyTooLarge(limit)
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except BodyTooLarge as exc:  # raised outside any handler that answers it
+            if started:
+                raise
+            await _answer(send, 413, "payload_too_large", exc.detail, "body")
+
+
+def install(app: FastAPI) -> None:
+    """The middleware, and the JSON answer for a body that passed its limit inside a handler."""
+    async def too_large(_request, exc: BodyTooLarge):
+        return error_response(413, "payload_too_large", exc.detail, "body", headers={"Connection": "close"})
+
+    app.add_exception_handler(BodyTooLarge, too_large)
+    app.add_middleware(RequestBounds)
+
+
+class IngestSlots:
+    """Batch ingests running in this process, overall and per tenant."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running = 0
+        self._by_tenant: Counter[uuid.UUID] = Counter()
+
+    @contextmanager
+    def take(self, tenant_id: uuid.UUID, api: ApiSettings) -> Iterator[None]:
+        with self._lock:
+            if self._by_tenant[tenant_id] >= api.max_ingests_per_tenant:
+                raise TooManyRequests(f"{api.max_ingests_per_tenant} batch uploads of yours are being ingested; "
+                                      "retry when one is done", retry_after_s=5)
+            if self._running >= api.max_ingests:
+                raise TooManyRequests("the server is ingesting as many batches as it takes at once; retry shortly",
+                                      retry_after_s=5)
+            self._running += 1
+            self._by_tenant[tenant_id] += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._running -= 1
+                self._by_tenant[tenant_id] -= 1
+                if not self._by_tenant[tenant_id]:
+                    del self._by_tenant[tenant_id]
+
+
+ingest_slots = IngestSlots()
