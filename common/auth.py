@@ -37,7 +37,8 @@ def create_api_key(session: Session, *, tenant: Tenant, name: str) -> str:
 def authenticate(session: Session, key: str | None) -> Tenant:
     if not key:
         raise AuthenticationError("missing API key: send `Authorization: Bearer <key>`")
-    api_key = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None)))
-    if api_key is None:
+    tenant = session.scalar(select(Tenant).join(ApiKey, ApiKey.tenant_id == Tenant.id)
+                            .where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None)))
+    if tenant is None:
         raise AuthenticationError("invalid API key")
-    return api_key.tenant
+    return tenant

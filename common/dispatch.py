@@ -12,6 +12,7 @@ import logging
 import uuid
 from collections.abc import Callable, Iterable
 
+from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from common import job_states
@@ -38,8 +39,16 @@ def dispatch(jobs: Iterable[tuple[uuid.UUID, str]], *, session: Session | None =
         sent.append(job_id)
     if sent:
         if session is not None:
-            job_states.mark_enqueued(session, sent)
+            _mark_sent(session, sent)
         else:
             with session_scope() as own:
-                job_states.mark_enqueued(own, sent)
+                _mark_sent(own, sent)
     return sent
+
+
+def _mark_sent(session: Session, job_ids: list[uuid.UUID]) -> None:
+    # `enqueued_at` is advisory (it tells maintenance which jobs may have lost their message): a mark lost in a
+    # Postgres crash only makes maintenance send a job again, and a duplicate delivery is a no-op at claim. So
+    # this transaction does not wait for its WAL flush (one fsync less per submit: measured in PERFORMANCE.md).
+    session.execute(text("SET LOCAL synchronous_commit TO OFF"))
+    job_states.mark_enqueued(session, job_ids)

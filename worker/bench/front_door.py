@@ -1,0 +1,196 @@
+"""Front-door load benchmark: the figures in docs/PERFORMANCE.md ("Front door under load").
+
+    python -m worker.bench.front_door                       # submit 50..400/s, read 100..1000/s, uploads
+    python -m worker.bench.front_door --submit-rates 50,100 --read-rates 100 --duration 10 --api-workers 2
+
+Starts throwaway Postgres and Redis and the API under uvicorn (no GPU worker: submits only queue), then drives
+open-loop load: requests leave on a fixed schedule whatever the answers, so a slow server shows as latency and
+timeouts, not as a politely slower client. For each rate it reports answered, status counts, p50/p99 latency and
+timeouts; then /healthz p50/p99 while 30 batch uploads (1,000 lines each) run at once. The load generator runs
+on the same machine: on a 2-core box it takes CPU from the API, so read the figures as a lower bound.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import httpx
+
+from worker.bench.batch_ingest import start_api, start_services, write_jsonl
+
+JOB = {"prompt": "a poster that says HELLO", "width": 1024, "height": 1024, "preset": "V4_TURBO_12"}
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def open_loop(client: httpx.AsyncClient, rate: float, duration: float, request) -> dict:
+    """Fire `request(client, i)` at `rate` per second for `duration` seconds; latency of each answer."""
+    latencies: list[float] = []
+    statuses: Counter[str] = Counter()
+
+    async def one(i: int) -> None:
+        t0 = time.perf_counter()
+        try:
+            resp = await request(client, i)
+            statuses[str(resp.status_code)] += 1
+            latencies.append(time.perf_counter() - t0)
+        except httpx.TimeoutException:
+            statuses["timeout"] += 1
+        except httpx.HTTPError as exc:
+            statuses[type(exc).__name__] += 1
+
+    start, tasks, n = time.perf_counter(), [], int(rate * duration)
+    for i in range(n):
+        delay = start + i / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(i)))
+    await asyncio.gather(*tasks)
+    return {"rate": rate, "sent": n, "answered": len(latencies), "statuses": dict(statuses),
+            "p50_ms": _ms(percentile(latencies, 0.50)), "p99_ms": _ms(percentile(latencies, 0.99)),
+            "wall_s": round(time.perf_counter() - start, 2)}
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 1)
+
+
+async def healthz_during_uploads(url: str, key: str, workdir: Path, uploads: int, lines: int) -> dict:
+    path = workdir / "upload.jsonl"
+    write_jsonl(path, lines)
+    data = path.read_bytes()
+    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+        headers = {"Authorization": f"Bearer {key}"}
+
+        async def upload(i: int) -> int:
+            resp = await client.post("/v1/batches", headers={**headers, "Idempotency-Key": f"u-{uuid.uuid4()}"},
+                                     files={"file": (f"in{i}.jsonl", data)})
+            return resp.status_code
+
+        async def probe() -> list[float]:
+            seen = []
+            while not done.is_set():
+                t0 = time.perf_counter()
+                try:
+                    await client.get("/healthz", timeout=10)
+                    seen.append(time.perf_counter() - t0)
+                except httpx.HTTPError:
+                    seen.append(10.0)
+                await asyncio.sleep(0.05)
+            return seen
+
+        done = asyncio.Event()
+        prober = asyncio.create_task(probe())
+        t0 = time.perf_counter()
+        codes = await asyncio.gather(*(upload(i) for i in range(uploads)))
+        elapsed = time.perf_counter() - t0
+        done.set()
+        probes = await prober
+    return {"uploads": uploads, "lines": lines, "statuses": dict(Counter(map(str, codes))),
+            "wall_s": round(elapsed, 2), "healthz_probes": len(probes),
+            "healthz_p50_ms": _ms(percentile(probes, 0.5)), "healthz_p99_ms": _ms(percentile(probes, 0.99)),
+            "healthz_max_ms": _ms(max(probes) if probes else None)}
+
+
+async def run(url: str, key: str, args, workdir: Path) -> dict:
+    headers = {"Authorization": f"Bearer {key}"}
+    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200)
+    result: dict = {"submit": [], "read": []}
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=args.timeout, limits=limits) as client:
+        job_id = (await client.post("/v1/jobs", json=JOB)).json()["id"]
+
+        async def submit(c, i):
+            return await c.post("/v1/jobs", json={**JOB, "seed": i})
+
+        async def read(c, i):
+            return await c.get(f"/v1/jobs/{job_id}")
+
+        for rate in args.submit_rates:
+            result["submit"].append(await open_loop(client, rate, args.duration, submit))
+            print(json.dumps({"submit": result["submit"][-1]}), flush=True)
+            await asyncio.sleep(args.pause)
+        for rate in args.read_rates:
+            result["read"].append(await open_loop(client, rate, args.duration, read))
+            print(json.dumps({"read": result["read"][-1]}), flush=True)
+            await asyncio.sleep(args.pause)
+    if args.uploads:
+        result["uploads"] = await healthz_during_uploads(url, key, workdir, args.uploads, args.upload_lines)
+        print(json.dumps({"uploads": result["uploads"]}), flush=True)
+    return result
+
+
+def render(result: dict) -> str:
+    rows = ["| call | rate /s | sent | answered | statuses | p50 ms | p99 ms |", "|---|---|---|---|---|---|---|"]
+    for call, path in (("submit", "POST /v1/jobs"), ("read", "GET /v1/jobs/{id}")):
+        for r in result[call]:
+            rows.append(f"| {path} | {r['rate']:g} | {r['sent']} | {r['answered']} | "
+                        f"{', '.join(f'{k}: {v}' for k, v in sorted(r['statuses'].items()))} | {r['p50_ms']} | "
+                        f"{r['p99_ms']} |")
+    if "uploads" in result:
+        u = result["uploads"]
+        rows.append(f"\n/healthz while {u['uploads']} uploads of {u['lines']} lines run ({u['wall_s']} s; "
+                    f"uploads {u['statuses']}): p50 {u['healthz_p50_ms']} ms, p99 {u['healthz_p99_ms']} ms, "
+                    f"max {u['healthz_max_ms']} ms over {u['healthz_probes']} probes")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--submit-rates", default="50,100,200,400")
+    parser.add_argument("--read-rates", default="100,300,1000")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per rate")
+    parser.add_argument("--pause", type=float, default=3.0, help="seconds between rates")
+    parser.add_argument("--timeout", type=float, default=10.0)
+    parser.add_argument("--uploads", type=int, default=30)
+    parser.add_argument("--upload-lines", type=int, default=1000)
+    parser.add_argument("--api-workers", type=int, default=1, help="uvicorn worker processes")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    args.submit_rates = [float(x) for x in args.submit_rates.split(",") if x]
+    args.read_rates = [float(x) for x in args.read_rates.split(",") if x]
+    workdir = Path(tempfile.mkdtemp(prefix="lp-front-door-"))
+    db_url, redis_url, services = start_services(workdir)
+    env = {"LETTERPRESS_DATABASE__URL": db_url, "LETTERPRESS_REDIS__URL": redis_url,
+           "LETTERPRESS_STORAGE__URL": f"file://{workdir / 'storage'}", "LETTERPRESS_ENV": "test",
+           "UVICORN_WORKERS": str(args.api_workers)}
+    from common.auth import create_api_key, get_or_create_tenant
+    from common.db import migrate, session_scope
+    from common.settings import settings_from_env, use_settings
+
+    with use_settings(settings_from_env(env)):
+        migrate()
+        with session_scope() as session:
+            key = create_api_key(session, tenant=get_or_create_tenant(session, "bench"), name="bench")
+    api, url = start_api(env)
+    try:
+        result = asyncio.run(run(url, key, args, workdir))
+    finally:
+        api.terminate()
+        api.wait(30)
+        for service in services:
+            service.stop()
+    result["meta"] = {"cpus": os.cpu_count(), "python": sys.version.split()[0], "api_workers": args.api_workers,
+                      "duration_s": args.duration, "command": " ".join(["python -m worker.bench.front_door",
+                                                                         *(argv or sys.argv[1:])])}
+    print(render(result))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
