@@ -480,7 +480,7 @@ class _Service(abc.ABC):
             port = self.port = self._choose_port(attempt)
             offset = self._spawn(command(port), env=env(port) if env else None)
             try:
-                self._wait_until(lambda: ready(port), offset, what)
+                self._wait_until(lambda port=port: ready(port), offset, what)
                 return
             except LocalStackError:
                 tail = _read_tail(self.log_path, offset)

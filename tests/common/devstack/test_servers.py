@@ -256,7 +256,7 @@ def test_s3_server_bucket_put_get_stop(tmp_path):
 
 def test_s3_server_takes_another_port_when_its_port_was_taken(tmp_path, monkeypatch):
     """moto's own `start()` waits forever for a port it cannot bind; ours tries another (or fails at once)."""
-    import common.devstack.servers as servers
+    from common.devstack import servers
 
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", 0))
