@@ -15,6 +15,7 @@ from sqlalchemy.exc import (
 )
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from common.errors import LetterpressError
 from common.job_request import RequestError
@@ -25,6 +26,27 @@ log = logging.getLogger(__name__)
 def _field_of(loc: tuple) -> str:
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
     return ".".join(parts) or ".".join(str(p) for p in loc)
+
+
+def _validation_error(e: dict) -> dict:
+    """`{field, message}` of one pydantic/FastAPI error. A body that is not JSON names the body (FastAPI's `loc` is
+    `("body", <character position>)`, which would read as a field "0")."""
+    if e.get("type") == "json_invalid":
+        reason = (e.get("ctx") or {}).get("error") or e["msg"]
+        return {"field": "body", "message": f"the body is not valid JSON: {reason} (character {e['loc'][-1]})"}
+    return {"field": _field_of(tuple(e["loc"])), "message": e["msg"]}
+
+
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def _allowed_methods(request: Request) -> str | None:
+    """Every method some route takes at this path, for a 405's `Allow`: the router's own names only the first
+    route that matched the path (POST of /v1/jobs, not GET)."""
+    routes = request.app.router.routes
+    allowed = [method for method in _METHODS
+               if any(route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes)]
+    return ", ".join(allowed) or None
 
 
 def error_response(status: int, type_: str, message: str, field: str | None = None, *,
@@ -48,14 +70,21 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError):
-        errors = [{"field": _field_of(tuple(e["loc"])), "message": e["msg"]} for e in exc.errors()]
+        errors = [_validation_error(e) for e in exc.errors()]
         first = errors[0] if errors else {"field": None, "message": "invalid request"}
         return error_response(422, "validation_error", first["message"], first["field"], errors=errors)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException):
-        # keep the exception's headers: a 405 carries `Allow` (the methods the path answers)
-        return error_response(exc.status_code, "http_error", str(exc.detail), headers=getattr(exc, "headers", None))
+    async def _http(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 400 and isinstance(exc.__cause__, (UnicodeDecodeError, RecursionError)):
+            # FastAPI's answer to a JSON body it cannot decode (not UTF-8, nested past the parser's limit): a 422
+            # naming the body, as for any other malformed JSON (and as POST /v1/batches answers the same bodies)
+            return error_response(422, "invalid_request", "the body is not valid JSON: not UTF-8, or nested too "
+                                                          "deeply", "body")
+        headers = getattr(exc, "headers", None)  # kept: a 405 carries `Allow`, a 413 `Connection: close`
+        if exc.status_code == 405 and (allowed := _allowed_methods(request)):
+            headers = {**(headers or {}), "Allow": allowed}
+        return error_response(exc.status_code, "http_error", str(exc.detail), headers=headers)
 
     # Only a database that cannot be reached is an outage (503). A value it refuses or a constraint it enforces
     # is the request's doing (validation should have caught it first; this is the net under it); anything else

@@ -2,7 +2,7 @@
 
 - Postgres: LETTERPRESS_TEST_DATABASE_URL (a server we may create databases on), else a throwaway server
 - Redis: LETTERPRESS_TEST_REDIS_URL, else a throwaway redis-server
-- S3: a moto S3 API server subprocess
+- S3: a moto S3 API server (ThreadedMotoServer, in this process, over HTTP)
 - the tiny random-weight Ideogram 4, built locally once
 - the API (uvicorn) and a Celery worker process running the tiny model on the CPU, both real subprocesses
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 import logging
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Body, Query, Request, Response
 from fastapi.responses import FileResponse, RedirectResponse
 from sqlalchemy import select
 
 from api.deps import CurrentTenant, IdempotencyKey, SessionDep, SettingsDep, StorageDep
 from api.pagination import newest_first
-from api.schemas.jobs import JobList, JobOut, check_webhook_url
+from api.schemas.errors import error_responses
+from api.schemas.jobs import JOB_EXAMPLES, JobList, JobOut, check_webhook_url
 from common import job_states
 from common.dispatch import dispatch
 from common.errors import NotFound
@@ -21,6 +22,9 @@ from common.storage import Storage
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+
+_LOCATION = {"Location": {"description": "the job's URL", "schema": {"type": "string"}}}
 
 
 def image_url(request: Request, storage: Storage, job: Job, key: str, index: int) -> str:
@@ -35,9 +39,14 @@ def job_out(request: Request, session, storage: Storage, job: Job) -> JobOut:
         queue_position=job_states.queue_position(session, job=job)))
 
 
-@router.post("", status_code=202, response_model=JobOut)
-def create_job(body: JobRequest, request: Request, response: Response, session: SessionDep, tenant: CurrentTenant,
-               settings: SettingsDep, storage: StorageDep,
+@router.post("", status_code=202, response_model=JobOut, responses={
+    202: {"description": "Accepted: the job is queued", "headers": _LOCATION},
+    200: {"model": JobOut, "description": "The job created before under the same Idempotency-Key and request",
+          "headers": _LOCATION},
+    **error_responses(409, 413, 422)})
+def create_job(body: Annotated[JobRequest, Body(openapi_examples=JOB_EXAMPLES)], request: Request,
+               response: Response, session: SessionDep, tenant: CurrentTenant, settings: SettingsDep,
+               storage: StorageDep,
                idempotency_key: IdempotencyKey = None) -> JobOut:
     params = to_params(body, settings.api)
     check_webhook_url(body.webhook_url, settings.webhooks)
@@ -55,13 +64,13 @@ def create_job(body: JobRequest, request: Request, response: Response, session: 
     return job_out(request, session, storage, job)
 
 
-@router.get("/{job_id}", response_model=JobOut, name="get_job")
+@router.get("/{job_id}", response_model=JobOut, name="get_job", responses=error_responses(404, 422))
 def get_job(job_id: str, request: Request, session: SessionDep, tenant: CurrentTenant,
             storage: StorageDep) -> JobOut:
     return job_out(request, session, storage, job_states.get_job(session, job_id, tenant_id=tenant.id))
 
 
-@router.post("/{job_id}/cancel", response_model=JobOut)
+@router.post("/{job_id}/cancel", response_model=JobOut, responses=error_responses(404, 409, 413, 422))
 def cancel_job(job_id: str, request: Request, session: SessionDep, tenant: CurrentTenant,
                storage: StorageDep) -> JobOut:
     job = job_states.cancel(session, job=job_states.get_job(session, job_id, tenant_id=tenant.id))
@@ -69,7 +78,7 @@ def cancel_job(job_id: str, request: Request, session: SessionDep, tenant: Curre
     return job_out(request, session, storage, job)
 
 
-@router.get("", response_model=JobList)
+@router.get("", response_model=JobList, responses=error_responses(422))
 def list_jobs(request: Request, session: SessionDep, tenant: CurrentTenant, storage: StorageDep,
               status: Annotated[str | None, Query(pattern="^(" + "|".join(JobStatus.ALL) + ")$")] = None,
               limit: Annotated[int, Query(ge=1, le=200)] = 50,
@@ -82,7 +91,12 @@ def list_jobs(request: Request, session: SessionDep, tenant: CurrentTenant, stor
     return JobList.of(page, [job_out(request, session, storage, j) for j in page.rows])
 
 
-@router.get("/{job_id}/images/{index}", name="get_job_image")
+@router.get("/{job_id}/images/{index}", name="get_job_image", response_class=Response, responses={
+    200: {"description": "The image (local storage)", "content": {"image/png": {"schema": {"type": "string",
+                                                                                            "format": "binary"}}}},
+    307: {"description": "The image lies in S3: a presigned URL for it",
+          "headers": {"Location": {"description": "a presigned URL of the PNG", "schema": {"type": "string"}}}},
+    **error_responses(404, 422)})
 def get_job_image(job_id: str, index: int, session: SessionDep, tenant: CurrentTenant, storage: StorageDep):
     job = job_states.get_job(session, job_id, tenant_id=tenant.id)
     image = next((i for i in job.images if i.index == index), None)

@@ -10,6 +10,7 @@ from sqlalchemy import select
 
 from api.deps import CurrentTenant, SessionDep
 from api.pagination import newest_first
+from api.schemas.errors import error_responses
 from api.schemas.webhooks import (
     DeliveryList,
     DeliveryOut,
@@ -65,7 +66,7 @@ def _event(session, tenant_id: uuid.UUID, event_id: str) -> WebhookEvent:
 
 # ---------------------------------------------------------------------------------------------------- secret
 
-@router.get("/secret", response_model=SecretOut)
+@router.get("/secret", response_model=SecretOut, responses=error_responses())
 def get_secret(session: SessionDep, tenant: CurrentTenant) -> SecretOut:
     """The tenant's signing secret, created on first use."""
     row = outbox.get_secret(session, tenant_id=tenant.id)
@@ -73,7 +74,7 @@ def get_secret(session: SessionDep, tenant: CurrentTenant) -> SecretOut:
     return SecretOut(**outbox.secret_info(row))
 
 
-@router.post("/secret/rotate", response_model=SecretOut)
+@router.post("/secret/rotate", response_model=SecretOut, responses=error_responses(413, 422))
 def rotate_secret(session: SessionDep, tenant: CurrentTenant, body: RotateIn | None = None) -> SecretOut:
     """A new secret at once; the previous one keeps signing beside it for `previous_valid_for_s` (default 24 h)
     so receivers can switch without dropping a call."""
@@ -94,7 +95,7 @@ def _of_job_or_batch(query, job_id: str | None, batch_id: str | None):
     return query
 
 
-@router.get("/deliveries", response_model=DeliveryList)
+@router.get("/deliveries", response_model=DeliveryList, responses=error_responses(422))
 def list_deliveries(session: SessionDep, tenant: CurrentTenant, job_id: str | None = None,
                     batch_id: str | None = None, event_id: str | None = None,
                     limit: Annotated[int, Query(ge=1, le=200)] = 50, cursor: str | None = None) -> DeliveryList:
@@ -109,7 +110,8 @@ def list_deliveries(session: SessionDep, tenant: CurrentTenant, job_id: str | No
     return DeliveryList.of(page, [delivery_out(d) for d in page.rows])
 
 
-@router.post("/deliveries/{delivery_id}/redeliver", status_code=202, response_model=EventOut)
+@router.post("/deliveries/{delivery_id}/redeliver", status_code=202, response_model=EventOut,
+             responses=error_responses(404, 413, 422))
 def redeliver_delivery(delivery_id: str, session: SessionDep, tenant: CurrentTenant) -> EventOut:
     """Send the delivery's event again, with the same webhook-id (one attempt; see the deliveries log)."""
     try:
@@ -123,7 +125,7 @@ def redeliver_delivery(delivery_id: str, session: SessionDep, tenant: CurrentTen
     return event_out(event)
 
 
-@router.get("/events", response_model=EventList)
+@router.get("/events", response_model=EventList, responses=error_responses(422))
 def list_events(session: SessionDep, tenant: CurrentTenant, job_id: str | None = None, batch_id: str | None = None,
                 status: Annotated[str | None, Query(pattern="^(" + "|".join(WebhookEventStatus.ALL) + ")$")] = None,
                 limit: Annotated[int, Query(ge=1, le=200)] = 50, cursor: str | None = None) -> EventList:
@@ -134,12 +136,13 @@ def list_events(session: SessionDep, tenant: CurrentTenant, job_id: str | None =
     return EventList.of(page, [event_out(e) for e in page.rows])
 
 
-@router.get("/events/{event_id}", response_model=EventOut)
+@router.get("/events/{event_id}", response_model=EventOut, responses=error_responses(404, 422))
 def get_event(event_id: str, session: SessionDep, tenant: CurrentTenant) -> EventOut:
     return event_out(_event(session, tenant.id, event_id))
 
 
-@router.post("/events/{event_id}/redeliver", status_code=202, response_model=EventOut)
+@router.post("/events/{event_id}/redeliver", status_code=202, response_model=EventOut,
+             responses=error_responses(404, 413, 422))
 def redeliver_event(event_id: str, session: SessionDep, tenant: CurrentTenant) -> EventOut:
     """Send the event again with the same webhook-id (also for an event never sent: its endpoint was disabled)."""
     event = outbox.request_redelivery(session, event=_event(session, tenant.id, event_id))
@@ -149,7 +152,8 @@ def redeliver_event(event_id: str, session: SessionDep, tenant: CurrentTenant) -
 
 # --------------------------------------------------------------------------------------- disabled endpoints
 
-@router.get("/disabled-endpoints", response_model=list[DisabledEndpointOut])
+@router.get("/disabled-endpoints", response_model=list[DisabledEndpointOut],
+            responses=error_responses())
 def list_disabled_endpoints(session: SessionDep, tenant: CurrentTenant) -> list[DisabledEndpointOut]:
     """Endpoints that answered 410 Gone: nothing is sent to them until re-enabled (or a redelivery)."""
     rows = session.scalars(select(WebhookDisabledEndpoint).where(WebhookDisabledEndpoint.tenant_id == tenant.id)
@@ -158,7 +162,7 @@ def list_disabled_endpoints(session: SessionDep, tenant: CurrentTenant) -> list[
             for r in rows]
 
 
-@router.delete("/disabled-endpoints", status_code=204)
+@router.delete("/disabled-endpoints", status_code=204, responses=error_responses(404, 422))
 def enable_endpoint(session: SessionDep, tenant: CurrentTenant, url: Annotated[str, Query(max_length=2048)]):
     """Re-enable an endpoint (new events are sent to it again)."""
     if not outbox.enable_endpoint(session, tenant_id=tenant.id, url=url):

@@ -23,6 +23,43 @@ class BatchCreate(BaseModel):
     webhook_url: PlainText | None = Field(None, max_length=2048)
 
 
+# POST /v1/batches reads its body itself (a JSON body, or a multipart upload of a JSONL file: see
+# api/routers/batches.py `_read_request`), so FastAPI sees none: this is the requestBody its OpenAPI operation shows.
+BATCH_REQUEST_BODY: dict[str, Any] = {
+    "required": True,
+    "content": {
+        "application/json": {
+            "schema": BatchCreate.model_json_schema(),
+            "examples": {"inline": {"summary": "two inline items", "value": {
+                "items": [{"custom_id": "hello", "prompt": "a poster that says HELLO", "width": 256, "height": 256},
+                          {"custom_id": "bye", "prompt": "a poster that says BYE", "preset": "V4_TURBO_12"}],
+                "metadata": {"campaign": "spring"}}}},
+        },
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "title": "BatchUpload",
+                "description": "A JSONL file (one JobRequest + custom_id per line) and the batch options.",
+                "properties": {
+                    "file": {"type": "string", "format": "binary",
+                             "description": "the JSONL input: one JSON object per line"},
+                    "skip_invalid": {"type": "boolean", "default": False,
+                                     "description": "skip invalid lines instead of refusing the batch"},
+                    "metadata": {"type": "string", "contentMediaType": "application/json",
+                                 "description": "a JSON object, as text"},
+                    "webhook_url": {"type": "string", "maxLength": 2048},
+                },
+                "required": ["file"],
+            },
+            "examples": {"upload": {"summary": "a JSONL file of two lines", "value": {
+                "file": '{"custom_id": "a", "prompt": "a poster that says A", "width": 256, "height": 256}\n'
+                        '{"custom_id": "b", "prompt": "a poster that says B", "width": 256, "height": 256}\n',
+                "skip_invalid": True, "metadata": '{"campaign": "spring"}'}}},
+        },
+    },
+}
+
+
 class RequestCountsOut(BaseModel):
     total: int
     queued: int

@@ -31,7 +31,7 @@ class ErrorOut(BaseModel):
 
 _RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}
 _DESCRIPTIONS: dict[int, str] = {
-    400: "Bad request: the body cannot be read (e.g. a malformed multipart form)",
+    400: "The body cannot be parsed (a malformed multipart form, say)",
     401: "Missing or invalid API key (send `Authorization: Bearer <key>`)",
     404: "No such object for this tenant (another tenant's objects are not found either)",
     409: "Conflict with the object's current state, or an Idempotency-Key reused with other input",
@@ -44,7 +44,8 @@ _DESCRIPTIONS: dict[int, str] = {
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """`responses=` for a route that can answer these statuses with an ErrorOut body. 401 and 503 (database
-    unavailable) are included for every /v1 route: authentication reads the database."""
+    unavailable) are included for every /v1 route: authentication reads the database. Give 422 for every route
+    with a parameter (FastAPI would otherwise document its own validation body, which is not ours)."""
     wanted = sorted({401, 503, *statuses})
     responses: dict[int | str, dict[str, Any]] = {}
     for status in wanted:

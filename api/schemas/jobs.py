@@ -15,6 +15,18 @@ from common.errors import InvalidRequest
 from common.settings import WebhookSettings
 from common.webhooks.ssrf import UnsafeURLError, check_url
 
+# Examples of a POST /v1/jobs body (the request model, common.job_request.JobRequest, is shared with batch lines).
+JOB_EXAMPLES: dict[str, dict[str, Any]] = {
+    "prompt": {"summary": "a text prompt", "value": {
+        "prompt": "a poster that says HELLO", "width": 256, "height": 256, "preset": "V4_TURBO_12", "seed": 3,
+        "metadata": {"order": "A-17"}}},
+    "caption": {"summary": "a structured caption", "value": {
+        "caption": {"high_level_description": "a poster",
+                    "compositional_deconstruction": {"background": "plain",
+                                                     "elements": [{"type": "text", "text": "HI"}]}},
+        "resolution": "256x256", "rendering_speed": "TURBO"}},
+}
+
 
 class ImageOut(BaseModel):
     index: int

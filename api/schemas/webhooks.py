@@ -22,7 +22,8 @@ class SecretOut(BaseModel):
 
 class RotateIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    previous_valid_for_s: int = Field(outbox.DEFAULT_ROTATION_WINDOW_S, ge=0, le=7 * 24 * 3600,
+    # strict: a JSON integer (not `false` or "60", which lax mode would read as 0 and 60)
+    previous_valid_for_s: int = Field(outbox.DEFAULT_ROTATION_WINDOW_S, ge=0, le=7 * 24 * 3600, strict=True,
                                       description="how long the previous secret keeps signing (0: stop at once)")
 
 
