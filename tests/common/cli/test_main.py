@@ -16,7 +16,7 @@ def letterpress(*args: str, env: dict | None = None, timeout: float = 180) -> su
 
 
 def test_keys_create_prints_a_working_key_once(stack_env, api_url):
-    result = letterpress("keys", "create", "--name", "cli-test")
+    result = letterpress("keys", "create", "--name", "cli-test", env=stack_env)  # the stack's database
     assert result.returncode == 0, result.stderr
     key = result.stdout.strip()
     assert key.startswith("lp_")
