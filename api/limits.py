@@ -11,6 +11,9 @@ Limits (common.settings.ApiSettings): `max_body_bytes` for every route, except P
 `max_batch_json_bytes` for a JSON body, `max_batch_upload_bytes` for a multipart upload (Starlette spools the
 file part to disk).
 
+At most `max_in_flight` requests are served at once per process (`AdmissionControl`); past that a request is a
+503 with `Retry-After: 1` at once, and the probes (/healthz, /readyz) are never held back.
+
 Batch ingests (validation and COPY of up to a million lines) run a bounded number at once per API process,
 overall and per tenant (`max_ingests`, `max_ingests_per_tenant`); one more is 429 with `Retry-After`, at once.
 """
@@ -73,6 +76,35 @@ async def _answer(send: Send, status: int, type_: str, message: str, field: str)
     await send({"type": "http.response.body", "body": body})
 
 
+class AdmissionControl:
+    """At most `max_in_flight` requests of this process are being served at once (liveness and readiness
+    probes excepted); one more is answered 503 with `Retry-After: 1` at once. Without it an overload queues
+    requests (and their open database sessions) behind each other until every caller has timed out, and the
+    server then spends minutes on work nobody waits for."""
+
+    EXEMPT = ("/healthz", "/readyz")
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.EXEMPT:
+            return await self.app(scope, receive, send)
+        if self.in_flight >= get_settings().api.max_in_flight:
+            body = json.dumps({"error": {"type": "overloaded",
+                                         "message": "the server is at capacity; retry shortly"}}).encode()
+            await send({"type": "http.response.start", "status": 503,
+                        "headers": [(b"content-type", b"application/json"), (b"retry-after", b"1"),
+                                    (b"content-length", str(len(body)).encode())]})
+            return await send({"type": "http.response.body", "body": body})
+        self.in_flight += 1  # one event loop per process: no lock needed
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+
 class RequestBounds:
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -121,6 +153,7 @@ def install(app: FastAPI) -> None:
 
     app.add_exception_handler(BodyTooLarge, too_large)
     app.add_middleware(RequestBounds)
+    app.add_middleware(AdmissionControl)  # added last: outermost, so a shed request costs nothing more
 
 
 class IngestSlots:

@@ -85,6 +85,9 @@ class ApiSettings(BaseModel):
     max_body_bytes: int = Field(64 * 1024, ge=1024)  # every route but the batch upload
     max_batch_json_bytes: int = Field(32 * 1024 * 1024, ge=1024)  # POST /v1/batches as JSON {"items": [...]}
     max_batch_upload_bytes: int = Field(1024 * 1024 * 1024, ge=1024)  # POST /v1/batches multipart (spooled to disk)
+    # Requests in flight at once in one API process (admission control, api/limits.py); one more is a 503 with
+    # Retry-After at once, so an overload sheds load instead of queueing work whose callers have given up
+    max_in_flight: int = Field(32, ge=1)
     # Batch ingests (validation + COPY) running at once in one API process, overall and per tenant; more: 429
     max_ingests: int = Field(4, ge=1)
     max_ingests_per_tenant: int = Field(2, ge=1)
