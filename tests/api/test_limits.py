@@ -115,3 +115,32 @@ def test_healthz_answers_while_the_pool_is_exhausted_and_v1_is_503_at_once(http)
             assert http.get("/v1/jobs").status_code == 200  # recovered as soon as a connection is free
     finally:
         reset_engines()
+
+
+def test_past_max_in_flight_a_request_is_503_at_once_and_the_probes_still_answer(http):
+    from concurrent.futures import ThreadPoolExecutor
+
+    settings = get_settings()
+    tight = settings.model_copy(update={
+        "api": settings.api.model_copy(update={"max_in_flight": 1}),
+        "database": settings.database.model_copy(update={"pool_size": 1, "max_overflow": 0, "pool_timeout_s": 2})})
+    reset_engines()
+    try:
+        with use_settings(tight):
+            hog = session_factory()()
+            hog.connection()  # the first request will wait for a connection: in flight for ~2 s
+            try:
+                with ThreadPoolExecutor(max_workers=1) as pool:
+                    slow = pool.submit(http.get, "/v1/jobs")
+                    time.sleep(0.5)
+                    t0 = time.monotonic()
+                    shed = http.get("/v1/jobs")
+                    assert shed.status_code == 503 and "capacity" in shed.json()["error"]["message"], shed.text
+                    assert shed.headers["Retry-After"] == "1" and time.monotonic() - t0 < 1
+                    assert http.get("/healthz").status_code == 200  # probes are never held back
+                    assert slow.result(timeout=15).status_code == 503  # it did wait, for the pool
+            finally:
+                hog.close()
+            assert http.get("/v1/jobs").status_code == 200
+    finally:
+        reset_engines()
