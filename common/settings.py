@@ -115,6 +115,10 @@ class WorkerSettings(BaseModel):
     # Jobs re-enqueued by maintenance when queued longer than this without a claim (lost enqueues).
     requeue_after_s: int = 60
     concurrency: int = 1
+    # Torch threads of a CPU worker (None: torch's default, every core). Several CPU workers on one host must
+    # share the cores: at the default each spins on all of them, and two tiny-model workers on 2 cores ran a job
+    # in 0.65 s instead of 0.07 s (docs/PERFORMANCE.md, "CPU workers"). `letterpress worker` sets it for its own.
+    cpu_threads: int | None = Field(default=None, ge=1)
     batching: BatchingSettings = BatchingSettings()
 
 

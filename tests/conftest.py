@@ -105,6 +105,8 @@ def stack_env(services, tiny_model, tmp_path_factory) -> Iterator[dict[str, str]
         "LETTERPRESS_WORKER__PROGRESS_MIN_INTERVAL_S": "0.2",
         "LETTERPRESS_WORKER__MAINTENANCE_PERIOD_S": "1",
         "LETTERPRESS_WORKER__REQUEUE_AFTER_S": "5",
+        # several CPU workers share this machine's cores (unshared, two ran each job 10x slower)
+        "LETTERPRESS_WORKER__CPU_THREADS": "1",
         # a frozen (SIGSTOPped) process's open transaction is ended soon, as in production after 60 s
         "LETTERPRESS_DATABASE__IDLE_IN_TRANSACTION_TIMEOUT_S": "10",
         "LETTERPRESS_WEBHOOKS__ALLOW_LOOPBACK": "true",

@@ -6,6 +6,7 @@ import logging
 import time
 from typing import Callable
 
+import torch
 from PIL import Image
 
 from common.settings import Settings
@@ -36,6 +37,9 @@ class PipelineRunner:
             model = model.model_copy(update={"id": default_model_id(self.settings)})
         t0 = time.perf_counter()
         self.loaded = load_pipeline(model)
+        threads = self.settings.worker.cpu_threads
+        if threads and str(self.loaded.device) == "cpu":
+            torch.set_num_threads(threads)
         if model.compile or (model.compile is None and str(self.loaded.device).startswith("cuda")):
             prepare_compiled(self.loaded)
         self.load_s = time.perf_counter() - t0

@@ -73,7 +73,10 @@ def test_same_seed_same_pixels_and_the_model_stays_loaded(runner, loads):
     first, again = runner.run(spec(seeds=(3, 4))), runner.run(spec(seeds=(3, 4)))
     assert image_bytes(first) == image_bytes(again)
     alone = runner.run(spec(seeds=(4,)))
-    assert alone[0].tobytes() == first[1].tobytes()  # an image depends on its seed, not its position
+    # an image depends on its seed, not its position: equal up to float rounding between a batch of two and of
+    # one (with diffusers 0.42.1 / torch 2.13 CPU: 1 level in 2 of 12,288 values; docs/PERFORMANCE.md, co-batching)
+    lone, second = np.asarray(alone[0]).astype(int), np.asarray(first[1]).astype(int)
+    assert np.abs(lone - second).max() <= 1 and (lone != second).mean() < 0.001
     other_prompt = runner.run(spec(seeds=(3,), prompt="a lighthouse at dusk"))
     assert other_prompt[0].tobytes() != first[0].tobytes()
     assert len(loads) == before and runner.loaded is loaded  # never reloaded
@@ -109,3 +112,18 @@ def test_run_batch_returns_one_list_per_spec(runner, loads):
 def test_run_batch_refuses_specs_that_cannot_share_a_pass(runner):
     with pytest.raises(ValueError):
         runner.run_batch([spec(), make_spec("x", (1,), width=64, height=128, steps=2)])
+
+
+def test_a_cpu_worker_runs_with_its_configured_thread_count(tiny_model):
+    """Several CPU workers on one host share the cores through `worker.cpu_threads` (oversubscribed they ran
+    10x slower); unset, torch keeps its default."""
+    before = torch.get_num_threads()
+    try:
+        settings = Settings(model=ModelSettings(id=str(tiny_model), compile=False))
+        PipelineRunner(settings).load()
+        assert torch.get_num_threads() == before
+        settings.worker.cpu_threads = before + 1
+        PipelineRunner(settings).load()
+        assert torch.get_num_threads() == before + 1
+    finally:
+        torch.set_num_threads(before)
