@@ -7,7 +7,8 @@ from fastapi import Depends, Header, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from common.auth import authenticate
+from api.job_store import JobStore
+from common.auth import authenticate, key_hash_of
 from common.db import session_factory
 from common.models import Tenant
 from common.settings import Settings, get_settings
@@ -26,12 +27,18 @@ def get_session() -> Iterator[Session]:
         session.close()
 
 
-def get_storage(request: Request) -> Storage:
+# Dependencies that do no I/O are `async def`: FastAPI runs a plain `def` dependency on the threadpool, a hop
+# per dependency per request.
+async def get_storage(request: Request) -> Storage:
     return request.app.state.storage
 
 
+async def current_settings() -> Settings:
+    return get_settings()
+
+
 SessionDep = Annotated[Session, Depends(get_session)]
-SettingsDep = Annotated[Settings, Depends(get_settings)]
+SettingsDep = Annotated[Settings, Depends(current_settings)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
 
 
@@ -48,6 +55,23 @@ def current_tenant(session: SessionDep,
 
 
 CurrentTenant = Annotated[Tenant, Depends(current_tenant)]
+
+
+async def presented_key_hash(
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)] = None) -> str:
+    """The hash of the presented key, for the routes whose one statement checks it (api/job_store.py); a missing
+    key is a 401 here, an unusable one there."""
+    return key_hash_of(credentials.credentials if credentials else None)
+
+
+KeyHash = Annotated[str, Depends(presented_key_hash)]
+
+
+async def get_job_store(request: Request) -> JobStore:
+    return request.app.state.job_store
+
+
+JobStoreDep = Annotated[JobStore, Depends(get_job_store)]
 
 # The `Idempotency-Key` header of every create: printable ASCII, no surrounding blanks, at most 255 characters
 # (an empty or blank key is refused, not taken as a key).

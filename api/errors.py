@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 
+import psycopg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -14,6 +15,7 @@ from sqlalchemy.exc import (
     OperationalError,
 )
 from sqlalchemy.exc import TimeoutError as PoolTimeout
+from psycopg_pool import PoolTimeout as AsyncPoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
@@ -89,31 +91,38 @@ def install_error_handlers(app: FastAPI) -> None:
     # Only a database that cannot be reached is an outage (503). A value it refuses or a constraint it enforces
     # is the request's doing (validation should have caught it first; this is the net under it); anything else
     # is our bug (500), logged in full, never shown.
+    # The async routes (api/job_store.py) raise psycopg's and psycopg_pool's own classes, mapped the same way.
     @app.exception_handler(PoolTimeout)
-    async def _overloaded(_: Request, exc: PoolTimeout):
+    @app.exception_handler(AsyncPoolTimeout)
+    async def _overloaded(_: Request, exc: Exception):
         log.warning("no database connection free within the pool timeout: answering 503 (overload)")
         return error_response(503, "overloaded", "the server is busy; retry shortly", headers={"Retry-After": "1"})
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(InterfaceError)
+    @app.exception_handler(psycopg.OperationalError)
+    @app.exception_handler(psycopg.InterfaceError)
     async def _database_down(_: Request, exc: Exception):
         log.error("database unavailable: %s", exc)
         return error_response(503, "service_unavailable", "the database is unavailable; retry shortly",
                               headers={"Retry-After": "5"})
 
     @app.exception_handler(DataError)
-    async def _refused_value(_: Request, exc: DataError):
-        log.warning("the database refused a value of a request: %s", exc.orig)
+    @app.exception_handler(psycopg.DataError)
+    async def _refused_value(_: Request, exc: Exception):
+        log.warning("the database refused a value of a request: %s", getattr(exc, "orig", exc))
         return error_response(422, "invalid_request", "a value in the request cannot be stored")
 
     @app.exception_handler(IntegrityError)
-    async def _constraint(_: Request, exc: IntegrityError):
-        log.warning("a request broke a database constraint: %s", exc.orig)
+    @app.exception_handler(psycopg.IntegrityError)
+    async def _constraint(_: Request, exc: Exception):
+        log.warning("a request broke a database constraint: %s", getattr(exc, "orig", exc))
         return error_response(409, "conflict", "the request conflicts with the current state; read it and retry")
 
     @app.exception_handler(DBAPIError)
-    async def _database_error(_: Request, exc: DBAPIError):
-        if exc.connection_invalidated:
+    @app.exception_handler(psycopg.Error)
+    async def _database_error(_: Request, exc: Exception):
+        if getattr(exc, "connection_invalidated", False):
             return await _database_down(_, exc)
         log.exception("database error", exc_info=exc)
         return error_response(500, "internal_error", "internal error")

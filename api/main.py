@@ -2,21 +2,39 @@
 from __future__ import annotations
 
 import logging
+import threading
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
 from api import limits
 from api.errors import install_error_handlers
+from api.job_store import JobStore
 from api.routers import batches, health, jobs, webhooks
+from common.prompt_tokens import prompt_tokenizer
 from common.settings import get_settings
 from common.storage import shared_storage
 
 
+@asynccontextmanager
+async def _lifespan(app: FastAPI):
+    # Load the prompt tokenizer now, off the event loop: its warning (if it cannot be loaded) shows at startup,
+    # and the first request does not wait about a second for it (later ones never do: it is loaded once).
+    threading.Thread(target=prompt_tokenizer, args=(get_settings().model,), name="prompt-tokenizer",
+                     daemon=True).start()
+    await app.state.job_store.open()
+    try:
+        yield
+    finally:
+        await app.state.job_store.close()
+
+
 def create_app() -> FastAPI:
     settings = get_settings()
-    app = FastAPI(title="Letterpress", version="0.1.0",
+    app = FastAPI(title="Letterpress", version="0.1.0", lifespan=_lifespan,
                   description="Queue-backed batch image generation for Ideogram 4")
     app.state.storage = shared_storage(settings.storage)
+    app.state.job_store = JobStore(settings.database)  # opened by the lifespan, on the server's event loop
     install_error_handlers(app)
     limits.install(app)
     app.include_router(health.router)

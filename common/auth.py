@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 
-from sqlalchemy import select
+from sqlalchemy import BindParameter, ColumnElement, and_, select
 from sqlalchemy.orm import Session
 
 from common.errors import AuthenticationError
@@ -34,11 +34,26 @@ def create_api_key(session: Session, *, tenant: Tenant, name: str) -> str:
     return key
 
 
-def authenticate(session: Session, key: str | None) -> Tenant:
+def usable_key(key_hash: str | BindParameter) -> ColumnElement[bool]:
+    """The one rule of a key that authenticates: its hash, not revoked. `authenticate` and the API's
+    one-statement calls (api/job_store.py, where `key_hash` is a bound parameter) both use it."""
+    return and_(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None))
+
+
+def key_hash_of(key: str | None) -> str:
+    """The stored hash of a presented key; AuthenticationError (401) when none was presented."""
     if not key:
         raise AuthenticationError("missing API key: send `Authorization: Bearer <key>`")
+    return hash_key(key)
+
+
+def authenticate(session: Session, key: str | None) -> Tenant:
+    return authenticate_hash(session, key_hash_of(key))
+
+
+def authenticate_hash(session: Session, key_hash: str) -> Tenant:
     tenant = session.scalar(select(Tenant).join(ApiKey, ApiKey.tenant_id == Tenant.id)
-                            .where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None)))
+                            .where(usable_key(key_hash)))
     if tenant is None:
         raise AuthenticationError("invalid API key")
     return tenant

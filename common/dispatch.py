@@ -29,6 +29,19 @@ def dispatch(jobs: Iterable[tuple[uuid.UUID, str]], *, session: Session | None =
     """Send each (job id, queue), in order, then mark the sent ones enqueued: in `session` when given (the
     caller commits), else in a transaction of its own. Stops at the first failed send (the broker is down: the
     rest would fail too) and never raises for it. Returns the ids sent."""
+    sent = send_in_order(jobs, send=send)
+    if sent:
+        if session is not None:
+            _mark_sent(session, sent)
+        else:
+            with session_scope() as own:
+                _mark_sent(own, sent)
+    return sent
+
+
+def send_in_order(jobs: Iterable[tuple[uuid.UUID, str]], *, send: Send = enqueue_generate) -> list[uuid.UUID]:
+    """The sending half of `dispatch`, for a caller that marks the sent jobs itself (the API's async submit,
+    api/job_store.py, marks with the same advisory, no-WAL-wait commit as `_mark_sent`)."""
     sent: list[uuid.UUID] = []
     for job_id, queue in jobs:
         try:
@@ -37,12 +50,6 @@ def dispatch(jobs: Iterable[tuple[uuid.UUID, str]], *, session: Session | None =
             log.warning("enqueue of job %s failed (%s); maintenance will send it", job_id, exc)
             break
         sent.append(job_id)
-    if sent:
-        if session is not None:
-            _mark_sent(session, sent)
-        else:
-            with session_scope() as own:
-                _mark_sent(own, sent)
     return sent
 
 

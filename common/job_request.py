@@ -15,7 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from common.captions import Caption
 from common.input_limits import PlainText, StorableJson
 from common.presets import PRESETS, RENDERING_SPEED, get_preset
-from common.settings import ApiSettings
+from common.prompt_tokens import tokens_over_limit
+from common.settings import ApiSettings, ModelSettings, get_settings
 
 MAX_SEED = 2**32 - 1
 PresetName = Literal["V4_QUALITY_48", "V4_HIGH_34", "V4_DEFAULT_20", "V4_FAST_16", "V4_TURBO_12"]
@@ -28,14 +29,16 @@ class JobRequest(BaseModel):
     caption: Caption | None = None
     preset: PresetName | None = None
     rendering_speed: Literal["TURBO", "DEFAULT", "QUALITY"] | None = None
-    width: int | None = Field(None, ge=16, le=8192)
-    height: int | None = Field(None, ge=16, le=8192)
+    # Numbers and flags are strict: a JSON integer (not "256", true or 2.5), a JSON number for guidance_scale,
+    # true/false for magic_prompt, as the OpenAPI document says; lax parsing read `"seed": true` as seed 1.
+    width: int | None = Field(None, ge=16, le=8192, strict=True)
+    height: int | None = Field(None, ge=16, le=8192, strict=True)
     resolution: str | None = Field(None, pattern=r"^\d+x\d+$", description="WIDTHxHEIGHT, e.g. 1024x1024")
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    num_images: int = Field(1, ge=1, le=8)
-    steps: int | None = Field(None, ge=1, le=200)
-    guidance_scale: float | None = Field(None, ge=0.0, le=30.0)
-    magic_prompt: bool = False
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, strict=True)
+    num_images: int = Field(1, ge=1, le=8, strict=True)
+    steps: int | None = Field(None, ge=1, le=200, strict=True)
+    guidance_scale: float | None = Field(None, ge=0.0, le=30.0, strict=True)  # strict float still takes 4 as 4.0
+    magic_prompt: bool = Field(False, strict=True)
     metadata: StorableJson | None = None
     webhook_url: PlainText | None = Field(None, max_length=2048)
 
@@ -74,8 +77,9 @@ def _check_side(name: str, value: int, lo: int, hi: int) -> None:
         raise RequestError(name, f"{name} must be between {lo} and {hi}, got {value}")
 
 
-def to_params(req: JobRequest, api: ApiSettings) -> dict[str, Any]:
-    """Normalize a validated request into stored job params. Raises RequestError naming the field."""
+def to_params(req: JobRequest, api: ApiSettings, model: ModelSettings | None = None) -> dict[str, Any]:
+    """Normalize a validated request into stored job params. Raises RequestError naming the field. `model`
+    (default: the process settings') gives the tokenizer and token limit the prompt text is checked against."""
     preset_name = req.preset or (RENDERING_SPEED[req.rendering_speed] if req.rendering_speed else api.default_preset)
     preset = get_preset(preset_name)
     if req.resolution:
@@ -103,7 +107,16 @@ def to_params(req: JobRequest, api: ApiSettings) -> dict[str, Any]:
     else:
         params["prompt"] = req.prompt
         params["prompt_text"] = req.prompt
+    _check_prompt_tokens("caption" if req.caption is not None else "prompt", params["prompt_text"],
+                         model if model is not None else get_settings().model)
     return params
+
+
+def _check_prompt_tokens(field: str, prompt_text: str, model: ModelSettings) -> None:
+    tokens = tokens_over_limit(prompt_text, model)
+    if tokens is not None:
+        raise RequestError(field, f"{field} is {tokens:,} tokens long (with the chat template), over the model's "
+                                  f"limit of {model.max_sequence_length:,}: shorten it")
 
 
 def image_seeds(params: dict[str, Any]) -> list[int]:

@@ -22,7 +22,7 @@ from typing import Any
 
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, joinedload
 
 from common.db import get_owned
 from common.errors import Conflict, LeaseLost
@@ -44,29 +44,42 @@ def request_hash(params: dict[str, Any], metadata: dict | None, webhook_url: str
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def new_job_values(*, params: dict[str, Any], queue: str = "interactive", idempotency_key: str | None = None,
+                   metadata: dict | None = None, webhook_url: str | None = None,
+                   max_attempts: int = 3) -> dict[str, Any]:
+    """The attributes of a job as submitted (all but its tenant and id): the one definition of a new job, for
+    create_job here and the API's one-statement insert (api/job_store.py)."""
+    return dict(queue=queue, status=S.QUEUED, params=params, request_hash=request_hash(params, metadata, webhook_url),
+                idempotency_key=idempotency_key, metadata_=metadata, webhook_url=webhook_url, attempts=0,
+                max_attempts=max_attempts, preemptions=0, cancel_requested=False, progress_step=0,
+                progress_total=params["steps"])
+
+
 def create_job(session: Session, *, tenant_id: uuid.UUID, params: dict[str, Any], queue: str = "interactive",
                idempotency_key: str | None = None, metadata: dict | None = None, webhook_url: str | None = None,
                max_attempts: int = 3) -> tuple[Job, bool]:
     """Insert a queued job. Returns (job, created). The same Idempotency-Key with the same request returns the
     existing job (created=False); with another request it raises Conflict. Concurrent creates with one key make
     one job: the loser of the unique-constraint race answers like a replay."""
-    digest = request_hash(params, metadata, webhook_url)
+    values = new_job_values(params=params, queue=queue, idempotency_key=idempotency_key, metadata=metadata,
+                            webhook_url=webhook_url, max_attempts=max_attempts)
     if idempotency_key is not None:
-        existing = _replay(session, tenant_id=tenant_id, idempotency_key=idempotency_key, digest=digest)
+        existing = _replay(session, tenant_id=tenant_id, idempotency_key=idempotency_key,
+                           digest=values["request_hash"])
         if existing is not None:
             return existing, False
-    job = Job(tenant_id=tenant_id, queue=queue, status=S.QUEUED, params=params, request_hash=digest,
-              idempotency_key=idempotency_key, metadata_=metadata, webhook_url=webhook_url, attempts=0,
-              max_attempts=max_attempts, preemptions=0, cancel_requested=False, progress_step=0,
-              progress_total=params["steps"])
+    job = Job(tenant_id=tenant_id, **values, images=[])  # a new job has no images: no query to find out
+    if idempotency_key is None:
+        session.add(job)
+        session.flush()
+        return job, True
     try:
         with session.begin_nested():  # a savepoint: losing the race rolls back the insert only
             session.add(job)
             session.flush()
     except IntegrityError:
-        if idempotency_key is None:
-            raise
-        existing = _replay(session, tenant_id=tenant_id, idempotency_key=idempotency_key, digest=digest)
+        existing = _replay(session, tenant_id=tenant_id, idempotency_key=idempotency_key,
+                           digest=values["request_hash"])
         if existing is None:
             raise
         return existing, False
@@ -82,7 +95,8 @@ def _replay(session: Session, *, tenant_id: uuid.UUID, idempotency_key: str, dig
 
 def get_job(session: Session, job_id: uuid.UUID | str, *, tenant_id: uuid.UUID | None = None) -> Job:
     """A job by id; another tenant's job is NotFound (no existence leak)."""
-    return get_owned(session, Job, job_id, tenant_id=tenant_id, noun="job")
+    return get_owned(session, Job, job_id, tenant_id=tenant_id, noun="job",
+                     options=(joinedload(Job.images),))  # one query, not the relationship's second SELECT
 
 
 def lock_in_id_order(session: Session, *where, skip_locked: bool = False) -> list[uuid.UUID]:
@@ -94,8 +108,9 @@ def lock_in_id_order(session: Session, *where, skip_locked: bool = False) -> lis
 
 
 def mark_enqueued(session: Session, job_ids: list[uuid.UUID]) -> None:
-    lock_in_id_order(session, Job.id.in_(job_ids))
-    session.execute(update(Job).where(Job.id.in_(job_ids)).values(enqueued_at=func.now()))
+    if len(job_ids) > 1:  # one row needs no ordering: the UPDATE's own row lock is the only lock taken
+        lock_in_id_order(session, Job.id.in_(job_ids))
+    session.execute(update(Job.__table__).where(Job.id.in_(job_ids)).values(enqueued_at=func.now()))
 
 
 @dataclass(frozen=True)
@@ -244,14 +259,6 @@ def cancel(session: Session, *, job: Job) -> Job:
         outbox.record_job_event(session, job_id=job.id, type="job.canceled")
     session.refresh(job)
     return job
-
-
-def queue_position(session: Session, *, job: Job) -> int | None:
-    """How many queued jobs of the same queue are ahead of this one (0 = next)."""
-    if job.status != S.QUEUED:
-        return None
-    return session.scalar(select(func.count()).select_from(Job).where(
-        Job.status == S.QUEUED, Job.queue == job.queue, Job.created_at < job.created_at))
 
 
 def recover_expired_leases(session: Session) -> tuple[list[tuple[uuid.UUID, str]], list[uuid.UUID]]:

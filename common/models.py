@@ -112,6 +112,11 @@ class Job(Base):
         Index("ix_jobs_batch_status", "batch_id", "status"),
         Index("ix_jobs_batch_unfed", "batch_id", "batch_line",
               postgresql_where=text("batch_id IS NOT NULL AND status = 'queued' AND enqueued_at IS NULL")),
+        # Queue position and ETA (migration 0004, common/queue_position.py): the broker's lists in send order; the
+        # newest starts. (0004 also adds extended statistics on (status, queue), which SQLAlchemy does not model.)
+        Index("ix_jobs_queued_sent", "queue", "enqueued_at", "created_at", "batch_line", "id",
+              postgresql_where=text("status = 'queued' AND enqueued_at IS NOT NULL")),
+        Index("ix_jobs_started", "started_at", postgresql_where=text("started_at IS NOT NULL")),
     )
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
     tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))

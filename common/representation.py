@@ -3,7 +3,7 @@ payload of the job's webhook events (common/webhooks/outbox.py) are both built h
 poll returns.
 
 Pure: no request, no session. The caller says where the job lives (`self_url`), how an image is reached
-(`image_url`) and, for a queued job, its queue position.
+(`image_url`) and, for a queued job, its queue position and ETA (common.queue_position.queue_place).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ REQUEST_FIELDS = ("prompt", "caption", "preset", "width", "height", "seed", "num
 
 
 def job_representation(job: Job, *, self_url: str, image_url: Callable[[JobImage], str],
-                       queue_position: int | None = None) -> dict[str, Any]:
+                       queue_position: int | None = None, eta_s: float | None = None) -> dict[str, Any]:
     """The job object (`object: "job"`) as a dict of plain values and datetimes; api.schemas.jobs.JobOut validates
     it for responses, `common.webhooks.outbox.to_json` serializes it the same way for webhooks."""
     total = job.progress_total or job.params["steps"]
@@ -25,7 +25,7 @@ def job_representation(job: Job, *, self_url: str, image_url: Callable[[JobImage
         "request": {k: job.params[k] for k in REQUEST_FIELDS if job.params.get(k) is not None},
         "metadata": job.metadata_,
         "progress": {"step": job.progress_step, "total": total, "fraction": round(job.progress_step / total, 4)},
-        "queue_position": queue_position,
+        "queue_position": queue_position, "eta_s": eta_s,
         "attempts": job.attempts, "max_attempts": job.max_attempts, "preemptions": job.preemptions,
         "error": job.error,
         "images": [{"index": i.index, "seed": i.seed, "url": image_url(i), "key": i.key, "sha256": i.sha256,

@@ -67,6 +67,11 @@ class ModelSettings(BaseModel):
     # Regional torch.compile of the repeated blocks, warmed up at worker start. None (auto): on for CUDA, where it
     # measured 1.52x the eager fast path at 1024² (docs/PERFORMANCE.md); off on CPU.
     compile: bool | None = None
+    # Longest prompt, in tokens of the chat-formatted prompt text (prompt or caption JSON). Not in the model's
+    # config: it is the `max_sequence_length` argument of the diffusers Ideogram4Pipeline call (its default, and
+    # the length the model was published with). The worker passes it to the pipeline; the API refuses longer
+    # prompts at validation (common.prompt_tokens).
+    max_sequence_length: int = Field(2048, ge=1)
 
 
 class ApiSettings(BaseModel):
@@ -88,6 +93,10 @@ class ApiSettings(BaseModel):
     # Requests in flight at once in one API process (admission control, api/limits.py); one more is a 503 with
     # Retry-After at once, so an overload sheds load instead of queueing work whose callers have given up
     max_in_flight: int = Field(32, ge=1)
+    # uvicorn worker processes of `letterpress api`; each has two database pools (the ORM's and api/job_store's,
+    # database.pool_size + max_overflow connections each), so Postgres sees up to workers x 2 x that
+    # (docs/PERFORMANCE.md, "Front door under load")
+    workers: int = Field(1, ge=1)
     # Batch ingests (validation + COPY) running at once in one API process, overall and per tenant; more: 429
     max_ingests: int = Field(4, ge=1)
     max_ingests_per_tenant: int = Field(2, ge=1)
@@ -235,3 +244,9 @@ def hf_env(model: ModelSettings) -> dict[str, str]:
     if model.offline:
         env["HF_HUB_OFFLINE"] = "1"
     return {**{k: v for k, v in os.environ.items() if k in ("HF_TOKEN", "HF_HOME", "HF_HUB_OFFLINE")}, **env}
+
+
+def hub_cache_dir(model: ModelSettings) -> str | None:
+    """The Hugging Face Hub cache under `model.hf_home` (or HF_HOME); None: the libraries' default."""
+    home = hf_env(model).get("HF_HOME")
+    return str(Path(home).expanduser() / "hub") if home else None

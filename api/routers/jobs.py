@@ -5,18 +5,22 @@ import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, RedirectResponse
 from sqlalchemy import select
 
-from api.deps import CurrentTenant, IdempotencyKey, SessionDep, SettingsDep, StorageDep
+from api.deps import CurrentTenant, IdempotencyKey, JobStoreDep, KeyHash, SessionDep, SettingsDep, StorageDep
 from api.pagination import newest_first
 from api.schemas.errors import error_responses
 from api.schemas.jobs import JOB_EXAMPLES, JobList, JobOut, check_webhook_url
 from common import job_states
-from common.dispatch import dispatch
+from common.auth import authenticate_hash
+from common.db import session_scope
+from common.dispatch import dispatch, send_in_order
 from common.errors import NotFound
 from common.job_request import JobRequest, to_params
 from common.models import Job, JobStatus
+from common.queue_position import QueuePlace, queue_place
 from common.representation import job_representation
 from common.storage import Storage
 
@@ -31,12 +35,16 @@ def image_url(request: Request, storage: Storage, job: Job, key: str, index: int
     return storage.presigned_url(key) or str(request.url_for("get_job_image", job_id=str(job.id), index=index))
 
 
-def job_out(request: Request, session, storage: Storage, job: Job) -> JobOut:
+def job_out(request: Request, storage: Storage, job: Job, place: QueuePlace | None) -> JobOut:
     """The job as GET returns it; the shape lives in common.representation (shared with webhook payloads)."""
     return JobOut(**job_representation(
         job, self_url=str(request.url_for("get_job", job_id=str(job.id))),
         image_url=lambda i: image_url(request, storage, job, i.key, i.index),
-        queue_position=job_states.queue_position(session, job=job)))
+        queue_position=place.position if place else None, eta_s=place.eta_s if place else None))
+
+
+def _job_out_sync(request: Request, session, storage: Storage, job: Job) -> JobOut:
+    return job_out(request, storage, job, queue_place(session, job=job))
 
 
 @router.post("", status_code=202, response_model=JobOut, responses={
@@ -44,30 +52,44 @@ def job_out(request: Request, session, storage: Storage, job: Job) -> JobOut:
     200: {"model": JobOut, "description": "The job created before under the same Idempotency-Key and request",
           "headers": _LOCATION},
     **error_responses(409, 413, 422)})
-def create_job(body: Annotated[JobRequest, Body(openapi_examples=JOB_EXAMPLES)], request: Request,
-               response: Response, session: SessionDep, tenant: CurrentTenant, settings: SettingsDep,
-               storage: StorageDep,
-               idempotency_key: IdempotencyKey = None) -> JobOut:
+async def create_job(body: Annotated[JobRequest, Body(openapi_examples=JOB_EXAMPLES)], request: Request,
+                     response: Response, store: JobStoreDep, key_hash: KeyHash, settings: SettingsDep,
+                     storage: StorageDep, idempotency_key: IdempotencyKey = None) -> JobOut:
+    """Without an Idempotency-Key: one statement inserts the job for the key's tenant (api/job_store.py), the
+    message is sent off the event loop, and the send is marked. With one: the ORM path of common.job_states,
+    whose replay and race rules apply."""
     params = to_params(body, settings.api)
     check_webhook_url(body.webhook_url, settings.webhooks)
-    job, created = job_states.create_job(
-        session, tenant_id=tenant.id, params=params, idempotency_key=idempotency_key, metadata=body.metadata,
-        webhook_url=body.webhook_url, max_attempts=settings.worker.max_attempts)
-    session.commit()
-    if created:
-        # after commit: if Redis is down the job stays queued, unsent, and maintenance sends it later
-        dispatch([(job.id, job.queue)], session=session)
-        session.commit()
+    submitted = dict(params=params, idempotency_key=idempotency_key, metadata=body.metadata,
+                     webhook_url=body.webhook_url, max_attempts=settings.worker.max_attempts)
+    if idempotency_key is not None:
+        job, created = await run_in_threadpool(_create_idempotent, key_hash, submitted)
     else:
+        job, created = await store.insert(key_hash, job_states.new_job_values(**submitted)), True
+        # after the commit: if Redis is down the job stays queued, unsent, and maintenance sends it later
+        if await run_in_threadpool(send_in_order, [(job.id, job.queue)]):
+            await store.mark_enqueued(job.id)
+    if not created:
         response.status_code = 200
     response.headers["Location"] = str(request.url_for("get_job", job_id=str(job.id)))
-    return job_out(request, session, storage, job)
+    return job_out(request, storage, job, await store.queue_place(job))
+
+
+def _create_idempotent(key_hash: str, submitted: dict) -> tuple[Job, bool]:
+    with session_scope() as session:
+        tenant = authenticate_hash(session, key_hash)
+        job, created = job_states.create_job(session, tenant_id=tenant.id, **submitted)
+        session.commit()
+        if created:
+            dispatch([(job.id, job.queue)], session=session)
+    return job, created
 
 
 @router.get("/{job_id}", response_model=JobOut, name="get_job", responses=error_responses(404, 422))
-def get_job(job_id: str, request: Request, session: SessionDep, tenant: CurrentTenant,
-            storage: StorageDep) -> JobOut:
-    return job_out(request, session, storage, job_states.get_job(session, job_id, tenant_id=tenant.id))
+async def get_job(job_id: str, request: Request, store: JobStoreDep, key_hash: KeyHash,
+                  storage: StorageDep) -> JobOut:
+    job = await store.read(key_hash, job_id)
+    return job_out(request, storage, job, await store.queue_place(job))
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut, responses=error_responses(404, 409, 413, 422))
@@ -75,7 +97,7 @@ def cancel_job(job_id: str, request: Request, session: SessionDep, tenant: Curre
                storage: StorageDep) -> JobOut:
     job = job_states.cancel(session, job=job_states.get_job(session, job_id, tenant_id=tenant.id))
     session.commit()
-    return job_out(request, session, storage, job)
+    return _job_out_sync(request, session, storage, job)
 
 
 @router.get("", response_model=JobList, responses=error_responses(422))
@@ -88,7 +110,7 @@ def list_jobs(request: Request, session: SessionDep, tenant: CurrentTenant, stor
     if status:
         query = query.where(Job.status == status)
     page = newest_first(session, query, Job, cursor=cursor, limit=limit)
-    return JobList.of(page, [job_out(request, session, storage, j) for j in page.rows])
+    return JobList.of(page, [_job_out_sync(request, session, storage, j) for j in page.rows])
 
 
 @router.get("/{job_id}/images/{index}", name="get_job_image", response_class=Response, responses={

@@ -8,7 +8,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from api.pagination import ListPage
 from common.errors import InvalidRequest
@@ -53,7 +53,14 @@ class JobOut(BaseModel):
     request: dict[str, Any]
     metadata: dict[str, Any] | None
     progress: Progress
-    queue_position: int | None
+    queue_position: int | None = Field(description=(
+        "Queued jobs only: how many jobs will start before this one (0 = next), fair share included: a batch item "
+        "is counted behind waiting interactive jobs and its tenant's own earlier items, and behind other tenants "
+        "only as far as round robin takes them first. An estimate; null unless queued."))
+    eta_s: float | None = Field(description=(
+        "Queued jobs only: estimated seconds until the job starts, (queue_position + 1) / the fleet's recent "
+        "throughput (jobs started per second over the last few minutes). Null unless queued, or when no job started "
+        "recently."))
     attempts: int
     max_attempts: int
     preemptions: int

@@ -28,9 +28,9 @@ def _exec_module(module: str, *args: str) -> int:
 
 
 def cmd_api(args) -> int:
-    s = get_settings()
-    return _exec_module("uvicorn", "api.main:app", "--host", args.host or s.api.host, "--port",
-                        str(args.port or s.api.port))
+    from common.devstack.stack import api_argv
+
+    return subprocess.call(api_argv(get_settings(), host=args.host, port=args.port))
 
 
 def cmd_worker(args) -> int:

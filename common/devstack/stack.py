@@ -22,7 +22,7 @@ from common.db import migrate, session_scope
 from common.devstack.servers import PostgresServer, RedisServer
 from common.devstack.tiny_model import ensure_default_tiny_model
 from common.errors import AuthenticationError
-from common.settings import get_settings, reset_settings_cache
+from common.settings import Settings, get_settings, reset_settings_cache
 
 
 def _dev_key(home: Path) -> str:
@@ -39,6 +39,12 @@ def _dev_key(home: Path) -> str:
     path.write_text(key + "\n")
     path.chmod(0o600)
     return key
+
+
+def api_argv(settings: Settings, *, host: str | None = None, port: int | None = None) -> list[str]:
+    """The command line of the API server (uvicorn with `api.workers` processes)."""
+    return [sys.executable, "-m", "uvicorn", "api.main:app", "--host", host or settings.api.host, "--port",
+            str(port or settings.api.port), "--workers", str(settings.api.workers)]
 
 
 def run_dev_stack(api_port: int | None = None, workers: bool = True) -> int:
@@ -65,8 +71,7 @@ def run_dev_stack(api_port: int | None = None, workers: bool = True) -> int:
         migrate()
         key = _dev_key(home)
         child_env = {**os.environ, **env}
-        procs = [subprocess.Popen([sys.executable, "-m", "uvicorn", "api.main:app", "--host", settings.api.host,
-                                   "--port", str(port)], env=child_env)]
+        procs = [subprocess.Popen(api_argv(settings, port=port), env=child_env)]
         if workers:
             ensure_default_tiny_model(get_settings())
             procs.append(subprocess.Popen([sys.executable, "-m", "worker.launcher"], env=child_env))

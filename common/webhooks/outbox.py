@@ -92,7 +92,7 @@ def job_payload(job: Job) -> dict[str, Any]:
     storage = shared_storage(settings.storage)
     self_url = f"{settings.public_api_url}/v1/jobs/{job.id}"
     return to_json(job_representation(
-        job, self_url=self_url, queue_position=None,
+        job, self_url=self_url, queue_position=None, eta_s=None,
         image_url=lambda i: storage.presigned_url(i.key) or f"{self_url}/images/{i.index}"))
 
 

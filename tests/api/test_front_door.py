@@ -107,6 +107,29 @@ def test_jsonl_upload_refuses_invalid_utf8_and_accepts_a_bom(http):
     assert resp.json()["request_counts"]["total"] == 1
 
 
+@pytest.mark.parametrize("body, field", [
+    ({**JOB, "prompt": "x" * 8000}, "prompt"),  # within 8,000 characters, but 8,016 tokens: over 2,048
+    ({**{k: v for k, v in JOB.items() if k != "prompt"},
+      "caption": {"high_level_description": "x" * 2000,
+                  "compositional_deconstruction": {"background": "y" * 2000, "elements": []}}}, "caption"),
+])
+def test_a_prompt_over_the_model_token_limit_is_a_422_naming_the_field(http, body, field):
+    """Counted with the model's own tokenizer (the suite's tiny model) before the job exists; it used to be
+    accepted (202) and fail in the worker. A batch line over the limit is a line error like any other."""
+    error = refused(http.post("/v1/jobs", json=body), field)
+    assert "tokens long" in error["message"] and "limit of 2,048" in error["message"], error
+    resp = http.post("/v1/batches", json={"items": [{**body, "custom_id": "long"}]})
+    assert resp.status_code == 422, resp.text
+    (line_error,) = resp.json()["error"]["errors"]
+    assert (line_error["line"], line_error["field"], line_error["custom_id"]) == (1, field, "long")
+
+
+@pytest.mark.parametrize("field, value", [("width", "256"), ("seed", True), ("steps", 2.5), ("num_images", "2")])
+def test_numbers_of_the_wrong_json_type_are_a_422_naming_the_field(http, field, value):
+    """Strict JSON types (common.job_request): lax parsing took `"seed": true` as seed 1."""
+    refused(http.post("/v1/jobs", json={**JOB, field: value}), field)
+
+
 @pytest.mark.parametrize("key", ["", "   ", "a\tb"])
 def test_a_blank_or_unprintable_idempotency_key_is_refused(http, key):
     refused(http.post("/v1/jobs", json=JOB, headers={"Idempotency-Key": key}), "idempotency-key")

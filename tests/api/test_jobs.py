@@ -109,6 +109,29 @@ def test_auth_missing_wrong_and_other_tenant(client, api_url):
     assert client.http.get("/v1/jobs/not-a-uuid").status_code == 404
 
 
+def test_a_revoked_key_is_refused_on_submit_and_read(api_url):
+    """The submit and read statements (api/job_store.py) check the key in SQL; the rule is common.auth.usable_key."""
+    from sqlalchemy import func, update
+
+    from common.auth import key_hash_of
+    from common.db import session_scope
+    from common.models import ApiKey
+    from tests.support import make_tenant
+
+    owner = make_tenant()
+    client = ApiClient(api_url, owner.key)
+    job = client.submit(PROMPT).json()
+    client.http.post(f"/v1/jobs/{job['id']}/cancel")
+    with session_scope() as session:
+        session.execute(update(ApiKey).where(ApiKey.key_hash == key_hash_of(owner.key))
+                        .values(revoked_at=func.now()))
+        session.commit()
+    for resp in (client.http.get(f"/v1/jobs/{job['id']}"), client.submit(PROMPT),
+                 client.submit(PROMPT, headers={"Idempotency-Key": "after-revoke"})):
+        assert resp.status_code == 401, resp.text
+        assert resp.json()["error"]["type"] == "unauthorized"
+
+
 def test_list_pagination_and_status_filter(client):
     ids = [client.submit({**PROMPT, "seed": i}).json()["id"] for i in range(5)]
     seen, cursor = [], None

@@ -62,6 +62,31 @@ def test_conflicting_choices_are_refused():
     assert "magic_prompt" in str(refused(prompt="a", magic_prompt=True))
 
 
+# ------------------------------------------------------------------------------------- strict numbers
+
+@pytest.mark.parametrize("field, value", [
+    ("width", "256"), ("height", 256.0), ("seed", True), ("seed", "7"), ("steps", 2.5), ("num_images", "2"),
+    ("num_images", False), ("guidance_scale", "4.5"), ("guidance_scale", True), ("magic_prompt", "false"),
+    ("magic_prompt", 0),
+])
+def test_numbers_and_flags_are_strict_json_types(field, value):
+    """As the OpenAPI document says: a JSON integer, a JSON number for guidance_scale, a boolean for magic_prompt.
+    Lax parsing took `"seed": true` as seed 1 and `"width": "256"` as 256. Batch lines validate the same way."""
+    body = {"prompt": "a", field: value}
+    assert fields_of(refused(**body)) == {field}
+    with pytest.raises(ValidationError):
+        JobRequest.model_validate_json(json.dumps(body))
+
+
+def test_json_numbers_of_the_right_type_pass():
+    body = {"prompt": "a", "width": 256, "height": 512, "seed": 0, "steps": 4, "num_images": 2,
+            "guidance_scale": 4, "magic_prompt": False}
+    for req in (JobRequest.model_validate(body), JobRequest.model_validate_json(json.dumps(body))):
+        assert (req.width, req.height, req.seed, req.steps, req.num_images) == (256, 512, 0, 4, 2)
+        assert req.guidance_scale == 4.0 and isinstance(req.guidance_scale, float)  # an integer is a number
+    assert JobRequest(prompt="a", guidance_scale=3.5).guidance_scale == 3.5
+
+
 # ------------------------------------------------------------------------------------------- sizes
 
 @pytest.mark.parametrize("field, value", [("width", 8), ("height", 8193), ("width", -16)])

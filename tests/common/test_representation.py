@@ -41,9 +41,10 @@ def represent(job: Job, **kw) -> dict:
 
 def test_a_queued_job():
     job = make_job()
-    body = represent(job, queue_position=3)
+    body = represent(job, queue_position=3, eta_s=12.5)
     assert body["id"] == str(job.id) and body["object"] == "job"
-    assert (body["status"], body["queue"], body["queue_position"]) == ("queued", "interactive", 3)
+    assert (body["status"], body["queue"], body["queue_position"], body["eta_s"]) == ("queued", "interactive", 3,
+                                                                                      12.5)
     assert body["request"] == {"prompt": "a red fox", "preset": "V4_TURBO_12", "width": 256, "height": 512,
                                "seed": 41, "num_images": 2, "steps": 12}
     assert body["metadata"] == {"order": 7}
@@ -105,6 +106,7 @@ def test_a_failed_job_carries_its_error():
 def test_the_webhook_serialization_of_a_job_is_plain_json():
     body = to_json(represent(make_job()))
     assert body["created_at"].startswith("2025-01-02T03:04:05") and isinstance(body["created_at"], str)
+    assert body["queue_position"] is None and body["eta_s"] is None  # what webhook payloads carry
 
 
 def test_a_batch():

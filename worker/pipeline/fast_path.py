@@ -69,6 +69,7 @@ from diffusers.pipelines.ideogram4.pipeline_ideogram4 import (
     _resolution_aware_mu,
 )
 
+from common.prompt_tokens import chat_messages
 from worker.pipeline.spec import (
     MAX_SEQUENCE_LENGTH,
     GenerationSpec,
@@ -186,7 +187,8 @@ def encode_text(loaded: LoadedPipeline, prompt_text: str) -> TextCondition:
     Public so a worker can encode the next job's prompt while the current one denoises.
     """
     return text_cache(loaded).get_or_encode(_cache_key(loaded, prompt_text),
-                                            lambda: _encode_uncached(loaded.pipe, prompt_text))
+                                            lambda: _encode_uncached(loaded.pipe, prompt_text,
+                                                                     loaded.max_sequence_length))
 
 
 def _cache_key(loaded: LoadedPipeline, prompt_text: str) -> tuple:
@@ -194,8 +196,8 @@ def _cache_key(loaded: LoadedPipeline, prompt_text: str) -> tuple:
 
 
 @torch.no_grad()
-def _encode_uncached(pipe: Ideogram4Pipeline, prompt_text: str) -> TextCondition:
-    token_ids = _tokenize(pipe, prompt_text)
+def _encode_uncached(pipe: Ideogram4Pipeline, prompt_text: str, limit: int) -> TextCondition:
+    token_ids = _tokenize(pipe, prompt_text, limit)
     features = _text_features(pipe, token_ids)
     transformer = pipe.transformer
     projected = transformer.llm_cond_proj(transformer.llm_cond_norm(features.to(transformer.dtype)))
@@ -203,15 +205,13 @@ def _encode_uncached(pipe: Ideogram4Pipeline, prompt_text: str) -> TextCondition
     return TextCondition(tokens=int(token_ids.shape[0]), rows=rows)
 
 
-def _tokenize(pipe: Ideogram4Pipeline, prompt_text: str) -> torch.Tensor:
-    """Token ids of the chat-formatted prompt, exactly as `Ideogram4Pipeline.encode_prompt` makes them."""
-    messages = [{"role": "user", "content": [{"type": "text", "text": prompt_text}]}]
-    text = pipe.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+def _tokenize(pipe: Ideogram4Pipeline, prompt_text: str, limit: int = MAX_SEQUENCE_LENGTH) -> torch.Tensor:
+    """Token ids of the chat-formatted prompt, exactly as `Ideogram4Pipeline.encode_prompt` makes them (the API
+    counts them the same way, common.prompt_tokens, and refuses longer prompts before they get here)."""
+    text = pipe.tokenizer.apply_chat_template(chat_messages(prompt_text), add_generation_prompt=True, tokenize=False)
     token_ids = pipe.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
-    if token_ids.shape[0] > MAX_SEQUENCE_LENGTH:
-        raise ValueError(
-            f"prompt has {token_ids.shape[0]} tokens, exceeds max_sequence_length={MAX_SEQUENCE_LENGTH}"
-        )
+    if token_ids.shape[0] > limit:
+        raise ValueError(f"prompt has {token_ids.shape[0]} tokens, exceeds max_sequence_length={limit}")
     return token_ids
 
 
@@ -248,22 +248,23 @@ class _Conditioning:
         return self.text_block.shape[1]
 
 
-def padded_text_length(token_counts: Sequence[int], multiple: int = PAD_MULTIPLE) -> int:
+def padded_text_length(token_counts: Sequence[int], multiple: int = PAD_MULTIPLE,
+                       limit: int = MAX_SEQUENCE_LENGTH) -> int:
     """Text region length for a batch: the prompt length itself when all are equal (no padding, no mask),
     else the longest rounded up to `multiple` (padding is needed anyway, so bound the shapes)."""
     longest = max(token_counts)
     if min(token_counts) == longest:
         return longest
-    return min(-(-longest // multiple) * multiple, MAX_SEQUENCE_LENGTH)
+    return min(-(-longest // multiple) * multiple, limit)
 
 
 def _prepare_conditioning(pipe: Ideogram4Pipeline, texts: list[TextCondition], grid_h: int, grid_w: int,
-                          device: torch.device) -> _Conditioning:
+                          device: torch.device, limit: int = MAX_SEQUENCE_LENGTH) -> _Conditioning:
     """Lay out B images' text rows, positions and (if padded) the padding mask, as the stock call would for the
     same prompts but with `padded_text_length` instead of 2,048 text slots."""
     transformer, uncond = pipe.transformer, pipe.unconditional_transformer
     lengths = [t.tokens for t in texts]
-    text_len = padded_text_length(lengths)
+    text_len = padded_text_length(lengths, limit=limit)
     position_ids, segment_ids, _ = Ideogram4Pipeline._prepare_ids(lengths, grid_h, grid_w, text_len, device)
 
     # Padding rows carry what the stock forward gives them: zero features and projection, plus the text-side
@@ -353,7 +354,7 @@ def _denoise_and_decode(loaded: LoadedPipeline, spec: GenerationSpec, texts: lis
     scale = pipe.vae_scale_factor * pipe.patch_size
     grid_h, grid_w = spec.height // scale, spec.width // scale
     batch = len(seeds)
-    cond = _prepare_conditioning(pipe, texts, grid_h, grid_w, device)
+    cond = _prepare_conditioning(pipe, texts, grid_h, grid_w, device, loaded.max_sequence_length)
 
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)  # our own state, thread-safe
     schedule_mu = _resolution_aware_mu(height=spec.height, width=spec.width, base_mu=spec.mu)

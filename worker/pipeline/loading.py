@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from common.errors import ModelError
-from common.settings import ModelSettings, Settings, get_settings, hf_env
+from common.settings import ModelSettings, Settings, get_settings, hf_env, hub_cache_dir
+from worker.pipeline.spec import MAX_SEQUENCE_LENGTH
 
 if TYPE_CHECKING:
     from diffusers import Ideogram4Pipeline
@@ -76,6 +77,7 @@ class LoadedPipeline:
     variant: str
     model_id: str
     revision: str | None
+    max_sequence_length: int = MAX_SEQUENCE_LENGTH  # longest prompt in tokens (settings.model)
 
 
 def detect_device(device: str | None = None) -> DeviceInfo:
@@ -176,7 +178,8 @@ def load_pipeline(model: ModelSettings, device: str | None = None, *, settings: 
                                    offline=source.offline) from exc
     pipe.set_progress_bar_config(disable=True)
     return LoadedPipeline(pipe=pipe, device=device_info.torch_device, dtype=dtype_for(variant), variant=variant,
-                          model_id=model_id, revision=source.resolved_revision())
+                          model_id=model_id, revision=source.resolved_revision(),
+                          max_sequence_length=model.max_sequence_length)
 
 
 @dataclass(frozen=True)
@@ -193,7 +196,7 @@ class _ModelSource:
     def from_settings(cls, model_id: str, model: ModelSettings) -> _ModelSource:
         env = hf_env(model)
         offline = env.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-        cache_dir = str(Path(env["HF_HOME"]).expanduser() / "hub") if env.get("HF_HOME") else None
+        cache_dir = hub_cache_dir(model)
         return cls(model_id=model_id, revision=model.revision, token=env.get("HF_TOKEN") or None,
                    cache_dir=cache_dir, offline=offline)
 

@@ -7,8 +7,11 @@ from dataclasses import dataclass
 
 import torch
 
-# The stock call pads every prompt to this many tokens; it is also the longest prompt either path accepts.
-MAX_SEQUENCE_LENGTH = 2048
+from common.settings import ModelSettings
+
+# The stock call pads every prompt to this many tokens; it is also the longest prompt either path accepts. The
+# default of `settings.model.max_sequence_length`, which a loaded pipeline carries (`LoadedPipeline`).
+MAX_SEQUENCE_LENGTH = ModelSettings.model_fields["max_sequence_length"].default
 # VAE factor 8 x patch 2: image sides must be multiples of this.
 SIDE_MULTIPLE = 16
 

@@ -6,12 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from worker.pipeline.spec import (
-    MAX_SEQUENCE_LENGTH,
-    GenerationSpec,
-    StepControl,
-    seed_generators,
-)
+from worker.pipeline.spec import GenerationSpec, StepControl, seed_generators
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -30,7 +25,7 @@ def stock_call_kwargs(loaded: LoadedPipeline, spec: GenerationSpec) -> dict[str,
         "guidance_schedule": list(spec.guidance_schedule),
         "mu": spec.mu,
         "std": spec.std,
-        "max_sequence_length": MAX_SEQUENCE_LENGTH,
+        "max_sequence_length": loaded.max_sequence_length,
         "num_images_per_prompt": len(spec.seeds),
         "generator": seed_generators(loaded.device, spec.seeds),
         "output_type": "pil",

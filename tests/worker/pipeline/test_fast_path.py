@@ -11,6 +11,8 @@ What equivalence means here (measured, see worker/pipeline/fast_path.py):
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -210,6 +212,16 @@ def test_prompt_over_the_stock_limit_is_refused(loaded):
     too_long = " ".join(f"w{i}" for i in range(MAX_SEQUENCE_LENGTH))
     with pytest.raises(ValueError, match="max_sequence_length"):
         generate(loaded, make_spec(too_long, seeds=(1,)))
+
+
+def test_the_limit_is_the_loaded_pipelines_setting(loaded):
+    """`settings.model.max_sequence_length` (carried by the loaded pipeline) is what both paths enforce."""
+    small = dataclasses.replace(loaded, max_sequence_length=token_count(loaded, SHORT_PROMPT) - 1)
+    spec = make_spec(SHORT_PROMPT, seeds=(1,))
+    with pytest.raises(ValueError, match=f"max_sequence_length={small.max_sequence_length}"):
+        generate(small, spec)
+    assert stock_call_kwargs(small, spec)["max_sequence_length"] == small.max_sequence_length
+    assert padded_text_length([10, 100], limit=96) == 96
 
 
 def test_prepare_compiled_warms_up_and_keeps_the_images(tmp_path_factory, loaded):

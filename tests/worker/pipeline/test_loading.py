@@ -71,9 +71,10 @@ def test_tiny_model_build_refuses_to_overwrite_other_files(tmp_path):
 
 
 def test_tiny_model_loads_through_load_pipeline(tiny_dir):
-    loaded = load_pipeline(ModelSettings(id=str(tiny_dir)), device="cpu")
+    loaded = load_pipeline(ModelSettings(id=str(tiny_dir), max_sequence_length=1024), device="cpu")
     pipe = loaded.pipe
     assert (loaded.device, loaded.dtype, loaded.variant) == ("cpu", torch.float32, "fp32")
+    assert loaded.max_sequence_length == 1024  # the setting reaches both generation paths
     assert (loaded.model_id, loaded.revision) == (str(tiny_dir), None)
     assert type(pipe).__name__ == "Ideogram4Pipeline"
     assert type(pipe.text_encoder).__name__ == "Qwen3VLModel"

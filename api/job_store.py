@@ -1,0 +1,225 @@
+"""Submit and poll, the two calls clients make most, in one SQL statement each on an async connection pool.
+
+`POST /v1/jobs` (without an Idempotency-Key) and `GET /v1/jobs/{id}` do not go through the ORM session of the other
+routes: each is one statement that checks the caller's key and reads or inserts the job together, run on psycopg's
+`AsyncConnectionPool` in autocommit mode, on the event loop. Measured on the 2-core machine (docs/PERFORMANCE.md,
+"Front door under load"), a sync route through the ORM spent most of its time in threadpool hops and ORM
+machinery around five to fifteen round trips, and topped out near 130 submits and 200 polls a second; a minimal
+sync route with one Core statement reached about 500 polls a second, SQLAlchemy's asyncio engine less, and psycopg's
+async pool about 1,000.
+
+The statements are SQLAlchemy Core built from the models and compiled once for psycopg, so the tables, columns and
+the key rule (common.auth.usable_key) have one definition; rows come back as transient `Job`s, so responses are
+built by the same common.representation as everywhere else. What is not here stays in the ORM: idempotent submits
+(their replay and race rules live in common.job_states.create_job), cancels, lists and every other route.
+
+One pool per app, opened and closed by its lifespan on the server's event loop (JobStore.connection).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import lru_cache
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from sqlalchemy import and_, bindparam, func, insert, literal_column, select, update
+from sqlalchemy.dialects.postgresql import JSONB, aggregate_order_by
+from sqlalchemy.dialects.postgresql.psycopg import dialect as psycopg_dialect
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import ColumnProperty
+
+from common.auth import usable_key
+from common.db import server_options
+from common.errors import AuthenticationError, NotFound
+from common.models import ApiKey, Job, JobImage, JobStatus
+from common.queue_position import (
+    THROUGHPUT_PARAMS,
+    THROUGHPUT_SQL,
+    QueuePlace,
+    cached_throughput,
+    eta_s,
+    position_query,
+    remember_throughput,
+)
+from common.settings import DatabaseSettings
+
+log = logging.getLogger(__name__)
+_JOBS = Job.__table__
+_IMAGES = JobImage.__table__
+# (attribute, column name) of every column of a job: rows are keyed by column name, `Job(...)` takes attributes
+_JOB_ATTRS = [(prop.key, prop.columns[0].name) for prop in Job.__mapper__.attrs if isinstance(prop, ColumnProperty)]
+_JSONB_ATTRS = {attr for attr, _ in _JOB_ATTRS if isinstance(_JOBS.c[dict(_JOB_ATTRS)[attr]].type, JSONB)}
+
+
+@lru_cache(maxsize=32)
+def _compile(statement) -> str:
+    """psycopg's SQL text of a Core statement (`%(name)s` parameters), compiled once per statement."""
+    return str(statement.compile(dialect=psycopg_dialect()))
+
+
+def _key_tenant():
+    return select(ApiKey.tenant_id).where(usable_key(bindparam("key_hash"))).subquery("caller_key")
+
+
+def _read_statement() -> str:
+    """The caller's tenant (no row: the key is not usable) and its job of that id (NULL columns: none)."""
+    key = _key_tenant()
+    images = (select(func.coalesce(func.jsonb_agg(aggregate_order_by(func.to_jsonb(_IMAGES.table_valued()),
+                                                                     _IMAGES.c.index)),
+                                   literal_column("'[]'::jsonb")))
+              .where(_IMAGES.c.job_id == _JOBS.c.id).scalar_subquery())
+    return _compile(select(key.c.tenant_id.label("key_tenant_id"), _JOBS, images.label("images_json"))
+                    .select_from(key.outerjoin(_JOBS, and_(_JOBS.c.id == bindparam("job_id"),
+                                                           _JOBS.c.tenant_id == key.c.tenant_id))))
+
+
+_INSERTED = [name for attr, name in _JOB_ATTRS
+             if attr in ("id", "queue", "status", "params", "request_hash", "idempotency_key", "metadata_",
+                         "webhook_url", "attempts", "max_attempts", "preemptions", "cancel_requested",
+                         "progress_step", "progress_total")]
+
+
+def _insert_statement() -> str:
+    """A new job of the key's tenant; no row when the key is not usable."""
+    key = _key_tenant()
+    values = [bindparam(name, type_=_JOBS.c[name].type) for name in _INSERTED]
+    return _compile(insert(_JOBS).from_select(["tenant_id", *_INSERTED], select(key.c.tenant_id, *values))
+                    .returning(_JOBS))
+
+
+READ_JOB = _read_statement()
+INSERT_JOB = _insert_statement()
+MARK_ENQUEUED = _compile(update(_JOBS).where(_JOBS.c.id == bindparam("job_id")).values(enqueued_at=func.now()))
+
+
+def _job(row: dict[str, Any], images: list[dict] | None = None) -> Job:
+    """A transient Job of a row (not attached to any session: read it, never change it)."""
+    job = Job(**{attr: row[name] for attr, name in _JOB_ATTRS})
+    job.images = [JobImage(**image) for image in images or []]
+    return job
+
+
+def conninfo(url: str) -> str:
+    """libpq's connection string of a SQLAlchemy URL (`postgresql+psycopg://...`)."""
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+class JobStore:
+    """The async pool and the statements. The pool belongs to the server's event loop: the lifespan opens it at
+    start and closes it at shutdown. A caller on any other loop (Starlette's TestClient outside `with`, which
+    runs each request on a new loop; Schemathesis) gets a plain connection per statement instead: a pool's
+    background tasks must not outlive the loop they were started on."""
+
+    def __init__(self, db: DatabaseSettings):
+        self.db = db
+        self._pool: AsyncConnectionPool | None = None
+        self._pool_loop: asyncio.AbstractEventLoop | None = None
+
+    def _connect_kwargs(self) -> dict[str, Any]:
+        return {"autocommit": True, "row_factory": dict_row, "connect_timeout": 5, "options": server_options(self.db)}
+
+    async def open(self) -> None:
+        pool = AsyncConnectionPool(
+            conninfo(self.db.url), min_size=1, max_size=self.db.pool_size + self.db.max_overflow,
+            timeout=self.db.pool_timeout_s, open=False, name="job-store", kwargs=self._connect_kwargs())
+        await pool.open(wait=False)
+        self._pool, self._pool_loop = pool, asyncio.get_running_loop()
+
+    async def close(self) -> None:
+        pool, self._pool, self._pool_loop = self._pool, None, None
+        if pool is not None:
+            await pool.close()
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[psycopg.AsyncConnection]:
+        if self._pool is not None and self._pool_loop is asyncio.get_running_loop():
+            async with self._pool.connection() as conn:
+                yield conn
+        else:
+            async with await psycopg.AsyncConnection.connect(conninfo(self.db.url), **self._connect_kwargs()) as conn:
+                yield conn
+
+    async def _fetchone(self, sql: str, params: dict[str, Any]) -> dict | None:
+        """One statement's first row. A connection Postgres dropped while it sat in the pool (a restart, an idle
+        timeout) fails its first use; that is retried once on a fresh connection, the way the ORM's pre-ping
+        does it, instead of answering the caller 503 for a database that is up. A retried insert could in theory
+        run twice (a reply lost after the commit): the same risk as the client's own retry of a 503."""
+        for may_retry in (True, False):
+            async with self.connection() as conn:
+                try:
+                    return await (await conn.execute(sql, params)).fetchone()
+                except psycopg.OperationalError:
+                    if not (may_retry and conn.broken):
+                        raise
+
+    async def read(self, key_hash: str, job_id: str) -> Job:
+        """The caller's job; AuthenticationError for an unusable key, NotFound for a malformed id, a missing job
+        or another tenant's (one answer: no existence leak)."""
+        try:
+            job_uuid = uuid.UUID(job_id)
+        except ValueError:
+            job_uuid = None
+        row = await self._fetchone(READ_JOB, {"key_hash": key_hash, "job_id": job_uuid})
+        if row is None:
+            raise AuthenticationError("invalid API key")
+        if job_uuid is None or row["id"] is None:
+            raise NotFound(f"job {job_id} not found")
+        return _job(row, row["images_json"])
+
+    async def insert(self, key_hash: str, values: dict[str, Any]) -> Job:
+        """Insert a job (common.job_states.new_job_values) for the key's tenant, committed when this returns."""
+        binds = {name: values[attr] for attr, name in _JOB_ATTRS if name in _INSERTED and attr != "id"}
+        binds["id"], binds["key_hash"] = uuid.uuid4(), key_hash
+        for attr in _JSONB_ATTRS & values.keys():
+            name = dict(_JOB_ATTRS)[attr]
+            binds[name] = None if values[attr] is None else Jsonb(values[attr])
+        row = await self._fetchone(INSERT_JOB, binds)
+        if row is None:
+            raise AuthenticationError("invalid API key")
+        return _job(row)
+
+    async def mark_enqueued(self, job_id: uuid.UUID) -> None:
+        """Record that the job's message was sent, without waiting for the WAL flush: the mark is advisory
+        (common.dispatch) and a lost one only means a second, harmless send. One round trip (a pipeline).
+        It runs after the job is committed and sent, so a database error here is logged, not answered: a 503
+        would make the caller submit the job again."""
+        try:
+            async with self.connection() as conn, conn.pipeline(), conn.transaction():
+                await conn.execute("SET LOCAL synchronous_commit TO OFF")
+                await conn.execute(MARK_ENQUEUED, {"job_id": job_id})
+        except (psycopg.OperationalError, PoolTimeout) as exc:
+            log.warning("job %s was sent but not marked enqueued (maintenance will send it again): %s",
+                        job_id, exc)
+
+    async def queue_place(self, job: Job) -> QueuePlace | None:
+        """common.queue_position.queue_place on this pool: the same statements, the same throughput cache.
+        None when the job is not queued, or when the database fails here: the job itself was read or committed
+        already, and its answer without a position beats a 503 (which, after a submit, invites a duplicate)."""
+        if job.status != JobStatus.QUEUED:
+            return None
+        try:
+            return await self._queue_place(job)
+        except (psycopg.OperationalError, PoolTimeout) as exc:
+            log.warning("queue position of job %s not read: %s", job.id, exc)
+            return None
+
+    async def _queue_place(self, job: Job) -> QueuePlace | None:
+        sql, params = position_query(job_id=job.id, batch_item=job.batch_id is not None)
+        database = self.db.url
+        async with self.connection() as conn:
+            row = await (await conn.execute(_compile(sql), params)).fetchone()
+            if row is None or row["position"] is None:
+                return None  # it left the queue since it was read
+            hit, rate = cached_throughput(database)
+            if not hit:
+                sample = await (await conn.execute(_compile(THROUGHPUT_SQL), THROUGHPUT_PARAMS)).fetchone()
+                rate = remember_throughput(database, sample["n"], sample["span_s"])
+        position = int(row["position"])
+        return QueuePlace(position=position, eta_s=eta_s(position, rate))

@@ -1,0 +1,267 @@
+"""Where a queued job stands: `position` (how many jobs will start before it; 0 = next) and `eta_s` (an estimate of
+the seconds until it starts). The position is one SQL statement; the ETA adds the fleet's recent throughput, one
+cheap query cached per process for a few seconds.
+
+The model is the schedulers' own rules, read from the code:
+
+- The broker (common/broker.py) holds two lists, `interactive` and `batch`; a worker takes one message at a time
+  (prefetch 1) and kombu's Redis transport serves the lists in turn (it rotates their order after every message).
+  Each list is FIFO in send order: `enqueued_at`, then `created_at` (and `batch_line`, `id`, for sends of one
+  feeder pass, which share their `enqueued_at`). An unsent job (`enqueued_at` NULL: its send failed or it was
+  requeued) is sent later, so it stands behind every sent one.
+- Batch items wait in Postgres until the feeder (worker/feeder.py) sends them; it sends none while interactive work
+  waits (`interactive_first`), and picks them with common.batches.feed_candidates: turns go round robin to tenants
+  (least recently fed first: a tenant's stamp is its most recently fed in-progress batch), inside a tenant round
+  robin to its batches (least recently fed first, then oldest), each batch giving its unfed items in line order.
+
+So, with W = interactive jobs waiting and F = batch items already sent and still queued:
+
+- an interactive job with k sent/unsent interactive jobs before it in its list: `k + min(F, k)` (the workers
+  alternate between the lists). Any other non-batch queue: `k`.
+- a sent batch item with f sent items before it: `f + min(W, f)`.
+- an unsent batch item, r unfed items before it in its own batch:
+  `W + F + K + sum over other tenants T of min(unfed items of T, K + [T's turn comes before ours])`, where
+  K = r + sum over the tenant's other in-progress batches b of min(unfed items of b, r + [b's turn comes before
+  ours]) is the number of turns the tenant takes before this item's. Round robin gives every other tenant as
+  many turns as ours needs (one more if its turn comes first), capped by what it has.
+
+It is exact for the scheduler's policy taken one item at a time (tests/common/test_queue_position.py checks it
+against feed_candidates, one slot a pass). It is an estimate beyond that: a multi-item top-up orders the items of one
+pass slightly differently; feed_candidates wastes the slots it gives to an in-progress batch with nothing left to
+feed (its last items running) and a tenant's stamp falls back when its most recently fed batch finishes, so that
+tenant takes its next turn early; co-batching, retries, cancels and new arrivals (interactive jobs submitted later
+go first) move things further.
+
+What it reveals: a single number. Another tenant's backlog enters only as `min(backlog, our turns)`, i.e. no more
+than the round robin itself implies (whether that tenant has more than our turns to go); per-tenant or per-batch
+figures are never returned, and a tenant's own jobs are counted exactly.
+
+Cost: every count walks an index range (`ix_jobs_batch_unfed` of migration 0002, `ix_jobs_queued_sent` of 0004,
+`ix_jobs_status_queue_created` of 0001). A batch's unfed items are counted one by one up to EXACT_UPTO (and no
+further than the cap, when only min(items, cap) is wanted); past that the rest are extrapolated over its remaining
+line numbers at the density of the last half counted (exact for a batch's untouched tail, where lines are
+consecutive; close for the scattered items of a resumed batch; low where a scattered head meets an untouched tail).
+So a position costs about EXACT_UPTO index entries per in-progress batch at most, plus the broker lists' lengths,
+never a whole backlog: a few ms (docs/PERFORMANCE.md, "Queue position").
+
+ETA: `(position + 1) / throughput`, where throughput is jobs started fleet-wide per second recently (interactive
+and batch jobs share the workers): the last THROUGHPUT_SAMPLE starts within THROUGHPUT_WINDOW_S, over the time they
+span when there are that many (a busy fleet: a recent, exact rate), else the starts in the window over the window.
+None without a start in the window. A start is a first claim (`started_at`); a job's retries do not count again.
+"""
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+from sqlalchemy import TextClause, text
+from sqlalchemy.orm import Session
+
+from common.broker import BATCH_QUEUE, INTERACTIVE_QUEUE
+from common.models import Job, JobStatus
+
+THROUGHPUT_WINDOW_S = 300.0   # "recent": starts in the last five minutes
+THROUGHPUT_SAMPLE = 200       # at most this many starts are read; a busy fleet's rate comes from their span
+THROUGHPUT_CACHE_S = 5.0      # per process: one throughput query every few seconds, whatever the read rate
+
+
+@dataclass(frozen=True)
+class QueuePlace:
+    position: int            # jobs that will start before this one (0 = next)
+    eta_s: float | None      # seconds until it starts, estimated; None without recent throughput
+
+
+EXACT_UPTO = 1000  # per batch, unfed items counted one by one; past them the count is extrapolated (module doc)
+
+
+def _unfed(batch: str, *, below: str | None = None, cap: str | None = None) -> str:
+    """SQL for how many unfed items batch `batch` has before line `below`, or in all but at most `cap` (one of the
+    two). The first :exact items are counted off the partial index ix_jobs_batch_unfed (its predicate spelled out so
+    the planner takes it); when there are more, the rest are extrapolated over the remaining line numbers at the
+    density of the second half of those counted (lines above the median, percentile_disc's rank :half), so the cost
+    stays O(:exact) whatever the backlog."""
+    assert (below is None) != (cap is None)
+    where = f"u.batch_id = {batch} AND u.batch_id IS NOT NULL AND u.status = 'queued' AND u.enqueued_at IS NULL"
+    if below is not None:
+        where += f" AND u.batch_line < {below}"
+    last_line = f"{below} - 1" if below is not None else f"(SELECT max(u.batch_line) FROM jobs u WHERE {where})"
+    extrapolated = (f"h.n + round(({last_line} - h.last) * (h.n - :half)::numeric / greatest(h.last - h.mid, 1))")
+    value = f"CASE WHEN h.n < :exact THEN h.n ELSE {extrapolated} END"
+    # The limit is an expression of the outer row on purpose: unknown when planning, it is taken as a small fraction
+    # of the rows, so the planner walks the index in line order instead of bitmap-scanning and sorting the whole
+    # batch (which it picks for a constant limit when its row estimate is low and pages are not all-visible).
+    limit = f"least({below if cap is None else cap}, :exact)"
+    if cap is not None:
+        value = f"least({cap}, {value})"
+    return f"""(SELECT ({value})::bigint FROM (
+            SELECT count(*) AS n, max(x.line) AS last, percentile_disc(0.5) WITHIN GROUP (ORDER BY x.line) AS mid
+            FROM (SELECT u.batch_line AS line FROM jobs u WHERE {where} ORDER BY u.batch_line LIMIT {limit}) x) h)"""
+
+
+# My tenant's batch b gets r turns before my item's, one more when its turn comes before my batch's.
+_OWN_CAP = ("a.r + CASE WHEN (coalesce(b.last_fed_at, '-infinity'), b.created_at, b.id)"
+            " < (me.b_fed, me.b_created, me.batch_id) THEN 1 ELSE 0 END")
+
+# A batch item. Every count is of the caller's own rows or capped at the caller's rounds.
+BATCH_SQL = text(f"""
+WITH me AS (
+    SELECT j.id, j.tenant_id, j.batch_id, j.batch_line, j.enqueued_at, j.created_at,
+           coalesce(b.last_fed_at, '-infinity') AS b_fed, b.created_at AS b_created
+    FROM jobs j JOIN batches b ON b.id = j.batch_id
+    WHERE j.id = :job_id AND j.status = 'queued'
+),
+waiting AS (    -- W: interactive jobs waiting; the feeder sends no batch item while any does
+    SELECT count(*) AS n FROM jobs WHERE status = 'queued' AND queue = :interactive
+),
+sent AS (       -- F: batch items already in the broker (all of them, or those before me when I am one)
+    SELECT count(*) AS n FROM jobs j, me
+    WHERE j.status = 'queued' AND j.queue = :batch AND j.enqueued_at IS NOT NULL
+      AND (j.enqueued_at, j.created_at, j.batch_line, j.id)
+          < (coalesce(me.enqueued_at, 'infinity'), me.created_at, me.batch_line, me.id)
+),
+ahead AS (      -- r: my batch's unfed items before my line (none once I am sent)
+    SELECT CASE WHEN me.enqueued_at IS NULL THEN {_unfed("me.batch_id", below="me.batch_line")} ELSE 0 END AS r
+    FROM me
+),
+own AS (        -- my tenant's other batches: each gives min(its unfed, r + [its turn comes before my batch's])
+    SELECT coalesce(sum({_unfed("b.id", cap=_OWN_CAP)}), 0) AS n
+    FROM me CROSS JOIN ahead a
+    JOIN batches b ON b.tenant_id = me.tenant_id AND b.status = 'in_progress' AND b.id <> me.batch_id
+),
+rounds AS (     -- K: turns my tenant takes before my item's
+    SELECT a.r + own.n AS k FROM ahead a, own
+),
+tenants AS (    -- the feeder's tenant order: least recently fed first (its latest batch), then oldest batch
+    SELECT b.tenant_id, max(coalesce(b.last_fed_at, '-infinity')) AS fed, min(b.created_at) AS created
+    FROM batches b WHERE b.status = 'in_progress' GROUP BY b.tenant_id
+),
+my_turn AS (
+    SELECT me.tenant_id, coalesce(t.fed, me.b_fed) AS fed, coalesce(t.created, me.b_created) AS created
+    FROM me LEFT JOIN tenants t ON t.tenant_id = me.tenant_id
+),
+caps AS (       -- each other tenant's turns before my item's: K, or K + 1 when its turn comes before mine
+    SELECT t.tenant_id, r.k + CASE WHEN (t.fed, t.created, t.tenant_id) < (m.fed, m.created, m.tenant_id)
+                                   THEN 1 ELSE 0 END AS cap
+    FROM tenants t, my_turn m, rounds r WHERE t.tenant_id <> m.tenant_id
+),
+others AS (     -- sum over other tenants of min(its unfed items, its cap); each batch's count stops at the cap
+    SELECT coalesce(sum(least(per.n, per.cap)), 0) AS n FROM (
+        SELECT c.tenant_id, c.cap, sum({_unfed("b.id", cap="c.cap")}) AS n
+        FROM caps c JOIN batches b ON b.tenant_id = c.tenant_id AND b.status = 'in_progress'
+        GROUP BY c.tenant_id, c.cap) per
+)
+SELECT (CASE WHEN me.enqueued_at IS NOT NULL THEN s.n + least(w.n, s.n)
+             ELSE w.n + s.n + r.k + o.n END)::bigint AS position
+FROM me, waiting w, sent s, rounds r, others o
+""")
+
+# Any other job: FIFO in its broker list (sent ones in send order, then unsent ones by age); on the interactive
+# list, batch items already sent take every other turn.
+FIFO_SQL = text("""
+WITH me AS (
+    SELECT id, queue, enqueued_at, created_at FROM jobs WHERE id = :job_id AND status = 'queued'
+),
+sent AS (
+    SELECT count(*) AS n FROM jobs j, me
+    WHERE j.status = 'queued' AND j.queue = me.queue AND j.enqueued_at IS NOT NULL
+      AND (j.enqueued_at, j.created_at, j.id) < (coalesce(me.enqueued_at, 'infinity'), me.created_at, me.id)
+),
+unsent AS (
+    SELECT count(*) AS n FROM jobs j, me
+    WHERE me.enqueued_at IS NULL AND j.status = 'queued' AND j.queue = me.queue AND j.enqueued_at IS NULL
+      AND (j.created_at, j.id) < (me.created_at, me.id)
+),
+batch_sent AS (
+    SELECT count(*) AS n FROM jobs j, me
+    WHERE me.queue = :interactive AND j.status = 'queued' AND j.queue = :batch AND j.enqueued_at IS NOT NULL
+)
+SELECT s.n + u.n + least(b.n, s.n + u.n) AS position FROM me, sent s, unsent u, batch_sent b
+""")
+
+THROUGHPUT_SQL = text("""
+SELECT count(*) AS n, extract(epoch FROM now() - min(started_at)) AS span_s FROM (
+    SELECT started_at FROM jobs WHERE started_at > now() - make_interval(secs => :window)
+    ORDER BY started_at DESC LIMIT :sample) recent
+""")
+
+
+def position_query(*, job_id: uuid.UUID, batch_item: bool, exact_upto: int = EXACT_UPTO) -> tuple[TextClause, dict]:
+    """The one statement of a job's position and its parameters (a row with `position`; none when not queued).
+    `position` runs it on a session; the API's async poll (api/job_store.py) on its own connection."""
+    exact_upto = max(2, exact_upto)
+    return (BATCH_SQL if batch_item else FIFO_SQL), {
+        "job_id": job_id, "interactive": INTERACTIVE_QUEUE, "batch": BATCH_QUEUE,
+        "exact": exact_upto, "half": (exact_upto + 1) // 2}  # half: the median's rank (percentile_disc(0.5))
+
+
+def position(session: Session, *, job_id: uuid.UUID, batch_item: bool, exact_upto: int = EXACT_UPTO) -> int | None:
+    """The job's position (one statement), or None when it is not queued."""
+    sql, params = position_query(job_id=job_id, batch_item=batch_item, exact_upto=exact_upto)
+    value = session.scalar(sql, params)
+    return None if value is None else int(value)
+
+
+THROUGHPUT_PARAMS = {"window": THROUGHPUT_WINDOW_S, "sample": THROUGHPUT_SAMPLE}
+
+# per process: database URL -> (when it was read, jobs started per second)
+_cache: dict[str, tuple[float, float | None]] = {}
+_cache_lock = threading.Lock()
+
+
+def cached_throughput(database: str, *, max_age_s: float = THROUGHPUT_CACHE_S) -> tuple[bool, float | None]:
+    """(True, rate) when this process read the throughput of `database` less than `max_age_s` ago, else
+    (False, None): run THROUGHPUT_SQL with THROUGHPUT_PARAMS and hand its row to remember_throughput."""
+    with _cache_lock:
+        hit = _cache.get(database)
+    if hit is not None and time.monotonic() - hit[0] < max_age_s:
+        return True, hit[1]
+    return False, None
+
+
+def remember_throughput(database: str, n: int, span_s: float | None) -> float | None:
+    """The rate from THROUGHPUT_SQL's row (`n` starts, the oldest `span_s` seconds ago), cached for `database`."""
+    if not n:
+        rate = None
+    elif n >= THROUGHPUT_SAMPLE and span_s and span_s > 0:
+        rate = n / float(span_s)  # a busy fleet: the span of its latest starts
+    else:
+        rate = n / THROUGHPUT_WINDOW_S
+    with _cache_lock:
+        _cache[database] = (time.monotonic(), rate)
+    return rate
+
+
+def recent_throughput(session: Session, *, max_age_s: float = THROUGHPUT_CACHE_S) -> float | None:
+    """Jobs started per second fleet-wide, recently (see the module doc); None without a start in the window.
+    Cached per process and database for `max_age_s`."""
+    database = session.get_bind().url.render_as_string(hide_password=False)
+    hit, rate = cached_throughput(database, max_age_s=max_age_s)
+    if hit:
+        return rate
+    row = session.execute(THROUGHPUT_SQL, THROUGHPUT_PARAMS).one()
+    return remember_throughput(database, row.n, row.span_s)
+
+
+def forget_throughput() -> None:
+    """Drop the cached throughput (tests)."""
+    with _cache_lock:
+        _cache.clear()
+
+
+def eta_s(position: int, throughput: float | None) -> float | None:
+    """(position + 1) / throughput, in seconds to a tenth; None without a throughput."""
+    if not throughput:
+        return None
+    return round((position + 1) / throughput, 1)
+
+
+def queue_place(session: Session, *, job: Job) -> QueuePlace | None:
+    """Where a queued job stands and when it should start; None when the job is not queued (any more)."""
+    if job.status != JobStatus.QUEUED:
+        return None
+    pos = position(session, job_id=job.id, batch_item=job.batch_id is not None)
+    if pos is None:  # it left the queue since it was read
+        return None
+    return QueuePlace(position=pos, eta_s=eta_s(pos, recent_throughput(session)))
