@@ -4,7 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install up test test-fast lint bench clean
+.PHONY: install server-deps up test test-fast lint bench clean
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,10 +17,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+server-deps:            # the Prometheus server (and promtool) the metrics tests run: a Debian package, not on PyPI
+	@command -v prometheus >/dev/null || { $(SUDO) apt-get update -q && \
+	  $(SUDO) apt-get install -y -q --no-install-recommends prometheus; }
+
 up: $(STAMP)
 	$(BIN)/letterpress up
 
-test: $(STAMP)          # everything, as CI runs it (import contracts included: tests/test_architecture.py)
+test: $(STAMP) server-deps  # everything, as CI runs it (import contracts included: tests/test_architecture.py)
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)     # the quick tier before a commit: no multi-process system tests

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -121,14 +122,19 @@ class JobStore:
         self.db = db
         self._pool: AsyncConnectionPool | None = None
         self._pool_loop: asyncio.AbstractEventLoop | None = None
+        self._reachable_at: tuple[float, bool] = (-1e9, True)  # (when asked, the answer): JobStore._reachable
+        self._closing: set[asyncio.Task] = set()
 
     def _connect_kwargs(self) -> dict[str, Any]:
         return {"autocommit": True, "row_factory": dict_row, "connect_timeout": 5, "options": server_options(self.db)}
 
-    async def open(self) -> None:
-        pool = AsyncConnectionPool(
+    def _new_pool(self) -> AsyncConnectionPool:
+        return AsyncConnectionPool(
             conninfo(self.db.url), min_size=1, max_size=self.db.pool_size + self.db.max_overflow,
             timeout=self.db.pool_timeout_s, open=False, name="job-store", kwargs=self._connect_kwargs())
+
+    async def open(self) -> None:
+        pool = self._new_pool()
         await pool.open(wait=False)
         self._pool, self._pool_loop = pool, asyncio.get_running_loop()
 
@@ -137,11 +143,50 @@ class JobStore:
         if pool is not None:
             await pool.close()
 
+    async def _reachable(self) -> bool:
+        """Whether Postgres takes a new connection, asked at most once a second (a pool timeout under real
+        overload must not add a connection storm)."""
+        now = time.monotonic()
+        if now - self._reachable_at[0] >= 1.0:
+            try:
+                async with await psycopg.AsyncConnection.connect(conninfo(self.db.url),
+                                                                 **{**self._connect_kwargs(), "connect_timeout": 2}):
+                    reachable = True
+            except psycopg.OperationalError:
+                reachable = False
+            self._reachable_at = (now, reachable)
+        return self._reachable_at[1]
+
+    async def _checkout(self) -> tuple[AsyncConnectionPool, psycopg.AsyncConnection]:
+        """A pooled connection, and the pool to return it to. A pool timeout means one of three things:
+        every connection is in use (503 overloaded, PoolTimeout); Postgres is down (503 unavailable,
+        OperationalError); or Postgres is back but the pool is still waiting out its reconnect backoff (up to
+        tens of seconds after an outage): then a fresh pool replaces it, so recovery is immediate."""
+        pool = self._pool
+        try:
+            return pool, await pool.getconn()
+        except PoolTimeout:
+            if not await self._reachable():
+                raise psycopg.OperationalError("no connection to the database could be made") from None
+            if pool.pop_stats().get("connections_errors", 0) == 0:
+                raise  # connections are fine, all of them are busy
+        if self._pool is pool:  # the first request to find it stale replaces it
+            log.warning("database reachable again: replacing the connection pool still backing off from the outage")
+            self._pool = self._new_pool()
+            await self._pool.open(wait=False)
+            closing = asyncio.get_running_loop().create_task(pool.close())
+            self._closing.add(closing)  # referenced until done (the loop keeps only weak references)
+            closing.add_done_callback(self._closing.discard)
+        return self._pool, await self._pool.getconn()
+
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[psycopg.AsyncConnection]:
         if self._pool is not None and self._pool_loop is asyncio.get_running_loop():
-            async with self._pool.connection() as conn:
+            pool, conn = await self._checkout()
+            try:
                 yield conn
+            finally:
+                await pool.putconn(conn)  # a broken connection is discarded, not returned
         else:
             async with await psycopg.AsyncConnection.connect(conninfo(self.db.url), **self._connect_kwargs()) as conn:
                 yield conn

@@ -12,7 +12,7 @@ Limits (common.settings.ApiSettings): `max_body_bytes` for every route, except P
 file part to disk).
 
 At most `max_in_flight` requests are served at once per process (`AdmissionControl`); past that a request is a
-503 with `Retry-After: 1` at once, and the probes (/healthz, /readyz) are never held back.
+503 with `Retry-After: 1` at once, and the probes (/healthz, /readyz) and the scrape (/metrics) are never held back.
 
 Batch ingests (validation and COPY of up to a million lines) run a bounded number at once per API process,
 overall and per tenant (`max_ingests`, `max_ingests_per_tenant`); one more is 429 with `Retry-After`, at once.
@@ -82,7 +82,7 @@ class AdmissionControl:
     requests (and their open database sessions) behind each other until every caller has timed out, and the
     server then spends minutes on work nobody waits for."""
 
-    EXEMPT = ("/healthz", "/readyz")
+    EXEMPT = ("/healthz", "/readyz", "/metrics")
 
     def __init__(self, app: ASGIApp):
         self.app = app

@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from api import limits
+from api import limits, metrics
 from api.errors import install_error_handlers
 from api.job_store import JobStore
 from api.routers import batches, health, jobs, webhooks
@@ -37,6 +37,7 @@ def create_app() -> FastAPI:
     app.state.job_store = JobStore(settings.database)  # opened by the lifespan, on the server's event loop
     install_error_handlers(app)
     limits.install(app)
+    metrics.install(app, settings)
     app.include_router(health.router)
     app.include_router(jobs.router)
     app.include_router(batches.router)

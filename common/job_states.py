@@ -121,6 +121,7 @@ class Claim:
     tenant_id: uuid.UUID
     params: dict[str, Any]
     queue: str = "interactive"
+    waited_s: float = 0.0  # from the job's creation to this claim
 
 
 def claim(session: Session, *, job_id: uuid.UUID, worker_id: str, ttl_s: float) -> Claim | None:
@@ -134,12 +135,13 @@ def claim(session: Session, *, job_id: uuid.UUID, worker_id: str, ttl_s: float) 
         .values(status=S.RUNNING, lease_token=token, lease_expires_at=func.now() + timedelta(seconds=ttl_s),
                 attempts=Job.attempts + 1, worker_id=worker_id, progress_step=0,
                 started_at=func.coalesce(Job.started_at, func.now()))
-        .returning(Job.attempts, Job.tenant_id, Job.params, Job.queue)
+        .returning(Job.attempts, Job.tenant_id, Job.params, Job.queue,
+                   func.extract("epoch", func.now() - Job.created_at).label("waited_s"))
     ).one_or_none()
     if row is None:
         return None
     return Claim(job_id=job_id, token=token, attempt=row.attempts, tenant_id=row.tenant_id, params=row.params,
-                 queue=row.queue)
+                 queue=row.queue, waited_s=float(row.waited_s))
 
 
 def queued_candidates(session: Session, *, queue: str, exclude: uuid.UUID, limit: int) -> list[tuple[uuid.UUID, dict]]:

@@ -128,6 +128,9 @@ class WorkerSettings(BaseModel):
     # share the cores: at the default each spins on all of them, and two tiny-model workers on 2 cores ran a job
     # in 0.65 s instead of 0.07 s (docs/PERFORMANCE.md, "CPU workers"). `letterpress worker` sets it for its own.
     cpu_threads: int | None = Field(default=None, ge=1)
+    # Prometheus scrape port of a worker process (0: none). `letterpress worker` gives its N-th worker this + N,
+    # so each GPU worker of a host is its own target (docs/OPERATIONS.md).
+    metrics_port: int = Field(default=9400, ge=0, le=65535)
     batching: BatchingSettings = BatchingSettings()
 
 
@@ -148,6 +151,8 @@ class BatchSettings(BaseModel):
 
 class WebhookSettings(BaseModel):
     allow_loopback: bool = False
+    # Prometheus scrape port of the delivery worker (0: none); apart from the GPU workers' 9400 + N
+    metrics_port: int = Field(default=9410, ge=0, le=65535)
     timeout_s: float = 15.0
     retry_schedule_s: list[float] = Field(default_factory=lambda: [0, 5, 300, 1800, 7200, 18000, 36000, 36000])
     jitter: float = 0.1

@@ -107,6 +107,9 @@ def stack_env(services, tiny_model, tmp_path_factory) -> Iterator[dict[str, str]
         "LETTERPRESS_WORKER__REQUEUE_AFTER_S": "5",
         # several CPU workers share this machine's cores (unshared, two ran each job 10x slower)
         "LETTERPRESS_WORKER__CPU_THREADS": "1",
+        # no fixed scrape ports (several workers share this host): Processes.start_worker gives each a free one
+        "LETTERPRESS_WORKER__METRICS_PORT": "0",
+        "LETTERPRESS_WEBHOOKS__METRICS_PORT": "0",
         # a frozen (SIGSTOPped) process's open transaction is ended soon, as in production after 60 s
         "LETTERPRESS_DATABASE__IDLE_IN_TRANSACTION_TIMEOUT_S": "10",
         "LETTERPRESS_WEBHOOKS__ALLOW_LOOPBACK": "true",

@@ -94,6 +94,11 @@ class ApiClient:
                           what=f"job {job_id} in {statuses}")
 
 
+# About 3,900 tokens: within what the test stack's API admits (4,096), past the tiny model's 2,048-token context,
+# so the pipeline itself raises for this prompt (Processes.start_api)
+BEYOND_THE_MODEL = "a " * 3900
+
+
 class Processes:
     """Real subprocesses of the stack, sharing one environment."""
 
@@ -101,6 +106,7 @@ class Processes:
         self.env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
         self.log_dir = log_dir
         self.procs: dict[str, subprocess.Popen] = {}
+        self.metrics_ports: dict[str, int] = {}  # worker name -> its Prometheus port
 
     def _spawn(self, name: str, cmd: list[str], extra_env: dict | None = None) -> subprocess.Popen:
         log = open(self.log_dir / f"{name}.log", "ab")
@@ -113,10 +119,14 @@ class Processes:
         path = self.log_dir / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
-    def start_api(self) -> str:
+    def start_api(self, name: str = "api", extra_env: dict | None = None) -> str:
+        """The API process. It admits prompts of up to 4,096 tokens while the workers' model takes 2,048, so a
+        test can submit a job the model rejects at generation (`BEYOND_THE_MODEL`); the API's own check at the
+        model's limit is tested in-process (tests/api/test_front_door.py)."""
         port = free_port()
-        self._spawn("api", [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port",
-                            str(port), "--log-level", "warning"])
+        self._spawn(name, [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port",
+                           str(port), "--log-level", "warning"],
+                    {"LETTERPRESS_MODEL__MAX_SEQUENCE_LENGTH": "4096", **(extra_env or {})})
         url = f"http://127.0.0.1:{port}"
         wait_http(url + "/healthz")
         return url
@@ -126,7 +136,9 @@ class Processes:
         cmd = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool", "solo",
                "--concurrency", "1", "-Q", "interactive,batch", "-n", f"{name}@%h", "--loglevel", "INFO",
                "--without-gossip", "--without-mingle"]
-        proc = self._spawn(name, cmd, extra_env)
+        self.metrics_ports[name] = free_port()
+        proc = self._spawn(name, cmd, {"LETTERPRESS_WORKER__METRICS_PORT": str(self.metrics_ports[name]),
+                                       **(extra_env or {})})
         if wait:
             wait_until(lambda: "ready." in self.log(name)[offset:] or proc.poll() is not None, 120,
                        what=f"worker {name} ready")

@@ -35,6 +35,7 @@ from common.settings import Settings
 from common.storage import Storage, image_key
 from worker.co_batching import CANDIDATE_SCAN, CoBatchingPolicy, companions
 from worker.drain import Drain
+from worker import metrics
 from worker.heartbeat import AttemptMonitor
 from worker.pipeline.spec import GenerationInterrupted, GenerationSpec
 from worker.png import encode_png, recipe, sha256_hex
@@ -88,6 +89,7 @@ def run_attempt(job_id: uuid.UUID, ctx: AttemptContext) -> str:
         claim = job_states.claim(session, job_id=job_id, worker_id=ctx.worker_id, ttl_s=wcfg.lease_ttl_s)
     if claim is None:
         log.info("job %s: not claimable (finished, canceled or leased elsewhere): duplicate delivery ignored", job_id)
+        metrics.JOBS.labels(outcome="skipped").inc()
         return "skipped"
     lead = _member(claim, ctx)  # heartbeating before anything else can take time
     members = [lead]
@@ -107,6 +109,9 @@ def run_attempt(job_id: uuid.UUID, ctx: AttemptContext) -> str:
 
 def _member(claim: job_states.Claim, ctx: AttemptContext) -> Member:
     wcfg = ctx.settings.worker
+    metrics.ATTEMPTS_STARTED.labels(kind="first" if claim.attempt == 1 else "retry").inc()
+    if claim.attempt == 1:
+        metrics.QUEUE_WAIT.labels(queue=claim.queue).observe(claim.waited_s)
     monitor = AttemptMonitor(job_id=claim.job_id, token=claim.token, ttl_s=wcfg.lease_ttl_s,
                              heartbeat_s=wcfg.heartbeat_s, progress_interval_s=wcfg.progress_min_interval_s)
     monitor.start()
@@ -173,6 +178,7 @@ def _generate_and_record(members: list[Member], ctx: AttemptContext, t0: float) 
         t_gen = time.perf_counter()
     except LeaseLost:
         log.warning("job %s: lease lost; another attempt owns it, nothing recorded", members[0].claim.job_id)
+        metrics.JOBS.labels(outcome="lease_lost").inc(len(members))
         return "lease_lost"
     except GenerationInterrupted:
         return _for_each(members, lambda m: _after_interrupt(m.claim, ctx, m.monitor))
@@ -224,6 +230,19 @@ def _for_each(members: list[Member], record: Callable[[Member], str]) -> str:
 def _finish(m: Member, ctx: AttemptContext, images: list, t0: float, t_gen: float, batch: int = 1) -> str:
     """Encode and store the images, then mark the job succeeded (fenced); failures are recorded like the
     generation's own. A job canceled while its batch ran ends canceled; one whose lease was lost stores nothing."""
+    try:
+        return _store_and_complete(m, ctx, images, t0, t_gen, batch)
+    except (StorageError, SQLAlchemyError) as exc:
+        # infrastructure trouble: the attempt counts, the job goes back to the queue while attempts remain
+        return _record_failure(m.claim, ctx, exc, retryable=True)
+    except Exception as exc:  # noqa: BLE001 - encoding failed: fail the job, keep serving
+        log.exception("job %s: storing the images failed", m.claim.job_id)
+        return _record_failure(m.claim, ctx, exc, retryable=False)
+
+
+@metrics.counts_outcome()
+def _store_and_complete(m: Member, ctx: AttemptContext, images: list, t0: float, t_gen: float, batch: int) -> str:
+    """succeeded | canceled | lease_lost; raises what `_finish` records as a failure."""
     claim, monitor = m.claim, m.monitor
     if monitor.lease_lost.is_set():
         log.warning("job %s: lease lost; another attempt owns it, nothing recorded", claim.job_id)
@@ -241,16 +260,12 @@ def _finish(m: Member, ctx: AttemptContext, images: list, t0: float, t_gen: floa
                    "worker": ctx.worker_id, "attempt": claim.attempt, **({"batch": batch} if batch > 1 else {})}
         with session_scope() as session:
             job_states.complete(session, job_id=claim.job_id, token=claim.token, images=stored, timings=timings)
-        return "succeeded"
     except LeaseLost:
         log.warning("job %s: lease lost; another attempt owns it, nothing recorded", claim.job_id)
         return "lease_lost"
-    except (StorageError, SQLAlchemyError) as exc:
-        # infrastructure trouble: the attempt counts, the job goes back to the queue while attempts remain
-        return _record_failure(claim, ctx, exc, retryable=True)
-    except Exception as exc:  # noqa: BLE001 - encoding failed: fail the job, keep serving
-        log.exception("job %s: storing the images failed", claim.job_id)
-        return _record_failure(claim, ctx, exc, retryable=False)
+    metrics.IMAGES.inc(len(stored))
+    metrics.observe_generation(params, ctx.runner.variant, (t_gen - t0) / batch)
+    return "succeeded"
 
 
 class Finisher:
@@ -299,6 +314,7 @@ def _store(claim: job_states.Claim, ctx: AttemptContext, index: int, seed: int, 
                                   height=image.height, size_bytes=len(data))
 
 
+@metrics.counts_outcome(queued="preempted")
 def _after_interrupt(claim: job_states.Claim, ctx: AttemptContext, monitor: AttemptMonitor) -> str:
     if monitor.lease_lost.is_set():
         return "lease_lost"
@@ -313,6 +329,7 @@ def _after_interrupt(claim: job_states.Claim, ctx: AttemptContext, monitor: Atte
     return "queued"
 
 
+@metrics.counts_outcome(queued="retried")
 def _record_failure(claim: job_states.Claim, ctx: AttemptContext, exc: Exception, *, retryable: bool) -> str:
     error = {"type": "generation_error" if not retryable else "infrastructure_error",
              "message": str(exc)[:2000], "exception": exc.__class__.__name__}
@@ -325,4 +342,6 @@ def _record_failure(claim: job_states.Claim, ctx: AttemptContext, exc: Exception
         return "lease_lost"
     if status == "queued":
         requeue(claim.job_id, queue)
+    elif retryable and status == "failed":  # a retryable error on the last attempt
+        metrics.ATTEMPTS_EXHAUSTED.inc()
     return status

@@ -16,6 +16,7 @@ from common.broker import GENERATE_TASK, get_celery
 from common.settings import get_settings
 from common.storage import shared_storage
 from worker.attempt import AttemptContext, run_attempt, wait_for_finishing
+from worker import metrics
 from worker.co_batching import CoBatchingPolicy
 from worker.drain import Drain, SpotNoticeWatcher
 from worker.maintenance import start_maintenance
@@ -41,7 +42,12 @@ def context() -> AttemptContext:
 @signals.worker_init.connect
 def _warm_up(**_) -> None:
     ctx = context()
+    metrics.serve(ctx.settings.worker.metrics_port)  # before the load: a scrape sees a worker warming up
+    metrics.DRAINING.set_function(lambda: float(ctx.drain.draining))
     ctx.runner.load()
+    metrics.WARMUP.set(ctx.runner.load_s)
+    metrics.watch_gpu()
+    metrics.READY.set(1)
     start_maintenance(ctx.settings)
     if ctx.settings.worker.spot_notice_url:
         SpotNoticeWatcher(ctx.settings.worker.spot_notice_url, ctx.drain, ctx.settings.worker.spot_poll_s).start()

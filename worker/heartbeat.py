@@ -10,6 +10,7 @@ import uuid
 from common import job_states
 from common.db import session_scope
 from common.errors import LeaseLost
+from worker import metrics
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +38,14 @@ class AttemptMonitor(threading.Thread):
             with session_scope() as session:
                 cancel = job_states.heartbeat(session, job_id=self.job_id, token=self.token, ttl_s=self.ttl_s,
                                               progress_step=step, progress_total=self._total)
+            metrics.LEASE_RENEWALS.inc()
             if step is not None:
                 self._written_step = step
             if cancel:
                 self.cancel_requested.set()
         except LeaseLost:
             log.warning("job %s: lease lost; stopping this attempt", self.job_id)
+            metrics.LEASE_LOSSES.inc()
             self.lease_lost.set()
         except Exception as exc:  # noqa: BLE001 - Postgres blips: keep generating, try again next beat
             log.warning("job %s: heartbeat failed (%s); will retry", self.job_id, exc)

@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 
+from common.settings import get_settings
+
 log = logging.getLogger("letterpress.worker")
 
 
@@ -35,9 +37,15 @@ def worker_command(name: str, queues: str) -> list[str]:
             "--without-gossip", "--without-mingle"]
 
 
-def spawn(name: str, gpu: str | None, queues: str) -> subprocess.Popen:
+def metrics_ports(names: list[str], base: int) -> dict[str, int]:
+    """Each worker process of the host its own scrape port: base, base + 1, ... (0: no metrics)."""
+    return {name: base + i if base else 0 for i, name in enumerate(names)}
+
+
+def spawn(name: str, gpu: str | None, queues: str, metrics_port: int) -> subprocess.Popen:
     env = dict(os.environ)
     env["CUDA_VISIBLE_DEVICES"] = gpu if gpu is not None else ""
+    env["LETTERPRESS_WORKER__METRICS_PORT"] = str(metrics_port)
     log.info("starting worker %s (CUDA_VISIBLE_DEVICES=%s)", name, env["CUDA_VISIBLE_DEVICES"] or "none")
     return subprocess.Popen(worker_command(name, queues), env=env)
 
@@ -52,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     gpus = [] if args.cpu else visible_gpus()
     slots = plan_workers(gpus)
-    procs = {name: spawn(name, gpu, args.queues) for name, gpu in slots.items()}
+    ports = metrics_ports(list(slots), get_settings().worker.metrics_port)
+    procs = {name: spawn(name, gpu, args.queues, ports[name]) for name, gpu in slots.items()}
     started = {name: time.monotonic() for name in procs}
     backoff = {name: 1.0 for name in procs}  # a worker that keeps dying at start (bad model config) backs off
     stopping = False
@@ -75,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                 log.warning("worker %s exited with %s; restarting in %.0fs", name, code, backoff[name])
                 time.sleep(backoff[name])
                 backoff[name] = min(backoff[name] * 2, 60.0)
-                procs[name] = spawn(name, slots[name], args.queues)
+                procs[name] = spawn(name, slots[name], args.queues, ports[name])
                 started[name] = time.monotonic()
         if stopping and all(p.poll() is not None for p in procs.values()):
             return 0

@@ -17,6 +17,7 @@ from common.db import session_scope
 from common.dispatch import dispatch
 from common.settings import Settings, get_settings
 from common.webhooks import outbox
+from worker import metrics
 from worker.feeder import start_feeder
 from worker.periodic import PeriodicThread
 
@@ -42,6 +43,9 @@ def maintenance_pass(settings: Settings) -> dict[str, int]:
                                                                             stale_after_s=stale)]
     counts["reenqueued"] = len(dispatch(to_enqueue))  # Redis still down: the rest wait for the next pass
     counts["webhooks"] = outbox.enqueue_due(settings)  # due webhook retries and lost sends (common/webhooks/outbox.py)
+    metrics.LEASES_EXPIRED.inc(counts["requeued"] + counts["dead"])
+    metrics.ATTEMPTS_EXHAUSTED.inc(counts["dead"])
+    metrics.REENQUEUED.inc(counts["reenqueued"])
     if any(counts.values()):
         log.info("maintenance: %s", counts)
     return counts

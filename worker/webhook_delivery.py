@@ -20,6 +20,7 @@ from common.settings import Settings, get_settings
 from common.webhooks import outbox
 from common.webhooks.client import deliver
 from common.webhooks.signing import build_headers
+from worker import metrics
 from worker.periodic import PeriodicThread
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,8 @@ def run_delivery(event_id: str, settings: Settings, *, resolver=None, ssl_contex
     result = deliver(attempt.url, attempt.body, headers, settings=cfg, resolver=resolver, ssl_context=ssl_context)
     with session_scope() as session:
         outcome = outbox.record_attempt(session, attempt=attempt, result=result, settings=cfg)
+    metrics.WEBHOOK_DELIVERIES.labels(outcome=outcome).inc()
+    metrics.WEBHOOK_DELIVERY_SECONDS.observe(result.duration_ms / 1000)
     log.info("webhook %s attempt %d (%s) to %s: %s in %d ms%s", attempt.event_id, attempt.attempt, attempt.trigger,
              attempt.url, result.status_code or "-", result.duration_ms, f" ({result.error})" if result.error else "")
     return outcome
@@ -58,5 +61,6 @@ def deliver_event(event_id: str) -> str:
 def _start_due_pass(**_) -> None:
     """The due-events pass (common.webhooks.outbox.enqueue_due) every maintenance period."""
     settings = get_settings()
+    metrics.serve(settings.webhooks.metrics_port)
     PeriodicThread("webhooks-due", settings.worker.maintenance_period_s,
                    lambda: outbox.enqueue_due(settings)).start()

@@ -21,6 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
+from api import metrics
 from api.deps import CurrentTenant, IdempotencyKey, SessionDep, SettingsDep, StorageDep
 from api.errors import error_response
 from api.limits import ingest_slots
@@ -191,6 +192,7 @@ def _create_or_resume(session, tenant_id: uuid.UUID, settings: Settings, storage
         session.commit()
         batches.refresh_statistics(session, rows_changed=batch.total)
         log.info("batch %s created: %d items from %s", batch.id, batch.total, name)
+        metrics.BATCH_ITEMS_ACCEPTED.inc(batch.total)
         return batch, True
     raise Conflict("a concurrent request with the same Idempotency-Key is in flight", field="Idempotency-Key")
 

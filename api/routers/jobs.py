@@ -9,6 +9,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, RedirectResponse
 from sqlalchemy import select
 
+from api import metrics
 from api.deps import CurrentTenant, IdempotencyKey, JobStoreDep, KeyHash, SessionDep, SettingsDep, StorageDep
 from api.pagination import newest_first
 from api.schemas.errors import error_responses
@@ -69,7 +70,9 @@ async def create_job(body: Annotated[JobRequest, Body(openapi_examples=JOB_EXAMP
         # after the commit: if Redis is down the job stays queued, unsent, and maintenance sends it later
         if await run_in_threadpool(send_in_order, [(job.id, job.queue)]):
             await store.mark_enqueued(job.id)
-    if not created:
+    if created:
+        metrics.JOBS_ACCEPTED.inc()
+    else:
         response.status_code = 200
     response.headers["Location"] = str(request.url_for("get_job", job_id=str(job.id)))
     return job_out(request, storage, job, await store.queue_place(job))

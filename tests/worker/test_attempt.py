@@ -38,12 +38,14 @@ def fake_image(spec, seed: int) -> Image.Image:
 
 
 class FakeRunner:
-    """The runner's interface: `run(spec, on_step, should_stop)`, `run_batch(specs, ...)`, `model_id`, `revision`.
+    """The runner's interface: `run(spec, on_step, should_stop)`, `run_batch(specs, ...)`, `model_id`, `revision`,
+    `variant`.
     Checks `should_stop` at every step boundary as the real generation does. `at_step(step)` runs test code inside
     the generation; with `wait_for_stop` the runner then keeps "generating" until told to stop."""
 
     model_id = "fake/ideogram-4-tiny"
     revision = "rev-1"
+    variant = "fake"
 
     def __init__(self, *, fail: Exception | None = None, at_step=None, wait_for_stop: bool = False,
                  fail_batch: Exception | None = None):

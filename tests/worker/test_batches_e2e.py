@@ -20,7 +20,7 @@ import redis
 from PIL import Image
 from sqlalchemy import func, select
 
-from tests.support import ApiClient, free_port, wait_http, wait_until
+from tests.support import BEYOND_THE_MODEL, ApiClient, wait_until
 from worker.png import sha256_hex
 
 SIDE = 64
@@ -30,12 +30,7 @@ FEED_DEPTH = 8  # common.settings.BatchSettings default, which the session's wor
 
 @pytest.fixture(scope="module")
 def small_api(processes, worker):
-    port = free_port()
-    processes._spawn("api-small", [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port",
-                                   str(port), "--log-level", "warning"], {"LETTERPRESS_API__MIN_SIDE": "16"})
-    url = f"http://127.0.0.1:{port}"
-    wait_http(url + "/healthz")
-    yield url
+    yield processes.start_api("api-small", {"LETTERPRESS_API__MIN_SIDE": "16"})
     processes.stop("api-small")
 
 
@@ -196,9 +191,11 @@ def test_resume_with_the_same_idempotency_key_runs_only_what_did_not_succeed(cli
 
 
 def test_retry_reruns_only_the_failed_items(client, worker):
-    # 3,900 words tokenize past the tiny model's 2,048-token context: generation itself raises for those lines
-    items = lines(3, "ok") + [{**LINE, "custom_id": f"bad-{i}", "prompt": "a " * 3900} for i in range(2)]
-    batch = client.http.post("/v1/batches", json={"items": items}).json()
+    # prompts the API admits and the model rejects: generation itself raises for those lines
+    items = lines(3, "ok") + [{**LINE, "custom_id": f"bad-{i}", "prompt": BEYOND_THE_MODEL} for i in range(2)]
+    resp = client.http.post("/v1/batches", json={"items": items})
+    assert resp.status_code == 202, resp.text
+    batch = resp.json()
     first = wait_batch(client, batch["id"], timeout=60)
     assert first["status"] == "completed"
     assert (first["request_counts"]["succeeded"], first["request_counts"]["failed"]) == (3, 2)

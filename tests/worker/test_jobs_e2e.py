@@ -7,6 +7,7 @@ import io
 import boto3
 from PIL import Image
 
+from tests.support import BEYOND_THE_MODEL
 from worker.png import read_recipe, sha256_hex
 
 JOB = {"prompt": "a poster that says HELLO", "width": 320, "height": 256, "preset": "V4_TURBO_12", "seed": 1234,
@@ -54,8 +55,8 @@ def test_same_request_and_seed_give_identical_bytes(client, worker):
 
 
 def test_generation_error_fails_the_job_and_worker_keeps_serving(client, worker):
-    # 3,900 words tokenize past the model's 2,048-token text context: the pipeline itself raises
-    bad = client.submit({**JOB, "prompt": "a " * 3900, "num_images": 1}).json()
+    # a prompt the API admits and the model rejects: the pipeline itself raises
+    bad = client.submit({**JOB, "prompt": BEYOND_THE_MODEL, "num_images": 1}).json()
     good = client.submit({**JOB, "num_images": 1, "seed": 7}).json()
     failed = client.wait(bad["id"])
     assert failed["status"] == "failed"

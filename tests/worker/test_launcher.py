@@ -37,7 +37,13 @@ def test_spawn_pins_cuda_visible_devices(monkeypatch):
             seen["cmd"], seen["env"] = cmd, env
 
     monkeypatch.setattr(launcher.subprocess, "Popen", FakePopen)
-    launcher.spawn("gpu3", "3", "interactive,batch")
+    launcher.spawn("gpu3", "3", "interactive,batch", 9403)
     assert seen["env"]["CUDA_VISIBLE_DEVICES"] == "3"
+    assert seen["env"]["LETTERPRESS_WORKER__METRICS_PORT"] == "9403"
     assert seen["cmd"][seen["cmd"].index("-n") + 1] == "gpu3@%h"
     assert "--pool" in seen["cmd"] and "solo" in seen["cmd"]
+
+
+def test_each_worker_of_a_host_gets_its_own_metrics_port():
+    assert launcher.metrics_ports(["gpu0", "gpu1", "gpu2"], 9400) == {"gpu0": 9400, "gpu1": 9401, "gpu2": 9402}
+    assert launcher.metrics_ports(["cpu"], 0) == {"cpu": 0}  # 0: metrics off

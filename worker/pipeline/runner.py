@@ -28,6 +28,11 @@ class PipelineRunner:
         return self.loaded.model_id if self.loaded else ""
 
     @property
+    def variant(self) -> str:
+        """fast | stock (worker.pipeline.loading), "" before `load`."""
+        return self.loaded.variant if self.loaded else ""
+
+    @property
     def revision(self) -> str | None:
         return self.loaded.revision if self.loaded else None
 
