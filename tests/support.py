@@ -146,6 +146,20 @@ class Processes:
                 raise RuntimeError(f"worker {name} died at start:\n{self.log(name)[-4000:]}")
         return proc
 
+    def start_webhooks_worker(self, name: str = "webhooks", extra_env: dict | None = None) -> subprocess.Popen:
+        """The delivery worker process, as `letterpress webhooks-worker` starts it, with its own metrics port."""
+        from common.broker import webhooks_worker_argv
+
+        offset = len(self.log(name))
+        self.metrics_ports[name] = free_port()
+        proc = self._spawn(name, webhooks_worker_argv(concurrency=8),
+                           {"LETTERPRESS_WEBHOOKS__METRICS_PORT": str(self.metrics_ports[name]), **(extra_env or {})})
+        wait_until(lambda: "ready." in self.log(name)[offset:] or proc.poll() is not None, 60,
+                   what=f"{name} worker ready")
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} worker died at start:\n{self.log(name)[-4000:]}")
+        return proc
+
     def signal(self, name: str, sig: int) -> None:
         proc = self.procs[name]
         if proc.poll() is None:

@@ -64,6 +64,7 @@ def main() -> None:
     """`letterpress maintenance`: the loop alone, for deployments that want it outside the workers."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = get_settings()
+    metrics.serve(settings.worker.metrics_port)
     start_feeder(settings)
     while True:
         try:

@@ -11,7 +11,8 @@ import logging
 import os
 from collections.abc import Callable
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.process_collector import ProcessCollector
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +47,16 @@ READY = Gauge("letterpress_worker_ready", "1 once the pipeline is warm and the w
 LEASE_RENEWALS = Counter("letterpress_worker_lease_renewals_total", "Heartbeats that renewed a job's lease")
 LEASE_LOSSES = Counter("letterpress_worker_lease_losses_total",
                        "Attempts that found their lease taken over (the job runs elsewhere)")
+# The webhook delivery worker serves only its own metrics (and its process's), not the GPU worker's zeros.
+WEBHOOK_REGISTRY = CollectorRegistry()
+ProcessCollector(registry=WEBHOOK_REGISTRY)
 WEBHOOK_DELIVERIES = Counter("letterpress_webhook_deliveries_total",
                              "Webhook delivery attempts, by outcome: success, retry, disable (the endpoint was "
-                             "disabled), refused (the SSRF guard)", ["outcome"])
+                             "disabled), refused (the SSRF guard)", ["outcome"], registry=WEBHOOK_REGISTRY)
 WEBHOOK_DELIVERY_SECONDS = Histogram("letterpress_webhook_delivery_seconds",
                                      "Time of one delivery attempt's HTTP call",
-                                     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15, 30))
+                                     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15, 30),
+                                     registry=WEBHOOK_REGISTRY)
 DRAINING = Gauge("letterpress_worker_draining", "1 while the worker drains (SIGTERM or a spot notice)")
 
 
@@ -76,13 +81,13 @@ def observe_generation(params: dict, variant: str, seconds: float) -> None:
         STEP.labels(**labels).observe(seconds / params["steps"])
 
 
-def serve(port: int) -> None:
+def serve(port: int, registry: CollectorRegistry = REGISTRY) -> None:
     """Start the scrape endpoint (a daemon thread); 0: none. A port in use is logged, not fatal: the worker's job
     is to generate, and a second worker on one host with the same port is a configuration slip to fix."""
     if not port:
         return
     try:
-        start_http_server(port)
+        start_http_server(port, registry=registry)
         log.info("metrics on :%d/metrics", port)
     except OSError as exc:
         log.error("metrics port %d not served (%s): set LETTERPRESS_WORKER__METRICS_PORT", port, exc)

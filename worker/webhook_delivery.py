@@ -61,6 +61,6 @@ def deliver_event(event_id: str) -> str:
 def _start_due_pass(**_) -> None:
     """The due-events pass (common.webhooks.outbox.enqueue_due) every maintenance period."""
     settings = get_settings()
-    metrics.serve(settings.webhooks.metrics_port)
+    metrics.serve(settings.webhooks.metrics_port, metrics.WEBHOOK_REGISTRY)
     PeriodicThread("webhooks-due", settings.worker.maintenance_period_s,
                    lambda: outbox.enqueue_due(settings)).start()

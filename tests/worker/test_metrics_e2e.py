@@ -7,6 +7,8 @@ import json
 import shutil
 import signal
 import subprocess
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import httpx
@@ -19,6 +21,7 @@ from tests.support import REPO, wait_until
 pytestmark = pytest.mark.slow
 
 DEPLOY = REPO / "deploy" / "prometheus"
+DASHBOARD = REPO / "deploy" / "grafana" / "letterpress.json"
 SHORT = {"prompt": "a sign that says OPEN", "width": 256, "height": 256, "preset": "V4_TURBO_12", "seed": 5}
 LONG = {**SHORT, "width": 512, "height": 512, "steps": 80}
 
@@ -100,16 +103,42 @@ def scrape_target(stack, name: str) -> str:
     return f"127.0.0.1:{stack.procs.metrics_ports[name]}"
 
 
+@pytest.fixture
+def webhook_receiver():
+    """A local endpoint that answers every delivery 204."""
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *_):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}/hook"
+    server.shutdown()
+
+
+def dashboard_queries() -> list[tuple[str, str, bool]]:
+    """(panel title, PromQL, GPU-only) of every target of the Grafana dashboard."""
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    return [(p["title"], t["expr"], "GPU workers only" in p.get("description", "")) for p in panels for t in p["targets"]]
+
+
 def test_prometheus_loads_the_shipped_config_and_rules():
     for args in (["check", "config", str(DEPLOY / "prometheus.yml")], ["check", "rules", str(DEPLOY / "alerts.yml")]):
         done = subprocess.run(["promtool", *args], capture_output=True, text=True)
         assert done.returncode == 0, done.stdout + done.stderr
 
 
-def test_jobs_queue_and_workers_as_prometheus_sees_them(fresh_workers, prometheus):
+def test_jobs_queue_and_workers_as_prometheus_sees_them(fresh_workers, prometheus, webhook_receiver):
     stack = fresh_workers
     client = stack.client()
-    ids = [client.submit({**SHORT, "seed": seed}).json()["id"] for seed in range(3)]
+    stack.procs.start_webhooks_worker("webhooks")
+    prometheus.targets("letterpress-webhooks", [scrape_target(stack, "webhooks")])
+    ids = [client.submit({**SHORT, "seed": seed, "webhook_url": webhook_receiver}).json()["id"] for seed in range(3)]
     prometheus.eventually('letterpress_queue_jobs_waiting{queue="interactive"}', 3)
     assert prometheus.value('letterpress_queue_oldest_waiting_seconds{queue="interactive"}') > 0
     name, _ = stack.start_worker()
@@ -130,6 +159,10 @@ def test_jobs_queue_and_workers_as_prometheus_sees_them(fresh_workers, prometheu
     assert prometheus.value("letterpress_worker_lease_renewals_total") >= 3  # one beat at least a job
     assert prometheus.value("max(letterpress_queue_scrape_error)") == 0
     assert ("LetterpressWorkerDown", scrape_target(stack, name)) not in prometheus.firing()
+    prometheus.eventually('letterpress_webhook_deliveries_total{outcome="success"}', 3)
+    assert prometheus.value("letterpress_webhook_delivery_seconds_count") == 3
+    prometheus.eventually("letterpress_webhook_events_pending", 0)
+    stack.procs.stop("webhooks")
 
 
 def test_a_worker_killed_mid_job_is_one_expired_lease_one_retry_and_an_alert(fresh_workers, prometheus):
@@ -152,3 +185,25 @@ def test_a_worker_killed_mid_job_is_one_expired_lease_one_retry_and_an_alert(fre
     prometheus.eventually(f"letterpress_maintenance_leases_expired_total{{{worker}}}", 1)
     prometheus.eventually(f'letterpress_worker_attempts_started_total{{{worker}, kind="retry"}}', 1)
     prometheus.eventually(f'letterpress_worker_jobs_total{{{worker}, outcome="succeeded"}}', 1)
+
+
+def test_every_dashboard_panel_draws_from_live_metrics(fresh_workers, prometheus):
+    """After the two tests above (jobs, webhooks, a retry, a dead worker), with a batch in progress: every
+    expression of deploy/grafana/letterpress.json returns data, so a renamed or missing metric fails here. The GPU
+    panels have no data on this CPU machine: their expressions must still be valid PromQL."""
+    stack = fresh_workers
+    client = stack.client()
+    name, _ = stack.start_worker()
+    prometheus.targets("letterpress-worker", [scrape_target(stack, name), *json.loads(
+        (prometheus.root / "letterpress-worker.json").read_text())[0]["targets"]])
+    resp = client.http.post("/v1/batches", json={"items": [{**LONG, "custom_id": f"l{i}"} for i in range(3)]})
+    assert resp.status_code == 202, resp.text
+    prometheus.eventually(f'letterpress_worker_ready{{instance="{scrape_target(stack, name)}"}}', 1)
+    wait_until(lambda: prometheus.query("letterpress_batch_items_remaining"), 30, what="a batch in progress")
+    empty = []
+    for title, expr, gpu_only in dashboard_queries():
+        result = prometheus.query(expr)  # a malformed expression fails the query itself
+        if not result and not gpu_only:
+            empty.append(f"{title}: {expr}")
+    client.http.post(f"/v1/batches/{resp.json()['id']}/cancel")
+    assert not empty, "dashboard queries without data:\n" + "\n".join(empty)

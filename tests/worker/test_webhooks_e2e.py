@@ -108,17 +108,9 @@ def receiver():
 @pytest.fixture(scope="module")
 def webhooks_worker(processes, api_url):
     """The delivery worker process, as `letterpress webhooks-worker` starts it, with a short schedule."""
-    from common.broker import webhooks_worker_argv
-
-    name = "webhooks"
-    offset = len(processes.log(name))
-    proc = processes._spawn(name, webhooks_worker_argv(concurrency=8),
-                            {"LETTERPRESS_WEBHOOKS__RETRY_SCHEDULE_S": SCHEDULE, "LETTERPRESS_WEBHOOKS__JITTER": "0"})
-    wait_until(lambda: "ready." in processes.log(name)[offset:] or proc.poll() is not None, 60,
-               what="webhooks worker ready")
-    assert proc.poll() is None, processes.log(name)[-4000:]
-    yield proc
-    processes.stop(name)
+    yield processes.start_webhooks_worker("webhooks", {"LETTERPRESS_WEBHOOKS__RETRY_SCHEDULE_S": SCHEDULE,
+                                                       "LETTERPRESS_WEBHOOKS__JITTER": "0"})
+    processes.stop("webhooks")
 
 
 def path(kind: str) -> str:
