@@ -29,6 +29,28 @@ JOBS_ACCEPTED = Counter("letterpress_api_jobs_accepted_total", "Jobs created by 
 BATCH_ITEMS_ACCEPTED = Counter("letterpress_api_batch_items_accepted_total", "Items of batches created")
 
 
+# name -> (help, labels) of every gauge QueueCollector reports: those read from Postgres, then the rest
+POSTGRES_GAUGES = {
+    "letterpress_queue_jobs_waiting": ("Jobs queued in Postgres (batch items the feeder has not sent included)",
+                                       ["queue"]),
+    "letterpress_queue_oldest_waiting_seconds": ("Age of the oldest queued job", ["queue"]),
+    "letterpress_queue_jobs_running": ("Jobs running now", ["queue"]),
+    "letterpress_batch_items_remaining": ("Items of an active batch not finished yet", ["batch"]),
+    "letterpress_webhook_events_pending": ("Webhook events waiting for delivery", []),
+    "letterpress_webhook_endpoints_disabled": ("Webhook endpoints disabled after answering 410 Gone", []),
+}
+QUEUE_GAUGES = {
+    **POSTGRES_GAUGES,
+    "letterpress_queue_broker_messages": ("Messages waiting in the broker's list (a message in a worker's hand is "
+                                          "not counted)", ["queue"]),
+    "letterpress_queue_scrape_error": ("1 when this scrape could not read the source", ["source"]),
+}
+
+
+def _gauges() -> dict[str, GaugeMetricFamily]:
+    return {name: GaugeMetricFamily(name, doc, labels=labels) for name, (doc, labels) in QUEUE_GAUGES.items()}
+
+
 class QueueCollector(Collector):
     """The queue at scrape time: a few grouped counts on Postgres indexes and an LLEN per Redis list. A database
     or Redis that cannot be read leaves its gauges out of that scrape (and `letterpress_queue_scrape_error` says
@@ -39,28 +61,23 @@ class QueueCollector(Collector):
 
     def describe(self):
         """The names, without reading anything (the registry asks at registration)."""
-        families = {"letterpress_queue_scrape_error": ["source"], "letterpress_queue_broker_messages": ["queue"],
-                    "letterpress_queue_jobs_waiting": ["queue"], "letterpress_queue_oldest_waiting_seconds": ["queue"],
-                    "letterpress_queue_jobs_running": ["queue"], "letterpress_batch_items_remaining": ["batch"],
-                    "letterpress_webhook_events_pending": None, "letterpress_webhook_endpoints_disabled": None}
-        return [GaugeMetricFamily(name, name, labels=labels) for name, labels in families.items()]
+        return list(_gauges().values())
 
     def collect(self):
-        errors = GaugeMetricFamily("letterpress_queue_scrape_error",
-                                   "1 when this scrape could not read the source", labels=["source"])
+        gauges = _gauges()
+        errors = gauges["letterpress_queue_scrape_error"]
         try:
-            yield from self._postgres()
+            self._read_postgres(gauges)
+            yield from (gauges[name] for name in POSTGRES_GAUGES)
             errors.add_metric(["postgres"], 0)
         except SQLAlchemyError as exc:
             log.warning("metrics: the queue could not be read from Postgres: %s", exc)
             errors.add_metric(["postgres"], 1)
-        broker = GaugeMetricFamily("letterpress_queue_broker_messages",
-                                   "Messages waiting in the broker's list (a message in a worker's hand is not "
-                                   "counted)", labels=["queue"])
+        broker = gauges["letterpress_queue_broker_messages"]
         redis_ok = True
         for queue in (*QUEUES, WEBHOOK_QUEUE):
             depth = queue_depth(self.settings.redis.url, queue)
-            if depth is None:
+            if depth is None:  # Redis down: one timeout per scrape, not one per list
                 redis_ok = False
                 break
             broker.add_metric([queue], depth)
@@ -69,18 +86,8 @@ class QueueCollector(Collector):
         errors.add_metric(["redis"], 0 if redis_ok else 1)
         yield errors
 
-    def _postgres(self):
-        waiting = GaugeMetricFamily("letterpress_queue_jobs_waiting",
-                                    "Jobs queued in Postgres (batch items the feeder has not sent included)",
-                                    labels=["queue"])
-        oldest = GaugeMetricFamily("letterpress_queue_oldest_waiting_seconds",
-                                   "Age of the oldest queued job", labels=["queue"])
-        running = GaugeMetricFamily("letterpress_queue_jobs_running", "Jobs running now", labels=["queue"])
-        remaining = GaugeMetricFamily("letterpress_batch_items_remaining",
-                                      "Items of an active batch not finished yet", labels=["batch"])
-        pending = GaugeMetricFamily("letterpress_webhook_events_pending", "Webhook events waiting for delivery")
-        disabled = GaugeMetricFamily("letterpress_webhook_endpoints_disabled",
-                                     "Webhook endpoints disabled after answering 410 Gone")
+    @staticmethod
+    def _read_postgres(gauges: dict[str, GaugeMetricFamily]) -> None:
         with session_scope() as session:
             rows = session.execute(
                 select(Job.status, Job.queue, func.count(),
@@ -99,14 +106,14 @@ class QueueCollector(Collector):
         seen = {(status, queue): (count, age) for status, queue, count, age in rows}
         for queue in QUEUES:
             count, age = seen.get((JobStatus.QUEUED, queue), (0, 0))
-            waiting.add_metric([queue], count)
-            oldest.add_metric([queue], float(age or 0))
-            running.add_metric([queue], seen.get((JobStatus.RUNNING, queue), (0, 0))[0])
+            gauges["letterpress_queue_jobs_waiting"].add_metric([queue], count)
+            gauges["letterpress_queue_oldest_waiting_seconds"].add_metric([queue], float(age or 0))
+            running = seen.get((JobStatus.RUNNING, queue), (0, 0))[0]
+            gauges["letterpress_queue_jobs_running"].add_metric([queue], running)
         for batch_id, count in batches:
-            remaining.add_metric([str(batch_id)], count)
-        pending.add_metric([], events)
-        disabled.add_metric([], endpoints)
-        yield from (waiting, oldest, running, remaining, pending, disabled)
+            gauges["letterpress_batch_items_remaining"].add_metric([str(batch_id)], count)
+        gauges["letterpress_webhook_events_pending"].add_metric([], events)
+        gauges["letterpress_webhook_endpoints_disabled"].add_metric([], endpoints)
 
 
 _registered = threading.Lock()

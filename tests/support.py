@@ -45,6 +45,24 @@ def scratch_database(services: dict, prefix: str, *, migrated: bool = True) -> I
         admin.dispose()
 
 
+@contextmanager
+def scratch_settings(services: dict, stack_env: dict, prefix: str, *, redis_db: int | None = None) -> Iterator:
+    """This process (only) pointed at a fresh migrated database, and at Redis database `redis_db` when given;
+    restored and dropped afterwards."""
+    from common.db import get_engine
+    from common.settings import settings_from_env, use_settings
+
+    with scratch_database(services, prefix) as url:
+        env = {**stack_env, "LETTERPRESS_DATABASE__URL": url}
+        if redis_db is not None:
+            env["LETTERPRESS_REDIS__URL"] = services["redis_url"].rsplit("/", 1)[0] + f"/{redis_db}"
+        try:
+            with use_settings(settings_from_env(env)) as settings:
+                yield settings
+        finally:
+            get_engine(url).dispose()
+
+
 def wait_http(url: str, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

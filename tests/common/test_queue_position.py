@@ -13,7 +13,7 @@ from common import batches, job_states
 from common import queue_position as qp
 from common.batches import BatchOptions, items_source
 from common.models import Batch, Job
-from tests.support import scratch_database
+from tests.support import scratch_settings
 
 LINE = {"prompt": "a poster that says HELLO", "width": 256, "height": 256, "preset": "V4_TURBO_12", "steps": 2}
 PARAMS = {"prompt": "p", "prompt_text": "p", "preset": "V4_TURBO_12", "width": 256, "height": 256, "steps": 2,
@@ -24,13 +24,8 @@ PARAMS = {"prompt": "p", "prompt_text": "p", "preset": "V4_TURBO_12", "width": 2
 @pytest.fixture(scope="module")
 def iso(services, stack_env):
     """Point this process (only) at a fresh database; restore afterwards."""
-    from common.db import get_engine
-    from common.settings import settings_from_env, use_settings
-
-    with scratch_database(services, "lp_qpos") as url:
-        with use_settings(settings_from_env({**stack_env, "LETTERPRESS_DATABASE__URL": url})) as settings:
-            yield settings
-        get_engine(url).dispose()
+    with scratch_settings(services, stack_env, "lp_qpos") as settings:
+        yield settings
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from sqlalchemy import func, select, text, update
 from common.batches import BatchOptions, items_source
 from common.models import Batch, Job
 from common.settings import BatchSettings
-from tests.support import scratch_database
+from tests.support import scratch_settings
 
 LINE = {"prompt": "a poster that says HELLO", "width": 256, "height": 256, "preset": "V4_TURBO_12", "steps": 2}
 
@@ -23,15 +23,8 @@ LINE = {"prompt": "a poster that says HELLO", "width": 256, "height": 256, "pres
 @pytest.fixture(scope="module")
 def iso(services, stack_env):
     """Point this process (only) at a fresh database and Redis db; restore afterwards."""
-    from common.db import get_engine
-    from common.settings import settings_from_env, use_settings
-
-    with scratch_database(services, "lp_feeder") as url:
-        redis_url = services["redis_url"].rsplit("/", 1)[0] + "/7"
-        env = {**stack_env, "LETTERPRESS_DATABASE__URL": url, "LETTERPRESS_REDIS__URL": redis_url}
-        with use_settings(settings_from_env(env)) as settings:
-            yield settings
-        get_engine(url).dispose()
+    with scratch_settings(services, stack_env, "lp_feeder", redis_db=7) as settings:
+        yield settings
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from sqlalchemy import text
 from common import job_states
 from common.broker import GENERATE_TASK, get_celery
 from common.models import Batch
-from tests.support import scratch_database
+from tests.support import scratch_settings
 from worker.maintenance import ADVISORY_LOCK_ID, maintenance_pass
 
 PARAMS = {"prompt": "p", "prompt_text": "p", "preset": "V4_TURBO_12", "width": 256, "height": 256, "steps": 2,
@@ -26,19 +26,12 @@ PARAMS = {"prompt": "p", "prompt_text": "p", "preset": "V4_TURBO_12", "width": 2
 def iso(services, stack_env):
     """Point this process (only) at a fresh database and Redis db; restore afterwards. The broker's Celery app is
     cached per process (common.broker.get_celery), so it is dropped on the way in and out."""
-    from common.db import get_engine
-    from common.settings import settings_from_env, use_settings
-
-    with scratch_database(services, "lp_maint") as url:
-        redis_url = services["redis_url"].rsplit("/", 1)[0] + "/9"
-        env = {**stack_env, "LETTERPRESS_DATABASE__URL": url, "LETTERPRESS_REDIS__URL": redis_url}
+    get_celery.cache_clear()
+    try:
+        with scratch_settings(services, stack_env, "lp_maint", redis_db=9) as settings:
+            yield settings
+    finally:
         get_celery.cache_clear()
-        try:
-            with use_settings(settings_from_env(env)) as settings:
-                yield settings
-        finally:
-            get_celery.cache_clear()
-            get_engine(url).dispose()
 
 
 @pytest.fixture
