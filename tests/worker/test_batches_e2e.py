@@ -156,7 +156,9 @@ def test_interactive_job_starts_before_a_500_job_batch_drains_and_cancel(client,
     cancel = client.http.post(f"/v1/batches/{batch['id']}/cancel").json()
     assert "error" not in cancel, cancel
     assert cancel["status"] == "cancelling" and cancel["request_counts"]["queued"] == 0
-    assert cancel["request_counts"]["running"] <= 2  # at most one a worker (two in this module)
+    # at most two a worker (two workers in this module): one generating, and the one before it still being
+    # stored on the finisher thread (worker.attempt, overlap_finish), which stays `running` until it completes
+    assert cancel["request_counts"]["running"] <= 4
     ended = wait_batch(client, batch["id"], timeout=60)
     counts = ended["request_counts"]
     assert ended["status"] == "cancelled" and ended["cancelled_at"]
