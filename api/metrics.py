@@ -15,12 +15,11 @@ from prometheus_client import REGISTRY, Counter
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from prometheus_fastapi_instrumentator import Instrumentator
-from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from common.broker import QUEUES, WEBHOOK_QUEUE, queue_depth
 from common.db import session_scope
-from common.models import Batch, BatchStatus, Job, JobStatus, WebhookDisabledEndpoint, WebhookEvent, WebhookEventStatus
+from common.fleet import queue_snapshot
 from common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -89,31 +88,15 @@ class QueueCollector(Collector):
     @staticmethod
     def _read_postgres(gauges: dict[str, GaugeMetricFamily]) -> None:
         with session_scope() as session:
-            rows = session.execute(
-                select(Job.status, Job.queue, func.count(),
-                       func.extract("epoch", func.now() - func.min(Job.created_at)))
-                .where(Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))
-                .group_by(Job.status, Job.queue)).all()
-            batches = session.execute(
-                select(Job.batch_id, func.count())
-                .join(Batch, Batch.id == Job.batch_id)
-                .where(Batch.status == BatchStatus.IN_PROGRESS,
-                       Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))
-                .group_by(Job.batch_id)).all()
-            events = session.scalar(select(func.count()).select_from(WebhookEvent)
-                                    .where(WebhookEvent.status == WebhookEventStatus.PENDING))
-            endpoints = session.scalar(select(func.count()).select_from(WebhookDisabledEndpoint))
-        seen = {(status, queue): (count, age) for status, queue, count, age in rows}
-        for queue in QUEUES:
-            count, age = seen.get((JobStatus.QUEUED, queue), (0, 0))
-            gauges["letterpress_queue_jobs_waiting"].add_metric([queue], count)
-            gauges["letterpress_queue_oldest_waiting_seconds"].add_metric([queue], float(age or 0))
-            running = seen.get((JobStatus.RUNNING, queue), (0, 0))[0]
-            gauges["letterpress_queue_jobs_running"].add_metric([queue], running)
-        for batch_id, count in batches:
-            gauges["letterpress_batch_items_remaining"].add_metric([str(batch_id)], count)
-        gauges["letterpress_webhook_events_pending"].add_metric([], events)
-        gauges["letterpress_webhook_endpoints_disabled"].add_metric([], endpoints)
+            snapshot = queue_snapshot(session)
+        for queue, counts in snapshot.queues.items():
+            gauges["letterpress_queue_jobs_waiting"].add_metric([queue], counts.waiting)
+            gauges["letterpress_queue_oldest_waiting_seconds"].add_metric([queue], counts.oldest_waiting_s)
+            gauges["letterpress_queue_jobs_running"].add_metric([queue], counts.running)
+        for batch in snapshot.batches:
+            gauges["letterpress_batch_items_remaining"].add_metric([str(batch.id)], batch.remaining)
+        gauges["letterpress_webhook_events_pending"].add_metric([], snapshot.webhook_events_pending)
+        gauges["letterpress_webhook_endpoints_disabled"].add_metric([], snapshot.webhook_endpoints_disabled)
 
 
 _registered = threading.Lock()

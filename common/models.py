@@ -9,6 +9,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Double,
     ForeignKey,
     Index,
     Integer,
@@ -168,6 +169,33 @@ class JobImage(Base):
     width: Mapped[int] = mapped_column(Integer)
     height: Mapped[int] = mapped_column(Integer)
     size_bytes: Mapped[int] = mapped_column(Integer)
+
+
+class UsageRecord(Base):
+    """The usage ledger (migration 0005, common/usage.py): one row for each attempt that ran a job's generation on
+    a device, written by the worker in the transaction that records the attempt's outcome. `gpu_seconds` is the
+    generation time billed to this job (a co-batched call's time split evenly among its jobs); the model's warm-up
+    is billed to nobody. Rows are never updated."""
+    __tablename__ = "usage_records"
+    __table_args__ = (
+        Index("ix_usage_records_tenant_recorded", "tenant_id", "recorded_at"),
+        Index("ix_usage_records_batch", "batch_id", postgresql_where=text("batch_id IS NOT NULL")),
+        Index("ix_usage_records_job", "job_id"),
+        Index("ix_usage_records_recorded", "recorded_at"),
+    )
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    batch_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"))
+    preset: Mapped[str | None] = mapped_column(String(64))
+    attempt: Mapped[int] = mapped_column(Integer)
+    outcome: Mapped[str] = mapped_column(String(16))  # succeeded | failed | retried | preempted | canceled
+    worker_id: Mapped[str] = mapped_column(String(255))
+    gpu_kind: Mapped[str] = mapped_column(String(128))  # the device name ("NVIDIA H200"), or "cpu"
+    capacity: Mapped[str] = mapped_column(String(16))  # on_demand | spot (worker.capacity)
+    gpu_seconds: Mapped[float] = mapped_column(Double)
+    images: Mapped[int] = mapped_column(Integer)  # images stored by this attempt (0 unless it succeeded)
+    recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
 class WebhookEventStatus:

@@ -36,14 +36,14 @@ def job_representation(job: Job, *, self_url: str, image_url: Callable[[JobImage
     }
 
 
-def batch_representation(batch: Batch, counts: Any, *, self_url: str) -> dict[str, Any]:
+def batch_representation(batch: Batch, counts: Any, usage: Any, *, self_url: str) -> dict[str, Any]:
     """The batch object (`object: "batch"`), the shape of api/routers/batches.py's BatchOut; `counts` is a
-    common.batch_counts.RequestCounts. The payload of batch.* webhook events."""
+    common.batch_counts.RequestCounts, `usage` a common.usage.Usage. The payload of batch.* webhook events."""
     return {
         "id": str(batch.id), "object": "batch", "status": batch.status, "input_source": batch.input_source,
         "request_counts": {"total": counts.total, "queued": counts.queued, "running": counts.running,
                            "succeeded": counts.succeeded, "failed": counts.failed, "canceled": counts.canceled},
-        "invalid": batch.invalid, "metadata": batch.metadata_, "webhook_url": batch.webhook_url,
+        "usage": usage.as_dict(), "invalid": batch.invalid, "metadata": batch.metadata_, "webhook_url": batch.webhook_url,
         "manifest_key": batch.manifest_key, "results_url": self_url + "/results", "created_at": batch.created_at,
         "in_progress_at": batch.in_progress_at, "finalizing_at": batch.finalizing_at,
         "completed_at": batch.completed_at, "failed_at": batch.failed_at, "cancelling_at": batch.cancelling_at,

@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic import BaseModel, Field, NonNegativeFloat, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEV_SECRET = "dev-insecure-secret"
@@ -131,6 +131,9 @@ class WorkerSettings(BaseModel):
     # Prometheus scrape port of a worker process (0: none). `letterpress worker` gives its N-th worker this + N,
     # so each GPU worker of a host is its own target (docs/OPERATIONS.md).
     metrics_port: int = Field(default=9400, ge=0, le=65535)
+    # How this worker's GPU is bought: its usage records are priced at `pricing.spot_per_gpu_hour` or
+    # `pricing.on_demand_per_gpu_hour` (common.usage). The spot-gpu Kubernetes overlay sets `spot`.
+    capacity: Literal["on_demand", "spot"] = "on_demand"
     batching: BatchingSettings = BatchingSettings()
 
 
@@ -158,6 +161,20 @@ class WebhookSettings(BaseModel):
     jitter: float = 0.1
 
 
+class PricingSettings(BaseModel):
+    """Price per GPU-hour by GPU kind, for the usage and cost reports (common.usage), `LETTERPRESS_PRICING__*`.
+
+    Keys are matched against the GPU's device name, case-insensitively, the longest matching key winning:
+    `{"A100": 1.2, "A100-SXM4-80GB": 1.6, "*": 2.0}` prices an "NVIDIA A100-SXM4-80GB" at 1.6; `*` matches any kind;
+    a CPU worker's kind is `cpu`. Seconds of a kind no key matches are reported as unpriced, never as free.
+    Costs are estimates at today's prices: changing a price re-prices past usage.
+    """
+
+    currency: str = "USD"
+    on_demand_per_gpu_hour: dict[str, NonNegativeFloat] = {}
+    spot_per_gpu_hour: dict[str, NonNegativeFloat] = {}
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter=NESTED_DELIMITER, extra="ignore")
 
@@ -172,6 +189,7 @@ class Settings(BaseSettings):
     worker: WorkerSettings = WorkerSettings()
     batches: BatchSettings = BatchSettings()
     webhooks: WebhookSettings = WebhookSettings()
+    pricing: PricingSettings = PricingSettings()
     # LETTERPRESS_API_URL: the API's public base URL (webhook payloads' links, the CLI's target); default
     # http://{api.host}:{api.port}
     api_url: str | None = None

@@ -113,6 +113,8 @@ def stack_env(services, tiny_model, tmp_path_factory) -> Iterator[dict[str, str]
         # a frozen (SIGSTOPped) process's open transaction is ended soon, as in production after 60 s
         "LETTERPRESS_DATABASE__IDLE_IN_TRANSACTION_TIMEOUT_S": "10",
         "LETTERPRESS_WEBHOOKS__ALLOW_LOOPBACK": "true",
+        # usage is priced (tests/worker/test_batches_e2e.py checks the cost of a batch against this)
+        "LETTERPRESS_PRICING__ON_DEMAND_PER_GPU_HOUR": '{"cpu": 3.6}',
     }
     with use_settings(settings_from_env(env)):
         migrate()

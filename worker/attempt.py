@@ -33,6 +33,7 @@ from common.errors import LeaseLost, StorageError
 from common.job_request import image_seeds
 from common.settings import Settings
 from common.storage import Storage, image_key
+from common.usage import DeviceTime, record_attempt
 from worker.co_batching import CANDIDATE_SCAN, CoBatchingPolicy, companions
 from worker.drain import Drain
 from worker import metrics
@@ -52,6 +53,12 @@ class AttemptContext:
     worker_id: str
     overlap_finish: bool = True  # store and complete on the finisher thread while the next job generates
     batching: CoBatchingPolicy = field(default_factory=CoBatchingPolicy)  # off unless configured
+    current_job: uuid.UUID | None = None  # the job generating now (worker.presence shows it)
+
+    def device_time(self, seconds: float) -> DeviceTime:
+        """What one job of an attempt used, for its usage record (common.usage)."""
+        return DeviceTime(gpu_kind=getattr(self.runner, "gpu_kind", "") or "unknown",
+                          capacity=self.settings.worker.capacity, seconds=max(seconds, 0.0))
 
 
 def spec_from_params(params: dict):
@@ -95,6 +102,7 @@ def run_attempt(job_id: uuid.UUID, ctx: AttemptContext) -> str:
     members = [lead]
     t0 = time.perf_counter()
     outcome = "failed"
+    ctx.current_job = job_id
     try:  # from here on every member's heartbeat is stopped however this ends (a running heartbeat keeps a lease)
         members += [_member(c, ctx) for c in _claim_companions(claim, ctx)]
         if len(members) > 1:
@@ -102,6 +110,7 @@ def run_attempt(job_id: uuid.UUID, ctx: AttemptContext) -> str:
         outcome = _generate_and_record(members, ctx, t0)
         return outcome
     finally:
+        ctx.current_job = None
         for member in members:
             if not member.finishing:
                 member.monitor.stop()
@@ -181,16 +190,20 @@ def _generate_and_record(members: list[Member], ctx: AttemptContext, t0: float) 
         metrics.JOBS.labels(outcome="lease_lost").inc(len(members))
         return "lease_lost"
     except GenerationInterrupted:
-        return _for_each(members, lambda m: _after_interrupt(m.claim, ctx, m.monitor))
+        used = ctx.device_time((time.perf_counter() - t0) / len(members))
+        return _for_each(members, lambda m: _after_interrupt(m.claim, ctx, m.monitor, used))
     except (StorageError, SQLAlchemyError) as exc:
-        return _for_each(members, lambda m, exc=exc: _record_failure(m.claim, ctx, exc, retryable=True))
+        used = ctx.device_time((time.perf_counter() - t0) / len(members))
+        return _for_each(members, lambda m, exc=exc: _record_failure(m.claim, ctx, exc, used, retryable=True))
     except Exception as exc:  # noqa: BLE001 - the generation itself raised: fail the job, keep serving
         if len(members) > 1:  # one bad job must not fail its companions: run them one by one, each on its own
+            # (the failed call's time is billed to none of them: each job is billed for its own run below)
             log.warning("job %s: batch of %d failed (%s); running its jobs one by one", members[0].claim.job_id,
                         len(members), exc)
             return _for_each(members, lambda m: _generate_and_record([m], ctx, time.perf_counter()))
         log.exception("job %s: generation failed", members[0].claim.job_id)
-        return _record_failure(members[0].claim, ctx, exc, retryable=False)
+        used = ctx.device_time(time.perf_counter() - t0)
+        return _record_failure(members[0].claim, ctx, exc, used, retryable=False)
 
     def finish() -> str:
         def finish_one(m: Member, member_images: list) -> str:
@@ -229,20 +242,24 @@ def _for_each(members: list[Member], record: Callable[[Member], str]) -> str:
 
 def _finish(m: Member, ctx: AttemptContext, images: list, t0: float, t_gen: float, batch: int = 1) -> str:
     """Encode and store the images, then mark the job succeeded (fenced); failures are recorded like the
-    generation's own. A job canceled while its batch ran ends canceled; one whose lease was lost stores nothing."""
+    generation's own. A job canceled while its batch ran ends canceled; one whose lease was lost stores nothing.
+    The job is billed its share of the generation (`(t_gen - t0) / batch`) however it ends."""
+    used = ctx.device_time((t_gen - t0) / batch)
+    call = {"generate_s": round(t_gen - t0, 3), **({"batch": batch} if batch > 1 else {})}  # the whole call
     try:
-        return _store_and_complete(m, ctx, images, t0, t_gen, batch)
+        return _store_and_complete(m, ctx, images, used, call)
     except (StorageError, SQLAlchemyError) as exc:
         # infrastructure trouble: the attempt counts, the job goes back to the queue while attempts remain
-        return _record_failure(m.claim, ctx, exc, retryable=True)
+        return _record_failure(m.claim, ctx, exc, used, retryable=True)
     except Exception as exc:  # noqa: BLE001 - encoding failed: fail the job, keep serving
         log.exception("job %s: storing the images failed", m.claim.job_id)
-        return _record_failure(m.claim, ctx, exc, retryable=False)
+        return _record_failure(m.claim, ctx, exc, used, retryable=False)
 
 
 @metrics.counts_outcome()
-def _store_and_complete(m: Member, ctx: AttemptContext, images: list, t0: float, t_gen: float, batch: int) -> str:
-    """succeeded | canceled | lease_lost; raises what `_finish` records as a failure."""
+def _store_and_complete(m: Member, ctx: AttemptContext, images: list, used: DeviceTime, call: dict) -> str:
+    """succeeded | canceled | lease_lost; raises what `_finish` records as a failure. Lease lost: another attempt
+    owns the job, so this one records nothing, not even its usage."""
     claim, monitor = m.claim, m.monitor
     if monitor.lease_lost.is_set():
         log.warning("job %s: lease lost; another attempt owns it, nothing recorded", claim.job_id)
@@ -252,20 +269,32 @@ def _store_and_complete(m: Member, ctx: AttemptContext, images: list, t0: float,
         if monitor.cancel_requested.is_set():
             with session_scope() as session:
                 job_states.finish_canceled(session, job_id=claim.job_id, token=claim.token)
+                _record_usage(session, claim, ctx, used, "canceled")
             return "canceled"
+        t_store = time.perf_counter()
         stored = [_store(claim, ctx, index, seed, image)
                   for index, (seed, image) in enumerate(zip(image_seeds(params), images))]
         monitor.stop()
-        timings = {"generate_s": round(t_gen - t0, 3), "store_s": round(time.perf_counter() - t_gen, 3),
-                   "worker": ctx.worker_id, "attempt": claim.attempt, **({"batch": batch} if batch > 1 else {})}
+        timings = {**call, "store_s": round(time.perf_counter() - t_store, 3), "gpu_seconds": used.seconds,
+                   "gpu_kind": used.gpu_kind, "worker": ctx.worker_id, "attempt": claim.attempt}
         with session_scope() as session:
             job_states.complete(session, job_id=claim.job_id, token=claim.token, images=stored, timings=timings)
+            _record_usage(session, claim, ctx, used, "succeeded", images=len(stored))
     except LeaseLost:
         log.warning("job %s: lease lost; another attempt owns it, nothing recorded", claim.job_id)
         return "lease_lost"
     metrics.IMAGES.inc(len(stored))
-    metrics.observe_generation(params, ctx.runner.variant, (t_gen - t0) / batch)
+    metrics.observe_generation(params, ctx.runner.variant, used.seconds)
     return "succeeded"
+
+
+def _record_usage(session, claim: job_states.Claim, ctx: AttemptContext, used: DeviceTime, outcome: str,
+                  images: int = 0) -> None:
+    """The attempt's usage row, in the transaction of its (fenced) outcome: both land or neither."""
+    record_attempt(session, job_id=claim.job_id, attempt=claim.attempt, outcome=outcome, worker_id=ctx.worker_id,
+                   used=used, images=images)
+    # counted as written: an outcome write that then loses its lease (rolled back) leaves this one attempt high
+    metrics.DEVICE_SECONDS.labels(gpu_kind=used.gpu_kind, capacity=used.capacity).inc(used.seconds)
 
 
 class Finisher:
@@ -315,14 +344,17 @@ def _store(claim: job_states.Claim, ctx: AttemptContext, index: int, seed: int, 
 
 
 @metrics.counts_outcome(queued="preempted")
-def _after_interrupt(claim: job_states.Claim, ctx: AttemptContext, monitor: AttemptMonitor) -> str:
+def _after_interrupt(claim: job_states.Claim, ctx: AttemptContext, monitor: AttemptMonitor,
+                     used: DeviceTime) -> str:
     if monitor.lease_lost.is_set():
         return "lease_lost"
     with session_scope() as session:
         if monitor.cancel_requested.is_set():
             job_states.finish_canceled(session, job_id=claim.job_id, token=claim.token)
+            _record_usage(session, claim, ctx, used, "canceled")
             return "canceled"
         job_states.release_preempted(session, job_id=claim.job_id, token=claim.token)
+        _record_usage(session, claim, ctx, used, "preempted")
         queue = job_states.get_job(session, claim.job_id).queue
     log.warning("job %s: interrupted by drain, returned to the queue", claim.job_id)
     requeue(claim.job_id, queue)
@@ -330,13 +362,15 @@ def _after_interrupt(claim: job_states.Claim, ctx: AttemptContext, monitor: Atte
 
 
 @metrics.counts_outcome(queued="retried")
-def _record_failure(claim: job_states.Claim, ctx: AttemptContext, exc: Exception, *, retryable: bool) -> str:
+def _record_failure(claim: job_states.Claim, ctx: AttemptContext, exc: Exception, used: DeviceTime, *,
+                    retryable: bool) -> str:
     error = {"type": "generation_error" if not retryable else "infrastructure_error",
              "message": str(exc)[:2000], "exception": exc.__class__.__name__}
     try:
         with session_scope() as session:
             status = job_states.fail(session, job_id=claim.job_id, token=claim.token, error=error,
                                      retryable=retryable)
+            _record_usage(session, claim, ctx, used, "retried" if status == "queued" else "failed")
             queue = job_states.get_job(session, claim.job_id).queue
     except LeaseLost:
         return "lease_lost"

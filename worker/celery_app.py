@@ -21,10 +21,12 @@ from worker.co_batching import CoBatchingPolicy
 from worker.drain import Drain, SpotNoticeWatcher
 from worker.maintenance import start_maintenance
 from worker.pipeline.runner import PipelineRunner
+from worker.presence import Presence
 
 log = logging.getLogger(__name__)
 app = get_celery()
 _ctx: AttemptContext | None = None
+_presence: Presence | None = None
 
 
 def context() -> AttemptContext:
@@ -41,13 +43,18 @@ def context() -> AttemptContext:
 
 @signals.worker_init.connect
 def _warm_up(**_) -> None:
+    global _presence
     ctx = context()
     metrics.serve(ctx.settings.worker.metrics_port)  # before the load: a scrape sees a worker warming up
     metrics.DRAINING.set_function(lambda: float(ctx.drain.draining))
+    _presence = Presence(ctx, ctx.settings.redis.url, ctx.settings.worker.heartbeat_s)  # `letterpress status`
+    _presence.start()
     ctx.runner.load()
     metrics.WARMUP.set(ctx.runner.load_s)
     metrics.watch_gpu()
     metrics.READY.set(1)
+    _presence.ready = True
+    _presence.beat()
     start_maintenance(ctx.settings)
     if ctx.settings.worker.spot_notice_url:
         SpotNoticeWatcher(ctx.settings.worker.spot_notice_url, ctx.drain, ctx.settings.worker.spot_poll_s).start()
@@ -63,6 +70,8 @@ def _wait_for_finishing(**_) -> None:
     """The last job's images may still be storing on the finisher thread (worker.attempt): let it complete."""
     if not wait_for_finishing(timeout=120):
         log.warning("the last job was still being stored at shutdown; its lease will expire and it will re-run")
+    if _presence is not None:
+        _presence.stop()
 
 
 @app.task(name=GENERATE_TASK)

@@ -41,6 +41,9 @@ GENERATION = Histogram("letterpress_worker_generation_seconds",
 STEP = Histogram("letterpress_worker_step_seconds", "Generation time per denoising step of one job",
                  ["preset", "size", "variant"],
                  buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+DEVICE_SECONDS = Counter("letterpress_worker_gpu_seconds_total",
+                         "Generation seconds billed to jobs (the usage ledger, common.usage), by device kind and "
+                         "capacity", ["gpu_kind", "capacity"])
 IMAGES = Counter("letterpress_worker_images_total", "Images stored by this worker")
 WARMUP = Gauge("letterpress_worker_warmup_seconds", "Time the pipeline took to load and warm at start")
 READY = Gauge("letterpress_worker_ready", "1 once the pipeline is warm and the worker takes jobs")

@@ -30,15 +30,16 @@ from api.schemas.batches import BATCH_REQUEST_BODY, BatchCreate, BatchList, Batc
 from api.schemas.errors import error_responses
 from api.schemas.jobs import check_webhook_url
 from common import batches
-from common.batch_counts import RequestCounts, request_counts
+from common.batch_counts import request_counts
 from common.batches import BatchOptions, InvalidBatch
 from common.db import session_factory
 from common.errors import Conflict, InvalidRequest
 from common.models import Batch, BatchStatus, JobStatus
 from common.references import download_tenant_object, resolve_tenant_object
 from common.representation import batch_representation
-from common.settings import Settings
+from common.settings import Settings, get_settings
 from common.storage import S3Storage, Storage
+from common.usage import batch_usage
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
@@ -47,14 +48,18 @@ RESULTS_CHUNK = 64 * 1024
 _LOCATION = {"Location": {"description": "the batch's URL", "schema": {"type": "string"}}}
 
 
-def batch_out(request: Request, batch: Batch, counts: RequestCounts) -> BatchOut:
-    """The batch as GET returns it; the shape lives in common.representation (shared with batch.* webhooks)."""
-    return BatchOut(**batch_representation(batch, counts,
-                                           self_url=str(request.url_for("get_batch", batch_id=str(batch.id)))))
+def batch_outs(request: Request, session, rows: list[Batch]) -> list[BatchOut]:
+    """The batches as GET returns them (counts and usage: one GROUP BY each for all of them); the shape lives in
+    common.representation (shared with batch.* webhooks)."""
+    ids = [b.id for b in rows]
+    counts, usage = request_counts(session, ids), batch_usage(session, ids, get_settings().pricing)
+    return [BatchOut(**batch_representation(b, counts[b.id], usage[b.id],
+                                            self_url=str(request.url_for("get_batch", batch_id=str(b.id)))))
+            for b in rows]
 
 
 def _out(request: Request, session, batch: Batch) -> BatchOut:
-    return batch_out(request, batch, request_counts(session, [batch.id])[batch.id])
+    return batch_outs(request, session, [batch])[0]
 
 
 def invalid_batch_response(exc: InvalidBatch) -> JSONResponse:
@@ -212,8 +217,7 @@ def list_batches(request: Request, session: SessionDep, tenant: CurrentTenant,
     if status:
         query = query.where(Batch.status == status)
     page = newest_first(session, query, Batch, cursor=cursor, limit=limit)
-    counts = request_counts(session, [b.id for b in page.rows])
-    return BatchList.of(page, [batch_out(request, b, counts[b.id]) for b in page.rows])
+    return BatchList.of(page, batch_outs(request, session, page.rows))
 
 
 @router.post("/{batch_id}/cancel", response_model=BatchOut, responses=error_responses(404, 409, 413, 422))

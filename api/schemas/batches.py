@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.pagination import ListPage
+from api.schemas.usage import UsageOut
 from common.input_limits import PlainText, StorableJson
 
 
@@ -75,6 +76,7 @@ class BatchOut(BaseModel):
     status: str
     input_source: str | None
     request_counts: RequestCountsOut
+    usage: UsageOut = Field(description="device time and estimated cost so far: the sum of the items' usage records")
     invalid: dict[str, Any] | None = Field(None, description="lines skipped with skip_invalid: {count, lines}")
     metadata: dict[str, Any] | None
     webhook_url: str | None

@@ -11,6 +11,7 @@
     letterpress bench [--size tiny] [--e2e] ...  seconds a step, images a minute, memory, TFLOP/s of every path
     letterpress batch run prompts.jsonl --wait --out DIR    a JSONL batch with a live progress bar
     letterpress batch status|cancel|retry|download ID
+    letterpress status [--json]          workers, queues and batches in progress (reads Postgres and Redis)
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import argparse
 import json
 import subprocess
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 from common.settings import get_settings, reset_settings_cache
@@ -138,9 +140,22 @@ def _file_idempotency_key(path: Path, skip_invalid: bool) -> str:
 
 
 def _print_batch(batch: dict) -> None:
+    from common.cli.status import duration
+    from common.fleet import progress_rate
+
     c = batch["request_counts"]
     print(f"batch {batch['id']} {batch['status']}: {c['succeeded']} succeeded, {c['failed']} failed, "
           f"{c['canceled']} canceled, {c['running']} running, {c['queued']} queued of {c['total']}")
+    started = batch.get("in_progress_at")
+    ended = batch.get("completed_at") or batch.get("failed_at") or batch.get("cancelled_at")
+    now = datetime.fromisoformat(ended) if ended else datetime.now(timezone.utc)
+    finished = c["succeeded"] + c["failed"] + c["canceled"]
+    rate, eta = progress_rate(finished, datetime.fromisoformat(started) if started else None, now,
+                              remaining=c["queued"] + c["running"])
+    usage = batch["usage"]
+    print(f"  rate {f'{rate:.1f} images/min' if rate else '-'}, ETA {duration(eta) if not ended else 'done'}; "
+          f"{usage['gpu_seconds']:.1f} GPU-seconds, {usage['estimated_cost']:.4f} {usage['currency']} so far"
+          + (f" ({usage['unpriced_gpu_seconds']:.1f} s on unpriced GPUs)" if usage["unpriced_gpu_seconds"] else ""))
     if batch.get("invalid"):
         print(f"  {batch['invalid']['count']} invalid line(s) skipped", file=sys.stderr)
 
@@ -187,6 +202,14 @@ def cmd_batch_download(args) -> int:
     written, kept = _batch_client().download_batch(args.id, args.out)
     print(f"{written} image(s) written, {kept} already there, manifest.jsonl in {args.out}")
     return 0
+
+
+def cmd_status(args) -> int:
+    from common.cli.status import fleet_status, render
+
+    status = fleet_status(get_settings())
+    print(json.dumps(status, indent=2) if args.json else render(status))
+    return 1 if status["errors"] else 0
 
 
 def cmd_up(args) -> int:
@@ -283,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
         bc = batch.add_parser(name, help=text)
         bc.add_argument("id")
         bc.set_defaults(func=func)
+    st = sub.add_parser("status", help="workers, queues and batches in progress (an operator's view: all tenants)")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=cmd_status)
     bd = batch.add_parser("download", help="save the images and manifest.jsonl (skips files already there)")
     bd.add_argument("id")
     bd.add_argument("--out", required=True, help="DIR or s3://bucket/prefix")

@@ -50,6 +50,7 @@ from common.models import (
 )
 from common.representation import batch_representation, job_representation
 from common.settings import Settings, WebhookSettings, get_settings
+from common.usage import batch_usage
 from common.storage import shared_storage
 from common.webhooks.client import DeliveryResult
 from common.webhooks.schedule import Outcome, classify, next_attempt_delay
@@ -167,8 +168,10 @@ def record_batch_event(session: Session, *, batch_id: uuid.UUID, status: str) ->
     batch = session.get(Batch, batch_id, populate_existing=True)
     if batch is None or not batch.webhook_url:
         return None
+    settings = get_settings()
     payload = batch_representation(batch, request_counts(session, [batch.id])[batch.id],
-                                   self_url=f"{get_settings().public_api_url}/v1/batches/{batch.id}")
+                                   batch_usage(session, [batch.id], settings.pricing)[batch.id],
+                                   self_url=f"{settings.public_api_url}/v1/batches/{batch.id}")
     return record_event(session, tenant_id=batch.tenant_id, type=BATCH_EVENT_OF_STATUS[status],
                         payload=to_json(payload), batch_id=batch.id, webhook_url=batch.webhook_url)
 

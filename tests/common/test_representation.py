@@ -10,6 +10,8 @@ from api.schemas.jobs import JobOut
 from common.batch_counts import RequestCounts
 from common.models import Batch, Job, JobImage
 from common.representation import REQUEST_FIELDS, batch_representation, job_representation
+from common.settings import PricingSettings
+from common.usage import Usage
 from common.webhooks.outbox import to_json
 
 T0 = datetime(2025, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
@@ -115,7 +117,10 @@ def test_a_batch():
                   manifest_key="manifests/b.jsonl", created_at=T0, in_progress_at=T0 + timedelta(seconds=1))
     counts = RequestCounts(total=10, queued=4, running=1, succeeded=3, failed=1, canceled=1)
     url = f"http://api.test/v1/batches/{batch.id}"
-    body = batch_representation(batch, counts, self_url=url)
+    usage = Usage(currency="EUR")
+    usage.add(gpu_kind="NVIDIA H200", capacity="spot", seconds=7200.0, images=3, attempts=4,
+              pricing=PricingSettings(currency="EUR", spot_per_gpu_hour={"H200": 3.0}))
+    body = batch_representation(batch, counts, usage, self_url=url)
     assert body["id"] == str(batch.id) and body["object"] == "batch" and body["status"] == "in_progress"
     assert body["request_counts"] == {"total": 10, "queued": 4, "running": 1, "succeeded": 3, "failed": 1,
                                       "canceled": 1}
@@ -125,4 +130,7 @@ def test_a_batch():
     assert body["urls"] == {"self": url, "cancel": url + "/cancel", "retry": url + "/retry",
                             "results": url + "/results"}
     assert body["in_progress_at"] == T0 + timedelta(seconds=1) and body["completed_at"] is None
+    assert body["usage"] == {"gpu_seconds": 7200.0, "images": 3, "attempts": 4, "estimated_cost": 6.0,
+                             "currency": "EUR", "unpriced_gpu_seconds": 0.0,
+                             "gpu_seconds_by_kind": {"NVIDIA H200 (spot)": 7200.0}}
     assert BatchOut.model_validate(body).request_counts.succeeded == 3

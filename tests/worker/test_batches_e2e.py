@@ -81,7 +81,8 @@ def jobs_of(batch_id: str) -> dict[str, dict]:
 
     with session_scope() as session:
         return {j.custom_id: {"id": j.id, "status": j.status, "attempts": j.attempts, "finished_at": j.finished_at,
-                              "started_at": j.started_at, "worker_id": j.worker_id}
+                              "started_at": j.started_at, "worker_id": j.worker_id,
+                              "gpu_seconds": (j.timings or {}).get("gpu_seconds")}
                 for j in session.scalars(select(Job).where(Job.batch_id == uuid.UUID(batch_id)))}
 
 
@@ -122,6 +123,15 @@ def test_1000_line_batch_end_to_end_with_a_manifest_naming_every_line(client, wo
     workers = {j["worker_id"] for j in jobs_of(batch["id"]).values()}
     assert len(workers) == 2, workers  # both workers took items of the one batch; each item ran once
     assert {j["attempts"] for j in jobs_of(batch["id"]).values()} == {1}
+    # usage: the batch's figure is the sum of its items' recorded seconds, priced as configured (stack_env: a CPU
+    # worker's second costs 3.6/3600)
+    recorded = sum(j["gpu_seconds"] for j in jobs_of(batch["id"]).values())
+    usage = done["usage"]
+    assert usage["images"] == 1000 and usage["attempts"] == 1000 and recorded > 0
+    assert usage["gpu_seconds"] == pytest.approx(recorded, abs=1e-3)
+    assert usage["estimated_cost"] == pytest.approx(recorded * 3.6 / 3600, abs=1e-6)
+    assert usage["gpu_seconds_by_kind"] == {"cpu (on_demand)": usage["gpu_seconds"]}
+    assert usage["unpriced_gpu_seconds"] == 0
     print(f"\n1000-line batch: {elapsed:.1f}s end to end ({1000 / elapsed:.1f} images/s)")
 
 
@@ -233,6 +243,7 @@ def test_cli_batch_run_wait_out_then_rerun_resumes_and_skips_files(client, small
     assert first.returncode == 0, first.stderr[-2000:]
     assert "submitted: 5 items" in first.stdout and "5 image(s) written" in first.stdout
     assert "img/s" in first.stderr or "s/img" in first.stderr  # the progress bar showed a rate
+    assert "GPU-seconds" in first.stdout and "so far" in first.stdout  # the batch's usage and cost
     manifest = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
     assert [m["custom_id"] for m in manifest] == [f"cli/x-{i:04d}" for i in range(5)]
     for m in manifest:

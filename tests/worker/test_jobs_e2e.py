@@ -3,6 +3,10 @@ tiny Ideogram 4 on the CPU -> S3 (moto server) -> Postgres -> HTTP."""
 from __future__ import annotations
 
 import io
+import json
+import os
+import subprocess
+import sys
 
 import boto3
 from PIL import Image
@@ -20,6 +24,15 @@ def s3_get(services, key: str) -> bytes:
     return s3.get_object(Bucket="letterpress-test", Key=key)["Body"].read()
 
 
+def usage_rows(job_id: str) -> list[tuple]:
+    from common.db import session_scope
+    from common.models import UsageRecord
+
+    with session_scope() as session:
+        return [(r.outcome, r.attempt, r.gpu_kind, r.capacity, r.gpu_seconds, r.images)
+                for r in session.query(UsageRecord).filter(UsageRecord.job_id == job_id).order_by(UsageRecord.id)]
+
+
 def test_job_succeeds_and_png_in_s3_decodes_with_recipe(client, worker, services, tiny_model, tenant):
     job = client.submit(JOB).json()
     done = client.wait(job["id"])
@@ -28,6 +41,9 @@ def test_job_succeeds_and_png_in_s3_decodes_with_recipe(client, worker, services
     assert done["progress"] == {"step": 12, "total": 12, "fraction": 1.0}
     assert [i["seed"] for i in done["images"]] == [1234, 1235]
     assert done["timings"]["generate_s"] > 0
+    # its usage: the generation's seconds on this worker's device, one ledger row of the attempt
+    assert done["timings"]["gpu_kind"] == "cpu" and done["timings"]["gpu_seconds"] > 0
+    assert usage_rows(job["id"]) == [("succeeded", 1, "cpu", "on_demand", done["timings"]["gpu_seconds"], 2)]
     for image in done["images"]:
         assert image["key"] == f"images/{tenant.id}/{job['id']}/{image['index']}.png"
         data = s3_get(services, image["key"])
@@ -63,6 +79,9 @@ def test_generation_error_fails_the_job_and_worker_keeps_serving(client, worker)
     assert failed["error"]["type"] == "generation_error"
     assert "2048" in failed["error"]["message"]
     assert client.wait(good["id"])["status"] == "succeeded"
+    # the failed attempt is in the ledger too (its device time was used), with no image
+    ((outcome, attempt, _, _, seconds, images),) = usage_rows(bad["id"])
+    assert (outcome, attempt, images) == ("failed", 1, 0) and seconds >= 0
 
 
 def test_cancel_queued_at_once_running_at_next_step_finished_409(client, worker):
@@ -79,3 +98,21 @@ def test_cancel_queued_at_once_running_at_next_step_finished_409(client, worker)
     assert stopped["status"] == "canceled" and stopped["progress"]["step"] < 200 and stopped["images"] == []
     again = client.http.post(f"/v1/jobs/{long_job['id']}/cancel")
     assert again.status_code == 409 and again.json()["error"]["type"] == "conflict"
+
+
+def test_letterpress_status_shows_the_worker_the_queues_and_recent_images(client, worker, stack_env):
+    done = client.wait(client.submit({**JOB, "num_images": 1, "seed": 5}).json()["id"])
+    assert done["status"] == "succeeded"
+    cmd = [sys.executable, "-m", "common.cli.main", "status"]
+    result = subprocess.run([*cmd, "--json"], env={**os.environ, **stack_env}, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    status = json.loads(result.stdout)
+    assert status["errors"] == []
+    (me,) = [w for w in status["workers"] if w["worker_id"] == done["timings"]["worker"]]
+    assert me["state"] == "ready" and me["gpu_kind"] == "cpu" and me["capacity"] == "on_demand"
+    assert me["variant"] and me["model"] and me["images_per_min"] > 0  # the image above, in the last 5 minutes
+    assert set(status["queues"]) == {"interactive", "batch"}
+    assert all({"waiting", "running", "in_broker", "oldest_waiting_s"} <= set(q) for q in status["queues"].values())
+    table = subprocess.run(cmd, env={**os.environ, **stack_env}, capture_output=True, text=True, timeout=60)
+    assert table.returncode == 0 and me["worker_id"] in table.stdout and "Batches in progress" in table.stdout

@@ -36,6 +36,14 @@ class PipelineRunner:
     def revision(self) -> str | None:
         return self.loaded.revision if self.loaded else None
 
+    @property
+    def gpu_kind(self) -> str:
+        """The device's name as usage records and `letterpress status` show it ("NVIDIA H200"), or "cpu"."""
+        if self.loaded is None:
+            return ""
+        device = torch.device(self.loaded.device)
+        return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
     def load(self) -> None:
         model = self.settings.model
         if not model.id:
