@@ -13,6 +13,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from common.settings import settings_from_env
 from tests.support import REPO
 
 K8S = REPO / "deploy" / "k8s"
@@ -91,6 +92,9 @@ def test_spot_gpu_workers_scale_from_zero_on_redis_and_postgres_and_drain_in_tim
     assert drain_grace < 30  # inside GKE's 30 s spot notice
     assert pod["terminationGracePeriodSeconds"] > drain_grace + 30  # room to store the last images after the grace
     assert env["LETTERPRESS_WORKER__SPOT_NOTICE_URL"].startswith("http://metadata.google.internal/")
+    # its usage is priced as spot, at prices the settings accept
+    settings = settings_from_env({**config, **env, "LETTERPRESS_SECRET_KEY": "s" * 32})
+    assert settings.worker.capacity == "spot" and settings.pricing.spot_per_gpu_hour
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["models"]["persistentVolumeClaim"]["claimName"] == "letterpress-models"  # no re-download
 

@@ -149,6 +149,7 @@ def test_jobs_queue_and_workers_as_prometheus_sees_them(fresh_workers, prometheu
     prometheus.eventually('sum(http_requests_total{handler="/v1/jobs", method="POST", status="2xx"})', 3)
     prometheus.eventually('letterpress_worker_jobs_total{outcome="succeeded"}', 3)
     prometheus.eventually("letterpress_worker_images_total", 3)
+    assert prometheus.value('letterpress_worker_gpu_seconds_total{gpu_kind="cpu", capacity="on_demand"}') > 0
     prometheus.eventually('letterpress_worker_attempts_started_total{kind="first"}', 3)
     prometheus.eventually('sum(letterpress_worker_generation_seconds_count{preset="V4_TURBO_12", size="256x256"})', 3)
     prometheus.eventually('letterpress_worker_queue_wait_seconds_count{queue="interactive"}', 3)
