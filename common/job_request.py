@@ -19,7 +19,8 @@ from common.prompt_tokens import tokens_over_limit
 from common.settings import ApiSettings, ModelSettings, get_settings
 
 MAX_SEED = 2**32 - 1
-PresetName = Literal["V4_QUALITY_48", "V4_HIGH_34", "V4_DEFAULT_20", "V4_FAST_16", "V4_TURBO_12"]
+PresetName = Literal["V4_QUALITY_48", "V4_HIGH_34", "V4_DEFAULT_20", "V4_FAST_16", "V4_TURBO_12", "V4_FAST_20",
+                     "V4_INSTANT_8"]
 
 
 class JobRequest(BaseModel):

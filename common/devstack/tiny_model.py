@@ -59,8 +59,11 @@ _TOKENIZER_VOCAB = 1024
 _VAE_LATENT_CHANNELS = 4  # x 2x2 patch = 16 transformer input channels
 
 
-def build_tiny_model(path: str | Path, seed: int = 0) -> Path:
+def build_tiny_model(path: str | Path, seed: int = 0, *, distilled: bool = False) -> Path:
     """Build and save a tiny random-weight Ideogram 4 at `path`; same seed, same weights. Returns the path.
+
+    `distilled`: saved without the `unconditional_transformer`, as a CFG-free distilled checkpoint ships (its
+    `model_index.json` does not name one); it runs the CFG-free presets only.
 
     The checkpoint is written to a sibling temporary directory and renamed into place, so a concurrent builder
     (two workers starting on one machine) or a crash never leaves a half-written model at `path`.
@@ -72,8 +75,15 @@ def build_tiny_model(path: str | Path, seed: int = 0) -> Path:
     staging = path.with_name(f".{path.name}.building-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        pipe = Ideogram4Pipeline(tokenizer=_build_tokenizer(), **_build_components(seed))
+        components = _build_components(seed)
+        if distilled:
+            components["unconditional_transformer"] = None
+        pipe = Ideogram4Pipeline(tokenizer=_build_tokenizer(), **components)
         pipe.save_pretrained(staging, safe_serialization=True)
+        if distilled:  # not even a null entry: the component is absent
+            index = json.loads((staging / "model_index.json").read_text())
+            index.pop("unconditional_transformer", None)
+            (staging / "model_index.json").write_text(json.dumps(index, indent=2))
         (staging / TINY_MARKER).write_text(json.dumps({"tiny": True, "seed": seed}))
         _move_into_place(staging, path)
     finally:

@@ -16,6 +16,7 @@ import torch
 
 from common.devstack.tiny_model import _build_tokenizer
 from common.presets import PRESETS
+from worker.pipeline.fast_path import transformers
 from worker.pipeline.loading import LoadedPipeline
 from worker.pipeline.spec import GenerationSpec
 
@@ -77,8 +78,9 @@ def make_spec(prompt: str, size: int, steps: int, seeds: Sequence[int], preset: 
                           guidance_schedule=p.guidance_schedule(steps), seeds=tuple(seeds))
 
 
-def step_flops(pipe, *, text_tokens: int, image_tokens: int, batch: int, stock: bool) -> float:
-    """Matmul FLOPs of one denoising step (conditional + unconditional pass), from the transformer's config.
+def step_flops(pipe, *, text_tokens: int, image_tokens: int, batch: int, stock: bool, passes: int = 2) -> float:
+    """Matmul FLOPs of one denoising step (conditional + unconditional pass; `passes=1`: the conditional pass only,
+    a CFG-free step), from the transformer's config.
 
     Per layer and token: QKV + output projections (4 h^2) and the SwiGLU (3 h i), 2 FLOPs a multiply-add; per
     layer attention scores and values 4 L^2 h. The stock call also projects the 53,248 text features of every
@@ -95,15 +97,15 @@ def step_flops(pipe, *, text_tokens: int, image_tokens: int, batch: int, stock: 
 
     cond_len = text_tokens + image_tokens
     if stock:
-        total = one_pass(cond_len, cond_len) + one_pass(image_tokens, image_tokens)
+        total = one_pass(cond_len, cond_len) + (passes - 1) * one_pass(image_tokens, image_tokens)
     else:
-        total = one_pass(cond_len, 0) + one_pass(image_tokens, 0)
+        total = one_pass(cond_len, 0) + (passes - 1) * one_pass(image_tokens, 0)
     return float(batch * total)
 
 
 def uncompile(pipe) -> None:
     """Drop the compiled wrappers `compile_repeated_blocks` installed (compiled graphs stay cached)."""
-    for transformer in (pipe.transformer, pipe.unconditional_transformer):
+    for transformer in transformers(pipe):
         for module in transformer.modules():
             if getattr(module, "_compiled_call_impl", None) is not None:
                 module._compiled_call_impl = None

@@ -353,7 +353,7 @@ class Bench:
     # ---- rows
 
     def _row(self, weights: str, path: str, size: int, batch: int, steps: int, fn, *, tokens: int,
-             prompt_tokens: Sequence[int], stock_flops: bool) -> dict[str, Any]:
+             prompt_tokens: Sequence[int], stock_flops: bool, passes: int = 2) -> dict[str, Any]:
         pipe_holder = self._loaded
         row: dict[str, Any] = {"weights": weights, "path": path, "name": f"{weights} {_path_label(path)}",
                                "size": size, "batch": batch, "text_tokens": tokens,
@@ -374,9 +374,9 @@ class Bench:
             scale = pipe.vae_scale_factor * pipe.patch_size
             image_tokens = (size // scale) ** 2
             executed = step_flops(pipe, text_tokens=tokens, image_tokens=image_tokens, batch=batch,
-                                  stock=stock_flops)
+                                  stock=stock_flops, passes=passes)
             useful = step_flops(pipe, text_tokens=max(prompt_tokens), image_tokens=image_tokens, batch=batch,
-                                stock=False)
+                                stock=False, passes=passes)
             row.update(tflop_step=executed / 1e12, tflops=executed / row["s_step"] / 1e12,
                        useful_tflops=useful / row["s_step"] / 1e12)
             row["img_per_min"] = {p: 60.0 * batch / (row["fixed_s"] + PRESETS[p].steps * row["s_step"])
@@ -442,6 +442,8 @@ class Bench:
         for size in self.args.sizes:
             steps = self.args.steps_for(size)
             self._record(self._single_row(weights, path, loaded, prompt, size, steps, ntok))
+            if self.args.cfg_free and path not in ("stock", "stock-tight"):
+                self._record(self._single_row(weights, path, loaded, prompt, size, steps, ntok, cfg_free=True))
 
     def _reset_compiled(self, loaded) -> None:
         import torch._dynamo
@@ -449,7 +451,8 @@ class Bench:
         uncompile(loaded.pipe)
         torch._dynamo.reset()
 
-    def _single_row(self, weights, path, loaded, prompt, size, steps, ntok):
+    def _single_row(self, weights, path, loaded, prompt, size, steps, ntok, cfg_free: bool = False):
+        """One timed row; `cfg_free`: every step at guidance 1.0 (V4_FAST_20's schedule), one transformer a step."""
         seeds = (self.args.seed,)
         if path in ("stock", "stock-tight"):
             tight = path == "stock-tight"
@@ -458,8 +461,10 @@ class Bench:
             tokens = ntok if tight else 2048
             return self._row(weights, path, size, 1, steps, fn, tokens=tokens, prompt_tokens=[ntok],
                              stock_flops=True)
-        fn = lambda n: run_fast(loaded, [make_spec(prompt, size, n, seeds)])
-        return self._row(weights, path, size, 1, steps, fn, tokens=ntok, prompt_tokens=[ntok], stock_flops=False)
+        preset = "V4_FAST_20" if cfg_free else "V4_QUALITY_48"
+        fn = lambda n: run_fast(loaded, [make_spec(prompt, size, n, seeds, preset=preset)])
+        return self._row(weights, f"{path}+cfg-free" if cfg_free else path, size, 1, steps, fn, tokens=ntok,
+                         prompt_tokens=[ntok], stock_flops=False, passes=1 if cfg_free else 2)
 
     def _compile(self, weights: str, loaded, label: str = "compile") -> None:
         from worker.pipeline.fast_path import prepare_compiled
@@ -554,7 +559,8 @@ def _num(x: float) -> str:
 
 
 def _path_label(path: str) -> str:
-    return {"compile": "fast+compile", "compile-cudnn": "fast+compile+cudnn"}.get(path, path)
+    base, cfg_free, _ = path.partition("+cfg-free")
+    return {"compile": "fast+compile", "compile-cudnn": "fast+compile+cudnn"}.get(base, base) + cfg_free
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -640,6 +646,9 @@ def parse_args(argv: Sequence[str] | None):
     p.add_argument("--batch-sizes", default=None, help="batch sizes for the batching rows (default 1,2,4)")
     p.add_argument("--batch-res", default=None, help="sizes for the batching rows (default 512,1024; tiny 64)")
     p.add_argument("--batch-weights", default=None, help="weight stage for the batching rows (default bf16)")
+    p.add_argument("--cfg-free", action="store_true",
+                   help="after each fast-path row, the same path with every step at guidance 1.0 (the CFG-free "
+                        "presets: no unconditional pass)")
     p.add_argument("--equiv-steps", type=int, default=None,
                    help="steps of the full-preset equivalence run (default 20; 0 = off)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT)

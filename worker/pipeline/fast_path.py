@@ -28,6 +28,10 @@ change keeps the result (see `Ideogram4Transformer2DModel.forward`):
    only (it is per-token).
 6. **Optional regional `torch.compile`** of the repeated transformer blocks (`prepare_compiled`), warmed up
    before the worker takes jobs.
+7. **No unconditional pass at guidance 1.0** (the CFG-free presets, common.presets): the stock blend
+   `g * cond + (1 - g) * uncond` is then `1 * cond + 0 * uncond`, which is the conditional velocity bit for bit
+   (adding 0 * a finite value is exact), so that pass is skipped and the step costs one transformer instead of
+   two. A checkpoint without an `unconditional_transformer` (distilled) runs only such schedules.
 
 Equivalence (tested in `tests/worker/pipeline/test_fast_path.py`; float32, CPU, tiny model):
 
@@ -69,6 +73,7 @@ from diffusers.pipelines.ideogram4.pipeline_ideogram4 import (
     _resolution_aware_mu,
 )
 
+from common.presets import UNGUIDED, needs_unconditional
 from common.prompt_tokens import chat_messages
 from worker.pipeline.spec import (
     MAX_SEQUENCE_LENGTH,
@@ -76,6 +81,7 @@ from worker.pipeline.spec import (
     StepCallback,
     StepControl,
     StopCheck,
+    UnsupportedRequest,
     co_batch_key,
     seed_generators,
 )
@@ -240,12 +246,28 @@ class _Conditioning:
 
     text_block: torch.Tensor  # (B, L, hidden): text rows left-padded with the padding rows
     cond_rotary: tuple[torch.Tensor, torch.Tensor]  # over [text | image] positions
-    uncond_rotary: tuple[torch.Tensor, torch.Tensor]  # over image positions
+    uncond_rotary: tuple[torch.Tensor, torch.Tensor] | None  # over image positions; None: no unconditional pass
     attention_mask: torch.Tensor | None  # None when nothing is padded
 
     @property
     def text_len(self) -> int:
         return self.text_block.shape[1]
+
+
+SKIP_UNGUIDED_PASS = True  # tests turn it off to compare against the two-pass blend
+
+
+def transformers(pipe: Ideogram4Pipeline) -> list[torch.nn.Module]:
+    """The pipeline's transformers: the unconditional one only if the checkpoint has it."""
+    return [t for t in (pipe.transformer, pipe.unconditional_transformer) if t is not None]
+
+
+def check_guidance_supported(pipe: Ideogram4Pipeline, spec: GenerationSpec) -> None:
+    """A guided schedule needs the unconditional transformer, which a distilled checkpoint may not have."""
+    if pipe.unconditional_transformer is None and needs_unconditional(spec.guidance_schedule):
+        raise UnsupportedRequest(
+            "this model is distilled (it has no unconditional_transformer) and cannot apply guidance: use a "
+            "CFG-free preset (V4_FAST_20, V4_INSTANT_8) or guidance_scale 1.0")
 
 
 def padded_text_length(token_counts: Sequence[int], multiple: int = PAD_MULTIPLE,
@@ -277,7 +299,7 @@ def _prepare_conditioning(pipe: Ideogram4Pipeline, texts: list[TextCondition], g
     return _Conditioning(
         text_block=text_block,
         cond_rotary=_rotary(transformer, position_ids),
-        uncond_rotary=_rotary(uncond, position_ids[:, text_len:]),
+        uncond_rotary=_rotary(uncond, position_ids[:, text_len:]) if uncond is not None else None,
         attention_mask=_key_padding_mask(segment_ids) if min(lengths) < text_len else None,
     )
 
@@ -361,6 +383,7 @@ def _denoise_and_decode(loaded: LoadedPipeline, spec: GenerationSpec, texts: lis
     sigmas = _logit_normal_sigmas(spec.steps, schedule_mu, std=spec.std, device=device)
     scheduler.set_timesteps(sigmas=sigmas.tolist(), device=device)
     guidance = torch.as_tensor(spec.guidance_schedule, dtype=torch.float32, device=device)
+    check_guidance_supported(pipe, spec)
     num_train_timesteps = scheduler.config.num_train_timesteps
 
     latents = pipe.prepare_latents(
@@ -371,9 +394,12 @@ def _denoise_and_decode(loaded: LoadedPipeline, spec: GenerationSpec, texts: lis
         t_model = (1.0 - (t.float() / num_train_timesteps)).expand(batch).to(pipe.transformer.dtype)
         pos_v = _transformer_pass(pipe.transformer, latents, t_model, cond.cond_rotary, cond.text_block,
                                   cond.attention_mask)
-        neg_v = _transformer_pass(pipe.unconditional_transformer, latents, t_model, cond.uncond_rotary)
         weight = guidance[i]
-        velocity = weight * pos_v + (1.0 - weight) * neg_v
+        if spec.guidance_schedule[i] == UNGUIDED and SKIP_UNGUIDED_PASS:  # a Python float: no device sync
+            velocity = weight * pos_v  # = weight * pos_v + 0 * neg_v, bit for bit (point 7 above)
+        else:
+            neg_v = _transformer_pass(pipe.unconditional_transformer, latents, t_model, cond.uncond_rotary)
+            velocity = weight * pos_v + (1.0 - weight) * neg_v
         latents = scheduler.step(-velocity, t, latents, return_dict=False)[0]
         control.step_done(i + 1)
     return decode_latents(pipe, latents, grid_h, grid_w)
@@ -432,12 +458,13 @@ def prepare_compiled(loaded: LoadedPipeline, *, warmup_sizes: Sequence[tuple[int
     pipe = loaded.pipe
     if not getattr(pipe, "_letterpress_compiled", False):
         compile_kwargs.setdefault("fullgraph", True)
-        for transformer in (pipe.transformer, pipe.unconditional_transformer):
+        for transformer in transformers(pipe):
             transformer.compile_repeated_blocks(**compile_kwargs)
         pipe._letterpress_compiled = True
     for width, height in warmup_sizes:
+        guidance = 5.0 if pipe.unconditional_transformer is not None else UNGUIDED  # both transformers, if any
         specs = [GenerationSpec(prompt_text=prompt, width=width, height=height, steps=warmup_steps, mu=0.0, std=1.5,
-                                guidance_schedule=(5.0,) * warmup_steps, seeds=(0,)) for prompt in _WARMUP_PROMPTS]
+                                guidance_schedule=(guidance,) * warmup_steps, seeds=(0,)) for prompt in _WARMUP_PROMPTS]
         for spec in specs:
             generate_batch(loaded, [spec])
         generate_batch(loaded, specs)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from worker.pipeline.fast_path import generate_batch
-from worker.pipeline.spec import GenerationSpec, StepCallback, StepControl, StopCheck
+from worker.pipeline.spec import GenerationSpec, StepCallback, StepControl, StopCheck, UnsupportedRequest
 from worker.pipeline.stock import generate_stock
 
 if TYPE_CHECKING:
@@ -34,6 +34,9 @@ def generate(
     """Generate one image per seed of `spec`, in seed order. Same spec, seeds and model: same pixels."""
     if fast:
         return generate_batch(loaded, [spec], on_step=on_step, should_stop=should_stop)[0]
+    if loaded.pipe.unconditional_transformer is None:
+        raise UnsupportedRequest("the stock diffusers call needs an unconditional_transformer, which this distilled "
+                                 "checkpoint has not: run it on the fast path (LETTERPRESS_MODEL__FAST_PATH=true)")
     control = StepControl(spec.steps, on_step, should_stop)
     control.check(0)
     return generate_stock(loaded, spec, control)

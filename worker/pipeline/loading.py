@@ -217,6 +217,16 @@ class _ModelSource:
         return {"revision": self.revision, "token": self.token, "cache_dir": self.cache_dir,
                     "local_files_only": self.offline}
 
+    def model_index(self) -> dict:
+        """The checkpoint's model_index.json: which components it ships."""
+        import json
+
+        if self.local_dir is not None:
+            return json.loads((self.local_dir / "model_index.json").read_text())
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(self.model_id, "model_index.json", **self.hub_kwargs())).read_text())
+
     def read_component_config(self, component: str) -> dict:
         """A component's config.json, from the local directory or the Hub (a small download, cached)."""
         import json
@@ -246,13 +256,17 @@ def _load(source: _ModelSource, variant: str, device_info: DeviceInfo) -> tuple[
     from diffusers import Ideogram4Pipeline
 
     kwargs = dict(dtype=dtype_for(variant), **source.hub_kwargs())
+    distilled = not any(source.model_index().get("unconditional_transformer") or ())  # absent, or [null, null]
+    if distilled:  # a distilled checkpoint: CFG-free presets only (worker.pipeline.fast_path)
+        kwargs["unconditional_transformer"] = None
     if variant in ("nf4", "nf4-dequant"):
-        kwargs["quantization_config"] = _nf4_config(source)
+        kwargs["quantization_config"] = _nf4_config(source, skip=("unconditional_transformer",) if distilled else ())
     pipe = Ideogram4Pipeline.from_pretrained(source.model_id, **kwargs)
     pipe.to(device_info.torch_device)
     if variant != "nf4":
         # bf16 and fp8 from a checkpoint that ships NF4 (the default Hub model) run NF4's numbers densely.
-        dequantized = sum(dequantize_linear4bit(getattr(pipe, name)) for name in _QUANTIZED_TRANSFORMERS)
+        dequantized = sum(dequantize_linear4bit(getattr(pipe, name)) for name in _QUANTIZED_TRANSFORMERS
+                          if getattr(pipe, name) is not None)
         if dequantized and variant == "bf16":
             log.info("%s ships NF4 weights: dequantized them to bf16 (variant nf4-dequant)", source.model_id)
             variant = "nf4-dequant"
@@ -265,7 +279,7 @@ def _is_prequantized(source: _ModelSource) -> bool:
     return bool(source.read_component_config("transformer").get("quantization_config"))
 
 
-def _nf4_config(source: _ModelSource):
+def _nf4_config(source: _ModelSource, skip: tuple[str, ...] = ()):
     """NF4 on the fly for checkpoints that do not ship it; None for checkpoints that already do (loaded as is)."""
     try:
         import bitsandbytes  # noqa: F401
@@ -279,7 +293,7 @@ def _nf4_config(source: _ModelSource):
     return PipelineQuantizationConfig(
         quant_backend="bitsandbytes_4bit",
         quant_kwargs={"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": torch.bfloat16},
-        components_to_quantize=list(_NF4_COMPONENTS),
+        components_to_quantize=[c for c in _NF4_COMPONENTS if c not in skip],
     )
 
 
@@ -341,7 +355,8 @@ def _quantize_fp8(pipe: Ideogram4Pipeline) -> None:
 
     config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
     for name in _QUANTIZED_TRANSFORMERS:
-        quantize_(getattr(pipe, name), config, filter_fn=in_blocks)
+        if getattr(pipe, name) is not None:
+            quantize_(getattr(pipe, name), config, filter_fn=in_blocks)
 
 
 def translate_load_error(exc: BaseException, *, model_id: str, variant: str, device_info: DeviceInfo | None = None,

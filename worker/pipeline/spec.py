@@ -47,6 +47,11 @@ class GenerationSpec:
                 raise ValueError(f"{name} must be a positive multiple of {SIDE_MULTIPLE}, got {side}")
 
 
+class UnsupportedRequest(ValueError):
+    """The loaded model cannot run this request (a guided preset on a distilled checkpoint); the job fails with
+    this message, the worker keeps serving."""
+
+
 class GenerationInterrupted(Exception):
     """`should_stop()` returned True at a step boundary; no images were produced."""
 

@@ -26,15 +26,15 @@ def run_bench(out: Path, *args: str, timeout: int = 900) -> dict:
 def test_tiny_bench_writes_every_row_with_sane_fields(tmp_path):
     result = run_bench(tmp_path, "--sizes", "32", "--steps", "3", "--paths", "stock,stock-tight,fast",
                        "--batch-sizes", "1,2", "--batch-res", "32", "--equiv-steps", "3",
-                       "--presets", "V4_QUALITY_48,V4_TURBO_12")
+                       "--presets", "V4_QUALITY_48,V4_TURBO_12", "--cfg-free")
     meta = result["meta"]
     assert meta["device"] == "cpu" and meta["size"] == "tiny" and meta["torch"] and meta["diffusers"]
     assert meta["prompt_tokens"] > 50
     rows = result["rows"]
     assert not [r for r in rows if "error" in r], [r.get("error") for r in rows]
     names = [(r["name"], r["batch"]) for r in rows]
-    assert names == [("fp32 stock", 1), ("fp32 stock-tight", 1), ("fp32 fast", 1), ("fp32 fast", 1),
-                     ("fp32 fast", 2)]
+    assert names == [("fp32 stock", 1), ("fp32 stock-tight", 1), ("fp32 fast", 1), ("fp32 fast+cfg-free", 1),
+                     ("fp32 fast", 1), ("fp32 fast", 2)]
     for r in rows:
         assert r["s_step"] > 0 and r["fixed_s"] >= 0 and r["steps_timed"] == 3
         assert r["tflops"] > 0 and r["useful_tflops"] > 0
@@ -47,7 +47,9 @@ def test_tiny_bench_writes_every_row_with_sane_fields(tmp_path):
     assert stock["tflop_step"] > fast["tflop_step"]  # the stock call computes the padding too
     # Float32 on CPU: the fast path is within one level of the stock call and equal to stock at equal length.
     assert fast["diff_vs_stock"]["max"] <= 1 and fast["diff_vs_stock_tight"]["max"] == 0
-    assert rows[4]["prompt_tokens"][0] != rows[4]["prompt_tokens"][1]  # a mixed-length batch: the masked path
+    cfg_free = rows[3]
+    assert cfg_free["path"] == "fast+cfg-free" and cfg_free["tflop_step"] < fast["tflop_step"]  # one pass (tiny: text-bound)
+    assert rows[5]["prompt_tokens"][0] != rows[5]["prompt_tokens"][1]  # a mixed-length batch: the masked path
     equivalence = {e["path"]: e for e in result["equivalence"]}
     assert equivalence["fast"]["vs_stock"]["max"] <= 1 and equivalence["fast"]["steps"] == 3
     md = (tmp_path / "bench.md").read_text()
@@ -64,6 +66,8 @@ def test_step_flops_match_the_design_figure_for_the_real_model():
     assert 160e12 < fast < 175e12
     assert stock > 1.25 * fast  # padding to 2,048 and the per-step projection
     assert step_flops(pipe, text_tokens=200, image_tokens=4096, batch=4, stock=False) == pytest.approx(4 * fast)
+    cfg_free = step_flops(pipe, text_tokens=200, image_tokens=4096, batch=1, stock=False, passes=1)
+    assert 0.5 * fast < cfg_free < 0.55 * fast  # the conditional pass is the longer one (text rows too)
 
 
 @pytest.mark.slow  # boots Postgres, Redis, the API and a worker process
