@@ -581,7 +581,7 @@ def render_markdown(result: dict[str, Any]) -> str:
     for r in result["rows"]:
         if r.get("path") == "stock" and r.get("weights") in ("bf16", "fp32") and "error" not in r and r["batch"] == 1:
             stock48.setdefault(r["size"], r["img_per_min"].get("V4_QUALITY_48"))
-    head = ["variant", "size", "batch", "text tok", "s/step", "fixed s"] + [f"img/min {p.split('_')[-1]}"
+    head = ["variant", "size", "batch", "text tok", "s/step", "fixed s"] + [f"img/min {p.removeprefix('V4_')}"
                                                                          for p in presets]
     head += ["x stock @48", "peak GB", "TFLOP/s exec", "TFLOP/s useful", "px diff vs stock mean/max"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
