@@ -30,11 +30,16 @@ tests/deploy/schemas/node_modules: tests/deploy/schemas/package-lock.json
 up: $(STAMP)
 	$(BIN)/letterpress up
 
+# Both tiers run on TEST_WORKERS pytest-xdist processes, each with its own Postgres, Redis and S3 servers (session
+# fixtures). The system tier goes a file at a time (--dist loadfile), so a module's private stack is built once.
+TEST_WORKERS ?= 2
+
 test: $(STAMP) server-deps  # everything, as CI runs it (import contracts included: tests/test_architecture.py)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not slow" -n $(TEST_WORKERS)
+	$(BIN)/python -m pytest -q -m slow -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: $(STAMP)     # the quick tier before a commit: no multi-process system tests
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" -n $(TEST_WORKERS)
 
 lint: $(STAMP)          # imports flow one way (pyproject.toml [tool.importlinter])
 	$(BIN)/lint-imports

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from common.captions import Caption
+from common.image_files import DEFAULT_QUALITY, OutputFormat
 from common.input_limits import PlainText, StorableJson
 from common.presets import PRESETS, RENDERING_SPEED, get_preset
 from common.prompt_tokens import tokens_over_limit
@@ -40,8 +41,19 @@ class JobRequest(BaseModel):
     steps: int | None = Field(None, ge=1, le=200, strict=True)
     guidance_scale: float | None = Field(None, ge=0.0, le=30.0, strict=True)  # strict float still takes 4 as 4.0
     magic_prompt: bool = Field(False, strict=True)
+    output_format: OutputFormat = Field("png", description="png (lossless), webp or jpeg; the recipe is inside "
+                                                          "every format")
+    output_quality: int | None = Field(None, ge=1, le=100, strict=True,
+                                       description=f"webp and jpeg only; default {DEFAULT_QUALITY}")
     metadata: StorableJson | None = None
     webhook_url: PlainText | None = Field(None, max_length=2048)
+
+    @field_validator("output_quality")
+    @classmethod
+    def _quality_of_a_lossy_format(cls, v: int | None, info) -> int | None:
+        if v is not None and info.data.get("output_format", "png") == "png":
+            raise ValueError("output_quality applies to webp and jpeg; a png is lossless")
+        return v
 
     @field_validator("prompt")
     @classmethod
@@ -102,6 +114,8 @@ def to_params(req: JobRequest, api: ApiSettings, model: ModelSettings | None = N
         "guidance_scale": req.guidance_scale, "seed": seed, "seed_generated": seed_generated,
         "num_images": req.num_images,
     }
+    if req.output_format != "png":  # a PNG job's params (and request hash) stay what they were before formats
+        params.update(output_format=req.output_format, output_quality=req.output_quality or DEFAULT_QUALITY)
     if req.caption is not None:
         params["caption"] = req.caption.model_dump(exclude_none=True)
         params["prompt_text"] = req.caption.to_prompt_text()

@@ -29,8 +29,9 @@ class Storage(Protocol):
     def local_path(self, key: str) -> Path | None: ...
 
 
-def image_key(prefix: str, tenant_id: object, job_id: object, index: int) -> str:
-    return "/".join(p for p in (prefix.strip("/"), str(tenant_id), str(job_id), f"{index}.png") if p)
+def image_key(prefix: str, tenant_id: object, job_id: object, index: int, extension: str = "png") -> str:
+    """`{prefix}/{tenant}/{job}/{index}.{png|webp|jpg}` (common.image_files.FORMATS names the extensions)."""
+    return "/".join(p for p in (prefix.strip("/"), str(tenant_id), str(job_id), f"{index}.{extension}") if p)
 
 
 def with_retries(op: Callable[[], T], *, what: str, attempts: int, base_delay_s: float = 0.2) -> T:

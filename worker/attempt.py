@@ -30,6 +30,7 @@ from common import job_states
 from common.db import session_scope
 from common.dispatch import dispatch
 from common.errors import LeaseLost, StorageError
+from common.image_files import FORMATS, encode_image, recipe, sha256_hex
 from common.job_request import image_seeds
 from common.settings import Settings
 from common.storage import Storage, image_key
@@ -39,7 +40,6 @@ from worker.drain import Drain
 from worker import metrics
 from worker.heartbeat import AttemptMonitor
 from worker.pipeline.spec import GenerationInterrupted, GenerationSpec
-from worker.png import encode_png, recipe, sha256_hex
 
 log = logging.getLogger(__name__)
 
@@ -336,9 +336,11 @@ def wait_for_finishing(timeout: float | None = None) -> bool:
 
 def _store(claim: job_states.Claim, ctx: AttemptContext, index: int, seed: int, image) -> job_states.StoredImage:
     params = claim.params
-    data = encode_png(image, recipe(params, seed=seed, model_id=ctx.runner.model_id, revision=ctx.runner.revision))
-    key = image_key(ctx.storage.prefix, claim.tenant_id, claim.job_id, index)
-    ctx.storage.put(key, data)
+    fmt = FORMATS[params.get("output_format", "png")]
+    data = encode_image(image, recipe(params, seed=seed, model_id=ctx.runner.model_id, revision=ctx.runner.revision),
+                        fmt.name, params.get("output_quality"))
+    key = image_key(ctx.storage.prefix, claim.tenant_id, claim.job_id, index, fmt.extension)
+    ctx.storage.put(key, data, fmt.content_type)
     return job_states.StoredImage(index=index, seed=seed, key=key, sha256=sha256_hex(data), width=image.width,
                                   height=image.height, size_bytes=len(data))
 

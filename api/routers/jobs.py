@@ -19,6 +19,7 @@ from common.auth import authenticate_hash
 from common.db import session_scope
 from common.dispatch import dispatch, send_in_order
 from common.errors import NotFound
+from common.image_files import FORMATS, content_type_of
 from common.job_request import JobRequest, to_params
 from common.models import Job, JobStatus
 from common.queue_position import QueuePlace, queue_place
@@ -117,10 +118,11 @@ def list_jobs(request: Request, session: SessionDep, tenant: CurrentTenant, stor
 
 
 @router.get("/{job_id}/images/{index}", name="get_job_image", response_class=Response, responses={
-    200: {"description": "The image (local storage)", "content": {"image/png": {"schema": {"type": "string",
-                                                                                            "format": "binary"}}}},
+    200: {"description": "The image (local storage), in the job's `output_format`",
+          "content": {fmt.content_type: {"schema": {"type": "string", "format": "binary"}}
+                      for fmt in FORMATS.values()}},
     307: {"description": "The image lies in S3: a presigned URL for it",
-          "headers": {"Location": {"description": "a presigned URL of the PNG", "schema": {"type": "string"}}}},
+          "headers": {"Location": {"description": "a presigned URL of the image", "schema": {"type": "string"}}}},
     **error_responses(404, 422)})
 def get_job_image(job_id: str, index: int, session: SessionDep, tenant: CurrentTenant, storage: StorageDep):
     job = job_states.get_job(session, job_id, tenant_id=tenant.id)
@@ -129,5 +131,5 @@ def get_job_image(job_id: str, index: int, session: SessionDep, tenant: CurrentT
         raise NotFound(f"job {job_id} has no image {index}")
     path = storage.local_path(image.key)
     if path is not None:
-        return FileResponse(path, media_type="image/png")
+        return FileResponse(path, media_type=content_type_of(image.key))
     return RedirectResponse(storage.presigned_url(image.key), status_code=307)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import httpx
 
@@ -73,7 +73,7 @@ class Client:
             # the API's own URLs need the key; presigned storage URLs must not get it
             resp = self.http.get(url) if url.startswith(self.base_url) else httpx.get(url, timeout=60)
             resp.raise_for_status()
-            path = out_dir / f"{job['id']}_{image['index']}.png"
+            path = out_dir / f"{job['id']}_{image['index']}.{_extension(image.get('key'))}"
             path.write_bytes(resp.content)
             paths.append(path)
         return paths
@@ -84,7 +84,13 @@ class Client:
 BATCH_TERMINAL = ("completed", "failed", "cancelled")
 
 
-def _file_name(custom_id: str, index: int, num_images: int) -> str:
+def _extension(key: str | None) -> str:
+    """The stored image's extension (png, webp, jpg), from its storage key."""
+    suffix = PurePosixPath(key or "").suffix.lstrip(".")
+    return suffix or "png"
+
+
+def _file_name(custom_id: str, index: int, num_images: int, extension: str = "png") -> str:
     """A file name from the caller's custom_id; ids that are not already safe get a short hash (no collisions)."""
     import hashlib
     import re
@@ -92,7 +98,7 @@ def _file_name(custom_id: str, index: int, num_images: int) -> str:
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", custom_id)[:180] or "_"
     if safe != custom_id or safe.startswith("."):
         safe = f"{safe}-{hashlib.sha1(custom_id.encode()).hexdigest()[:8]}"
-    return f"{safe}.png" if num_images <= 1 else f"{safe}_{index}.png"
+    return f"{safe}.{extension}" if num_images <= 1 else f"{safe}_{index}.{extension}"
 
 
 class _Sink:
@@ -202,7 +208,8 @@ class BatchClient(Client):
 
     def download_batch(self, batch_id: str, out: str, *, workers: int = 8,
                        show_progress: bool = True) -> tuple[int, int]:
-        """Save every succeeded image as `{custom_id}.png` (`{custom_id}_{i}.png` for several) and the manifest
+        """Save every succeeded image as `{custom_id}.png` (`{custom_id}_{i}.png` for several; `.webp` or `.jpg` for
+        those formats) and the manifest
         (with each line's `file`) as manifest.jsonl. Returns (images written, images already there)."""
         import json
         from concurrent.futures import ThreadPoolExecutor
@@ -213,11 +220,11 @@ class BatchClient(Client):
         manifest = list(self.batch_results(batch_id))
         todo = []
         for line in manifest:
-            images = line.get("images") or ([{"index": 0, "url": line["url"], "sha256": line["sha256"]}]
-                                            if line.get("key") else [])
+            images = line.get("images") or ([{"index": 0, "url": line["url"], "sha256": line["sha256"],
+                                              "key": line["key"]}] if line.get("key") else [])
             line["files"] = []
             for image in images:
-                name = _file_name(line["custom_id"], image["index"], len(images))
+                name = _file_name(line["custom_id"], image["index"], len(images), _extension(image.get("key")))
                 line["files"].append(name)
                 todo.append((name, image["url"], image["sha256"]))
 

@@ -12,6 +12,7 @@
     letterpress batch run prompts.jsonl --wait --out DIR    a JSONL batch with a live progress bar
     letterpress batch status|cancel|retry|download ID
     letterpress status [--json]          workers, queues and batches in progress (reads Postgres and Redis)
+    letterpress recipe FILE              the recipe inside an image Letterpress wrote (PNG, WebP or JPEG)
 """
 from __future__ import annotations
 
@@ -104,7 +105,7 @@ def cmd_submit(args) -> int:
         body["caption"] = json.loads(Path(args.caption).read_text())
     else:
         body["prompt"] = args.prompt
-    for field in ("preset", "width", "height", "seed", "steps"):
+    for field in ("preset", "width", "height", "seed", "steps", "output_format", "output_quality"):
         if getattr(args, field) is not None:
             body[field] = getattr(args, field)
     client = Client(api_url(settings), api_key(settings))
@@ -204,6 +205,18 @@ def cmd_batch_download(args) -> int:
     return 0
 
 
+def cmd_recipe(args) -> int:
+    from common.image_files import NoRecipe, read_recipe
+
+    try:
+        body = read_recipe(Path(args.file).read_bytes())
+    except (OSError, NoRecipe) as exc:
+        print(f"{args.file}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(body, indent=2, ensure_ascii=False))
+    return 0
+
+
 def cmd_status(args) -> int:
     from common.cli.status import fleet_status, render
 
@@ -281,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int)
     s.add_argument("--steps", type=int)
     s.add_argument("--num-images", type=int, default=1)
+    s.add_argument("--format", dest="output_format", choices=["png", "webp", "jpeg"], help="default png")
+    s.add_argument("--quality", dest="output_quality", type=int, help="webp and jpeg: 1-100 (default 90)")
     s.add_argument("--idempotency-key")
     s.add_argument("--wait", action="store_true", help="show progress and download the images")
     s.add_argument("--out", default="out")
@@ -306,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
         bc = batch.add_parser(name, help=text)
         bc.add_argument("id")
         bc.set_defaults(func=func)
+    rc = sub.add_parser("recipe", help="print the recipe inside an image Letterpress wrote (PNG, WebP or JPEG)")
+    rc.add_argument("file")
+    rc.set_defaults(func=cmd_recipe)
     st = sub.add_parser("status", help="workers, queues and batches in progress (an operator's view: all tenants)")
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_status)

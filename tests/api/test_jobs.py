@@ -24,6 +24,15 @@ def test_submit_returns_202_with_id_status_and_urls(client):
     assert isinstance(job["request"]["seed"], int)
 
 
+def test_the_output_format_is_part_of_the_request(client):
+    job = client.submit({**PROMPT, "output_format": "webp"}).json()
+    assert job["request"]["output_format"] == "webp" and job["request"]["output_quality"] == 90
+    png = client.submit(PROMPT).json()
+    assert "output_format" not in png["request"]  # png, the default, as before formats existed
+    for j in (job, png):
+        client.http.post(f"/v1/jobs/{j['id']}/cancel")
+
+
 def test_defaults_preset_size_and_caption(client):
     job = client.submit({"caption": {
         "high_level_description": "a cafe menu board",
@@ -57,6 +66,10 @@ def test_defaults_preset_size_and_caption(client):
         "background": "b", "elements": [{"type": "text", "desc": "no text given"}]}}},
      "caption.compositional_deconstruction.elements.0.text.text"),
     ({"prompt": "x", "webhook_url": "http://169.254.169.254/latest"}, "webhook_url"),
+    ({"prompt": "x", "output_format": "gif"}, "output_format"),
+    ({"prompt": "x", "output_format": "jpeg", "output_quality": 0}, "output_quality"),
+    ({"prompt": "x", "output_format": "webp", "output_quality": 101}, "output_quality"),
+    ({"prompt": "x", "output_quality": 80}, "output_quality"),  # png is lossless: no quality
 ])
 def test_validation_errors_are_422_naming_the_field(client, body, field):
     resp = client.submit(body)

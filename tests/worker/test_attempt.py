@@ -26,7 +26,7 @@ from worker.attempt import AttemptContext, run_attempt, wait_for_finishing
 from worker.co_batching import CoBatchingPolicy
 from worker.drain import Drain
 from worker.pipeline.spec import GenerationInterrupted
-from worker.png import read_recipe, sha256_hex
+from common.image_files import read_recipe, sha256_hex
 
 W, H = 64, 48
 

@@ -21,7 +21,7 @@ from PIL import Image
 from sqlalchemy import func, select
 
 from tests.support import BEYOND_THE_MODEL, ApiClient, wait_until
-from worker.png import sha256_hex
+from common.image_files import sha256_hex
 
 SIDE = 64
 LINE = {"width": SIDE, "height": SIDE, "preset": "V4_TURBO_12", "steps": 1}

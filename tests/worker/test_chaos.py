@@ -101,7 +101,7 @@ def reference_digests(model_path: str) -> dict[tuple[str, int], str]:
     from common.settings import ApiSettings, get_settings
     from worker.attempt import spec_from_params
     from worker.pipeline.runner import PipelineRunner
-    from worker.png import encode_png, recipe
+    from common.image_files import encode_image, recipe
 
     runner = PipelineRunner(get_settings())
     runner.load()
@@ -114,7 +114,7 @@ def reference_digests(model_path: str) -> dict[tuple[str, int], str]:
                 params = to_params(JobRequest(**body, seed=seed), ApiSettings(min_side=64))
                 image = runner.run(spec_from_params(params))[0]
                 png = recipe(params, seed=seed, model_id=runner.model_id, revision=runner.revision)
-                digests[(kind, seed)] = hashlib.sha256(encode_png(image, png)).hexdigest()
+                digests[(kind, seed)] = hashlib.sha256(encode_image(image, png)).hexdigest()
     finally:
         torch.set_num_threads(threads)
     return digests

@@ -12,7 +12,7 @@ import boto3
 from PIL import Image
 
 from tests.support import BEYOND_THE_MODEL
-from worker.png import read_recipe, sha256_hex
+from common.image_files import read_recipe, sha256_hex
 
 JOB = {"prompt": "a poster that says HELLO", "width": 320, "height": 256, "preset": "V4_TURBO_12", "seed": 1234,
        "num_images": 2}
@@ -116,3 +116,25 @@ def test_letterpress_status_shows_the_worker_the_queues_and_recent_images(client
     assert all({"waiting", "running", "in_broker", "oldest_waiting_s"} <= set(q) for q in status["queues"].values())
     table = subprocess.run(cmd, env={**os.environ, **stack_env}, capture_output=True, text=True, timeout=60)
     assert table.returncode == 0 and me["worker_id"] in table.stdout and "Batches in progress" in table.stdout
+
+
+def test_webp_and_jpeg_jobs_store_their_format_with_the_recipe_inside(client, worker, services, tenant):
+    jobs = {fmt: client.submit({**JOB, "num_images": 1, "seed": 77, "output_format": fmt, "output_quality": 70}
+                               ).json()["id"] for fmt in ("webp", "jpeg")}
+    png = client.wait(client.submit({**JOB, "num_images": 1, "seed": 77}).json()["id"])
+    for fmt, extension, pil in (("webp", "webp", "WEBP"), ("jpeg", "jpg", "JPEG")):
+        done = client.wait(jobs[fmt])
+        assert done["status"] == "succeeded", done
+        (image,) = done["images"]
+        assert image["key"] == f"images/{tenant.id}/{done['id']}/0.{extension}"
+        data = s3_get(services, image["key"])
+        assert sha256_hex(data) == image["sha256"] and len(data) == image["size_bytes"]
+        with Image.open(io.BytesIO(data)) as im:
+            assert im.format == pil and im.size == (320, 256)
+        recipe = read_recipe(data)
+        assert recipe["output_format"] == fmt and recipe["output_quality"] == 70 and recipe["seed"] == 77
+        assert recipe["prompt"] == JOB["prompt"]
+        import httpx
+        served = httpx.get(image["url"])
+        assert served.content == data and served.headers["content-type"] == f"image/{fmt}"
+        assert image["size_bytes"] < png["images"][0]["size_bytes"]  # lossy formats, smaller files

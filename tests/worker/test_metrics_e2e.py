@@ -186,6 +186,10 @@ def test_a_worker_killed_mid_job_is_one_expired_lease_one_retry_and_an_alert(fre
     prometheus.eventually(f"letterpress_maintenance_leases_expired_total{{{worker}}}", 1)
     prometheus.eventually(f'letterpress_worker_attempts_started_total{{{worker}, kind="retry"}}', 1)
     prometheus.eventually(f'letterpress_worker_jobs_total{{{worker}, outcome="succeeded"}}', 1)
+    # two samples of the retry counter before this worker stops at the test's end, so that a range query over it
+    # (the dashboard's `increase(...[1h])`, next test) has data once the worker is gone; one sample gives none
+    retries = f'count_over_time(letterpress_worker_attempts_started_total{{{worker}, kind="retry"}}[10m])'
+    wait_until(lambda: (prometheus.value(retries) or 0) >= 2, 30, what="two samples of the retry counter")
 
 
 def test_every_dashboard_panel_draws_from_live_metrics(fresh_workers, prometheus):

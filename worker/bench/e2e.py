@@ -66,7 +66,7 @@ def worker_main(argv: list[str]) -> int:
 
     from common.settings import get_settings
     from worker.pipeline.runner import PipelineRunner
-    from worker.png import encode_png
+    from common.image_files import encode_image
 
     class WarmRunner(PipelineRunner):
         """The worker's runner, loaded before Celery starts (its worker_init hook calls load() again)."""
@@ -101,7 +101,7 @@ def worker_main(argv: list[str]) -> int:
         generate_s.append(time.perf_counter() - t)
         t = time.perf_counter()
         for image in images:
-            encode_png(image, {"prompt": spec.prompt_text, "seed": spec.seeds[0]})
+            encode_image(image, {"prompt": spec.prompt_text, "seed": spec.seeds[0]})
         png_s.append(time.perf_counter() - t)
     Path(args.result).write_text(json.dumps({"load_s": load_s, "generate_s": generate_s, "png_s": png_s,
                                              "variant": runner.loaded.variant, "device": runner.loaded.device}))

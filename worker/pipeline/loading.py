@@ -256,7 +256,7 @@ def _load(source: _ModelSource, variant: str, device_info: DeviceInfo) -> tuple[
     from diffusers import Ideogram4Pipeline
 
     kwargs = dict(dtype=dtype_for(variant), **source.hub_kwargs())
-    distilled = not any(source.model_index().get("unconditional_transformer") or ())  # absent, or [null, null]
+    distilled = not _ships_unconditional(source)
     if distilled:  # a distilled checkpoint: CFG-free presets only (worker.pipeline.fast_path)
         kwargs["unconditional_transformer"] = None
     if variant in ("nf4", "nf4-dequant"):
@@ -273,6 +273,16 @@ def _load(source: _ModelSource, variant: str, device_info: DeviceInfo) -> tuple[
     if variant == "fp8":
         _quantize_fp8(pipe)
     return pipe, variant
+
+
+def _ships_unconditional(source: _ModelSource) -> bool:
+    """Whether the checkpoint has an unconditional_transformer (a distilled one may not: its model_index.json
+    leaves it out or names it null). Unreadable index: assume it does, and let `from_pretrained` say what is wrong."""
+    try:
+        index = source.model_index()
+    except Exception:  # noqa: BLE001 - offline, gated, missing: from_pretrained reports it properly
+        return True
+    return any(index.get("unconditional_transformer") or ())
 
 
 def _is_prequantized(source: _ModelSource) -> bool:

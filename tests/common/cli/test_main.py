@@ -1,6 +1,7 @@
 """The `letterpress` CLI as a user runs it: keys create, submit --wait against the real stack."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -33,6 +34,21 @@ def test_submit_wait_downloads_the_png(stack_env, api_url, worker, tenant, tmp_p
     assert len(paths) == 1
     with Image.open(paths[0]) as im:
         assert im.size == (256, 256) and "letterpress" in im.text
+
+
+def test_submit_webp_then_read_its_recipe_back(stack_env, api_url, worker, tenant, tmp_path):
+    result = letterpress("submit", "a poster that says WEBP", "--preset", "V4_TURBO_12", "--width", "256",
+                         "--height", "256", "--seed", "4", "--format", "webp", "--quality", "60", "--wait", "--out",
+                         str(tmp_path), env={"LETTERPRESS_API_URL": api_url, "LETTERPRESS_API_KEY": tenant.key})
+    assert result.returncode == 0, result.stderr
+    (path,) = [line for line in result.stdout.splitlines() if line.endswith(".webp")]
+    recipe = letterpress("recipe", path)
+    assert recipe.returncode == 0, recipe.stderr
+    body = json.loads(recipe.stdout)
+    assert body["prompt"] == "a poster that says WEBP" and body["seed"] == 4 and body["output_quality"] == 60
+    (tmp_path / "notes.txt").write_text("not an image")
+    refused = letterpress("recipe", str(tmp_path / "notes.txt"))
+    assert refused.returncode == 1 and "not an image" in refused.stderr
 
 
 def test_submit_reports_validation_errors(stack_env, api_url, tenant):

@@ -1,5 +1,5 @@
-"""worker.png: the recipe chunk travels inside the PNG and reads back (with PIL and `read_recipe`), encoding is
-deterministic, and the sha256 is the bytes' own."""
+"""common.image_files: the recipe travels inside the PNG (text chunk), WebP and JPEG (XMP) and reads back (with
+PIL and `read_recipe`), encoding is deterministic, and the sha256 is the bytes' own."""
 from __future__ import annotations
 
 import hashlib
@@ -10,7 +10,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from worker.png import RECIPE_CHUNK, encode_png, read_recipe, recipe, sha256_hex
+from common.image_files import (
+    DEFAULT_QUALITY,
+    RECIPE_CHUNK,
+    NoRecipe,
+    content_type_of,
+    encode_image,
+    read_recipe,
+    recipe,
+    sha256_hex,
+)
+
+encode_png = encode_image  # PNG is the default format
 
 PARAMS = {"prompt": "a sign that says OPEN", "prompt_text": "a sign that says OPEN", "preset": "V4_TURBO_12",
           "width": 32, "height": 16, "steps": 12, "mu": 0.5, "std": 1.75, "guidance_schedule": [7.0] * 11 + [3.0],
@@ -72,8 +83,42 @@ def test_sha256_hex_is_the_digest_of_the_bytes():
     assert sha256_hex(b"") == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 
 
-def test_read_recipe_of_a_png_without_the_chunk_raises():
+@pytest.mark.parametrize("fmt", ["png", "webp", "jpeg"])
+def test_read_recipe_of_an_image_without_one_raises(fmt):
     buf = io.BytesIO()
-    image().save(buf, format="PNG")
-    with pytest.raises(KeyError):
+    image().save(buf, format=fmt.upper())
+    with pytest.raises(NoRecipe, match="no Letterpress recipe"):
         read_recipe(buf.getvalue())
+
+
+def test_read_recipe_of_something_else_raises():
+    with pytest.raises(NoRecipe, match="not an image"):
+        read_recipe(b"%PDF-1.7 not an image")
+
+
+@pytest.mark.parametrize("fmt, pil, magic", [("webp", "WEBP", b"RIFF"), ("jpeg", "JPEG", b"\xff\xd8\xff")])
+def test_webp_and_jpeg_carry_the_recipe_in_xmp(fmt, pil, magic):
+    params = {**PARAMS, "prompt": 'a sign: <OPEN> & "CLOSED" </letterpress:recipe> ünï', "output_format": fmt,
+              "output_quality": 80}
+    body = recipe(params, seed=6, model_id="tiny", revision=None)
+    assert body["output_format"] == fmt and body["output_quality"] == 80
+    data = encode_image(image(), body, fmt, 80)
+    assert data.startswith(magic)
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.format == pil and im.size == (32, 16)
+        assert b"letterpress:recipe" in im.info["xmp"]  # where image tools look for it
+    assert read_recipe(data) == body  # markup in the prompt is escaped, not parsed
+    assert encode_image(image(), body, fmt, 80) == data  # deterministic
+    assert encode_image(image(), body, fmt, 30) != data  # quality is honoured
+
+
+def test_a_png_recipe_is_unchanged_by_formats_and_quality_defaults():
+    assert "output_format" not in recipe({**PARAMS, "output_format": "png"}, seed=1, model_id="m", revision=None)
+    assert recipe({**PARAMS, "output_format": "jpeg"}, seed=1, model_id="m", revision=None)["output_quality"] == \
+        DEFAULT_QUALITY
+
+
+def test_content_types_by_key():
+    assert content_type_of("images/t/j/0.png") == "image/png"
+    assert content_type_of("images/t/j/0.webp") == "image/webp"
+    assert content_type_of("images/t/j/0.jpg") == "image/jpeg"
