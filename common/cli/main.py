@@ -6,7 +6,7 @@
     letterpress api | worker | maintenance | migrate
     letterpress webhooks-worker          webhook deliveries (the `webhooks` queue; no GPU)
     letterpress webhooks secret --tenant NAME
-    letterpress keys create --name NAME
+    letterpress keys create|list|revoke|rotate
     letterpress model init-tiny PATH
     letterpress bench [--size tiny] [--e2e] ...  seconds a step, images a minute, memory, TFLOP/s of every path
     letterpress batch run prompts.jsonl --wait --out DIR    a JSONL batch with a live progress bar
@@ -20,7 +20,7 @@ import argparse
 import json
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from common.settings import get_settings, reset_settings_cache
@@ -77,15 +77,85 @@ def cmd_migrate(args) -> int:
     return 0
 
 
+def duration_arg(text: str) -> timedelta:
+    """`90s`, `15m`, `12h`, `30d` (argparse type)."""
+    units = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+    try:
+        value, unit = float(text[:-1]), units[text[-1]]
+    except (ValueError, KeyError, IndexError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 90s, 15m, 12h or 30d") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("a duration is not negative")
+    return timedelta(**{unit: value})
+
+
 def cmd_keys_create(args) -> int:
     from common.auth import create_api_key, get_or_create_tenant
     from common.db import session_scope
 
     with session_scope() as session:
-        key = create_api_key(session, tenant=get_or_create_tenant(session, args.tenant or args.name), name=args.name)
+        key = create_api_key(session, tenant=get_or_create_tenant(session, args.tenant or args.name), name=args.name,
+                             expires_in=args.expires_in)
     print(key)
     print("(shown once: store it now)", file=sys.stderr)
     return 0
+
+
+def cmd_keys_list(args) -> int:
+    from common.auth import list_keys
+    from common.cli.tables import table
+    from common.db import session_scope
+
+    with session_scope() as session:
+        keys = list_keys(session, tenant=args.tenant)
+    if args.json:
+        print(json.dumps([{**vars(k), "id": str(k.id)} for k in keys], indent=2, default=str))
+        return 0
+    print("\n".join(table(["ID", "TENANT", "NAME", "PREFIX", "CREATED", "EXPIRES", "REVOKED", "USABLE"],
+                          [[k.id, k.tenant, k.name, k.prefix, _when(k.created_at), _when(k.expires_at),
+                            _when(k.revoked_at), "yes" if k.usable else "no"] for k in keys])))
+    return 0
+
+
+def _when(moment: datetime | None) -> str | None:
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ") if moment else None
+
+
+def _key_command(action) -> int:
+    """Run `action(session)` on the keys; a key that cannot be found (or is ambiguous) is a message, not a trace."""
+    from common.db import session_scope
+    from common.errors import LetterpressError
+
+    try:
+        with session_scope() as session:
+            return action(session)
+    except LetterpressError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def cmd_keys_revoke(args) -> int:
+    from common.auth import revoke_key
+
+    def revoke(session) -> int:
+        key = revoke_key(session, args.key)
+        print(f"revoked {key.prefix} ({key.name}) at {_when(key.revoked_at)}: it authenticates nothing from now on")
+        return 0
+
+    return _key_command(revoke)
+
+
+def cmd_keys_rotate(args) -> int:
+    from common.auth import rotate_key
+
+    def rotate(session) -> int:
+        old, new = rotate_key(session, args.key, grace=args.grace)
+        print(new)
+        until = f"until {_when(old.expires_at)}" if old.revoked_at is None else "no longer (revoked)"
+        print(f"(shown once: store it now) {old.prefix} works {until}", file=sys.stderr)
+        return 0
+
+    return _key_command(rotate)
 
 
 def cmd_model_init_tiny(args) -> int:
@@ -141,7 +211,7 @@ def _file_idempotency_key(path: Path, skip_invalid: bool) -> str:
 
 
 def _print_batch(batch: dict) -> None:
-    from common.cli.status import duration
+    from common.cli.tables import human_duration
     from common.fleet import progress_rate
 
     c = batch["request_counts"]
@@ -154,7 +224,7 @@ def _print_batch(batch: dict) -> None:
     rate, eta = progress_rate(finished, datetime.fromisoformat(started) if started else None, now,
                               remaining=c["queued"] + c["running"])
     usage = batch["usage"]
-    print(f"  rate {f'{rate:.1f} images/min' if rate else '-'}, ETA {duration(eta) if not ended else 'done'}; "
+    print(f"  rate {f'{rate:.1f} images/min' if rate else '-'}, ETA {human_duration(eta) if not ended else 'done'}; "
           f"{usage['gpu_seconds']:.1f} GPU-seconds, {usage['estimated_cost']:.4f} {usage['currency']} so far"
           + (f" ({usage['unpriced_gpu_seconds']:.1f} s on unpriced GPUs)" if usage["unpriced_gpu_seconds"] else ""))
     if batch.get("invalid"):
@@ -277,7 +347,20 @@ def build_parser() -> argparse.ArgumentParser:
     kc = keys.add_parser("create", help="create an API key and print it once")
     kc.add_argument("--name", required=True)
     kc.add_argument("--tenant", help="tenant name (default: the key's name)")
+    kc.add_argument("--expires-in", type=duration_arg, help="e.g. 90d: the key stops working then (default: never)")
     kc.set_defaults(func=cmd_keys_create)
+    kl = keys.add_parser("list", help="every key (never the key itself): prefix, tenant, expiry, revoked")
+    kl.add_argument("--tenant", help="only this tenant's keys")
+    kl.add_argument("--json", action="store_true")
+    kl.set_defaults(func=cmd_keys_list)
+    kr = keys.add_parser("revoke", help="revoke a key now (by id or prefix): the next request with it is a 401")
+    kr.add_argument("key", help="the key's id or its prefix (lp_...), as `keys list` shows it")
+    kr.set_defaults(func=cmd_keys_revoke)
+    ko = keys.add_parser("rotate", help="a new key for the same tenant; the old one stops after --grace")
+    ko.add_argument("key", help="the key's id or its prefix (lp_...)")
+    ko.add_argument("--grace", type=duration_arg, default=timedelta(0),
+                    help="how long the old key keeps working, e.g. 1h (default: revoked at once)")
+    ko.set_defaults(func=cmd_keys_rotate)
 
     model = sub.add_parser("model", help="models").add_subparsers(dest="model_command", required=True)
     it = model.add_parser("init-tiny", help="build a tiny random-weight Ideogram 4 in diffusers format")

@@ -12,6 +12,7 @@ import redis as redis_lib
 from sqlalchemy.exc import SQLAlchemyError
 
 from common.broker import QUEUES, queue_depth
+from common.cli.tables import human_duration, table
 from common.db import session_scope
 from common.fleet import queue_snapshot, workers_seen
 from common.settings import Settings
@@ -61,38 +62,25 @@ def _cost(usage: dict) -> dict:
             "currency": usage["currency"]}
 
 
-def duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    seconds = int(seconds)
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
-
-
-def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
-    cells = [header] + [["-" if v is None else str(v) for v in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    return ["  " + "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in cells]
-
-
 def render(status: dict[str, Any]) -> str:
     lines = [f"Workers ({len(status['workers'])} seen)"]
     if status["workers"]:
-        lines += _table(["WORKER", "STATE", "GPU", "CAPACITY", "VARIANT", "CURRENT JOB", "IMAGES/MIN (5 min)"],
+        lines += table(["WORKER", "STATE", "GPU", "CAPACITY", "VARIANT", "CURRENT JOB", "IMAGES/MIN (5 min)"],
                         [[w["worker_id"], w["state"], w["gpu_kind"], w["capacity"], w["variant"], w["current_job"],
                           w["images_per_min"]] for w in status["workers"]])
     else:
         lines.append("  none: no worker has announced itself in the last few seconds")
     lines.append("Queues")
-    lines += _table(["QUEUE", "WAITING", "IN BROKER", "RUNNING", "OLDEST WAITING"],
+    lines += table(["QUEUE", "WAITING", "IN BROKER", "RUNNING", "OLDEST WAITING"],
                     [[q, c.get("waiting"), c.get("in_broker"), c.get("running"),
-                      duration(c.get("oldest_waiting_s")) if c.get("waiting") else "-"]
+                      human_duration(c.get("oldest_waiting_s")) if c.get("waiting") else "-"]
                      for q, c in status["queues"].items()])
     lines.append(f"Batches in progress ({len(status['batches'])})")
     if status["batches"]:
-        lines += _table(["BATCH", "TENANT", "DONE", "IMAGES/MIN", "ETA", "GPU-SECONDS", "COST"],
+        lines += table(["BATCH", "TENANT", "DONE", "IMAGES/MIN", "ETA", "GPU-SECONDS", "COST"],
                         [[b["id"], b["tenant"], f"{b['finished']}/{b['total']}", b["images_per_min"],
-                          duration(b["eta_s"]), b["gpu_seconds"], f"{b['estimated_cost']:.4f} {b['currency']}"]
+                          human_duration(b["eta_s"]), b["gpu_seconds"],
+                          f"{b['estimated_cost']:.4f} {b['currency']}"]
                          for b in status["batches"]])
     lines += [f"error: {e}" for e in status["errors"]]
     return "\n".join(lines)
