@@ -14,6 +14,9 @@ file part to disk).
 At most `max_in_flight` requests are served at once per process (`AdmissionControl`); past that a request is a
 503 with `Retry-After: 1` at once, and the probes (/healthz, /readyz) and the scrape (/metrics) are never held back.
 
+A client address that keeps presenting wrong keys is refused with 429 for a while (`WrongKeyGuard`,
+api/wrong_keys.py).
+
 Batch ingests (validation and COPY of up to a million lines) run a bounded number at once per API process,
 overall and per tenant (`max_ingests`, `max_ingests_per_tenant`); one more is 429 with `Retry-After`, at once.
 """
@@ -31,6 +34,7 @@ from fastapi import FastAPI
 from starlette.exceptions import HTTPException
 
 from api.errors import error_response
+from api.wrong_keys import WrongKeyGuard
 from common.errors import TooManyRequests
 from common.settings import ApiSettings, get_settings
 
@@ -153,6 +157,7 @@ def install(app: FastAPI) -> None:
 
     app.add_exception_handler(BodyTooLarge, too_large)
     app.add_middleware(RequestBounds)
+    app.add_middleware(WrongKeyGuard)  # before the bounds: a blocked guesser's body is never read
     app.add_middleware(AdmissionControl)  # added last: outermost, so a shed request costs nothing more
 
 

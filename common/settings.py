@@ -100,6 +100,10 @@ class ApiSettings(BaseModel):
     # Batch ingests (validation + COPY) running at once in one API process, overall and per tenant; more: 429
     max_ingests: int = Field(4, ge=1)
     max_ingests_per_tenant: int = Field(2, ge=1)
+    # A client address presenting this many wrong keys in a minute is refused (429) for wrong_key_block_s, except
+    # with a key that worked lately (api/wrong_keys.py); 0: off
+    wrong_keys_per_minute: int = Field(20, ge=0)
+    wrong_key_block_s: int = Field(60, ge=1)
 
 
 class BatchingSettings(BaseModel):

@@ -37,16 +37,18 @@ _DESCRIPTIONS: dict[int, str] = {
     409: "Conflict with the object's current state, or an Idempotency-Key reused with other input",
     413: "Request body too large",
     422: "Invalid request: `field` names the offending field",
-    429: "Too many requests in flight; retry after `Retry-After` seconds",
+    429: "Too many requests (batch ingests at once, or wrong API keys from this address); retry after "
+         "`Retry-After` seconds",
     503: "A dependency (the database) is unavailable; retry after `Retry-After` seconds",
 }
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """`responses=` for a route that can answer these statuses with an ErrorOut body. 401 and 503 (database
-    unavailable) are included for every /v1 route: authentication reads the database. Give 422 for every route
+    unavailable) are included for every /v1 route: authentication reads the database; so is 429 (too many wrong keys
+from one address, api/wrong_keys.py). Give 422 for every route
     with a parameter (FastAPI would otherwise document its own validation body, which is not ours)."""
-    wanted = sorted({401, 503, *statuses})
+    wanted = sorted({401, 429, 503, *statuses})
     responses: dict[int | str, dict[str, Any]] = {}
     for status in wanted:
         response: dict[str, Any] = {"model": ErrorOut, "description": _DESCRIPTIONS.get(status, "Error")}
