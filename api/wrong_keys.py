@@ -7,10 +7,10 @@ seen work recently, before the key is looked up.
   request with a good key costs no Redis call. Redis down: counted in this process instead.
 - Blocking: in this process's memory, checked before anything else (no I/O). Another process blocks the address
   on its own next failure from it, since the counter is shared.
-- Keys that worked: a request whose key authenticated (any answer but 401) puts the key's hash in a bounded
-  recent set; a blocked address still gets through with such a key. So a guesser behind a NAT or a proxy does not
-  lock out the good clients that share its address, and a guess is never let through (a guessed key would have
-  to be one that just worked).
+- Keys that worked: a request whose key succeeded (a 2xx or 3xx answer: a 413 or 422 can come before the key is
+  checked, a success never does) puts the key's hash in a bounded recent set; a blocked address still gets
+  through with such a key. So a guesser behind a NAT or a proxy does not lock out the good clients that share its
+  address, and a guess is never let through (a guessed key would have to be one that just worked).
 
 Behind a proxy, the address is the proxy's unless uvicorn trusts its forwarded headers (`FORWARDED_ALLOW_IPS`);
 docs/SECURITY.md. `wrong_keys_per_minute: 0` turns this off.
@@ -76,7 +76,7 @@ class WrongKeyGuard:
         await self.app(scope, receive, watching_send)
         if status == 401:
             await self._failed(address, api)
-        elif status:
+        elif 200 <= status < 400:  # only a success proves the key: a 413 or 422 can answer before it is checked
             self.good_keys[digest] = None
             self.good_keys.move_to_end(digest)
             if len(self.good_keys) > RECENT_KEYS:

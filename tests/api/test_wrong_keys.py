@@ -51,6 +51,17 @@ def test_an_address_guessing_keys_is_refused_but_good_keys_still_work(settings):
     assert client(app).get("/v1/jobs", headers={"Authorization": f"Bearer {fresh.key}"}).status_code == 200
 
 
+def test_answers_that_come_before_the_key_is_checked_do_not_vouch_for_it(settings):
+    """A 422 (the one-statement submit validates the body before it looks at the key) must not make a guessed key
+    "one that worked": otherwise a guesser could clear each guess past the block."""
+    app = create_app()
+    guesser = client(app)
+    guessed = f"Bearer lp_{uuid.uuid4().hex}"
+    assert guesser.post("/v1/jobs", json={"prompt": ""}, headers={"Authorization": guessed}).status_code == 422
+    assert [guess(guesser) for _ in range(LIMIT)] == [401] * LIMIT
+    assert guesser.get("/v1/jobs", headers={"Authorization": guessed}).status_code == 429
+
+
 def test_the_counter_is_shared_by_api_processes(settings):
     """Two apps stand in for two API processes: their failures add up in Redis."""
     first, second = create_app(), create_app()
