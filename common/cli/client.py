@@ -49,6 +49,11 @@ class Client:
     def get(self, job_id: str) -> dict:
         return self._check(self.http.get(f"/v1/jobs/{job_id}"))
 
+    def usage(self, **params: str | None) -> dict:
+        """GET /v1/usage (`from` is a keyword: pass it as `since`)."""
+        query = {"from": params.pop("since", None), **params}
+        return self._check(self.http.get("/v1/usage", params={k: v for k, v in query.items() if v is not None}))
+
     def wait(self, job_id: str, *, poll_s: float = 0.5, show_progress: bool = True) -> dict:
         from tqdm import tqdm
 

@@ -13,6 +13,7 @@
     letterpress batch status|cancel|retry|download ID
     letterpress status [--json]          workers, queues and batches in progress (reads Postgres and Redis)
     letterpress recipe FILE              the recipe inside an image Letterpress wrote (PNG, WebP or JPEG)
+    letterpress usage [--group-by day|batch|preset] [--from T] [--to T]   your GPU time and cost (REST)
 """
 from __future__ import annotations
 
@@ -275,6 +276,26 @@ def cmd_batch_download(args) -> int:
     return 0
 
 
+def cmd_usage(args) -> int:
+    from common.cli.client import Client, api_key, api_url
+    from common.cli.tables import table
+
+    settings = get_settings()
+    report = Client(api_url(settings), api_key(settings)).usage(since=args.since, to=args.to, group_by=args.group_by)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    group, total = report["group_by"], report["total"]
+    print(f"usage {report['from']} to {report['to']}, by {group}")
+    rows = [[g[group] or "-", g["images"], g["attempts"], g["gpu_seconds"], f"{g['estimated_cost']:.4f}",
+             g["unpriced_gpu_seconds"] or ""] for g in report["data"]]
+    rows.append(["total", total["images"], total["attempts"], total["gpu_seconds"],
+                 f"{total['estimated_cost']:.4f}", total["unpriced_gpu_seconds"] or ""])
+    print("\n".join(table([group.upper(), "IMAGES", "ATTEMPTS", "GPU-SECONDS", f"COST ({total['currency']})",
+                           "UNPRICED S"], rows)))
+    return 0
+
+
 def cmd_recipe(args) -> int:
     from common.image_files import NoRecipe, read_recipe
 
@@ -404,6 +425,12 @@ def build_parser() -> argparse.ArgumentParser:
         bc = batch.add_parser(name, help=text)
         bc.add_argument("id")
         bc.set_defaults(func=func)
+    us = sub.add_parser("usage", help="your GPU time and estimated cost (GET /v1/usage)")
+    us.add_argument("--group-by", choices=["day", "batch", "preset"], default="day")
+    us.add_argument("--from", dest="since", help="ISO 8601 (default: 30 days before --to)")
+    us.add_argument("--to", help="ISO 8601 (default: now)")
+    us.add_argument("--json", action="store_true")
+    us.set_defaults(func=cmd_usage)
     rc = sub.add_parser("recipe", help="print the recipe inside an image Letterpress wrote (PNG, WebP or JPEG)")
     rc.add_argument("file")
     rc.set_defaults(func=cmd_recipe)

@@ -253,6 +253,16 @@ def test_cli_batch_run_wait_out_then_rerun_resumes_and_skips_files(client, small
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resumed" in again.stdout and "0 image(s) written, 5 already there" in again.stdout
     assert len(client.http.get("/v1/batches").json()["data"]) == 1
+    # the tenant's usage, by batch: this one batch, its five images, priced
+    (batch,) = client.http.get("/v1/batches").json()["data"]
+    usage = subprocess.run([sys.executable, "-m", "common.cli.main", "usage", "--group-by", "batch", "--json"],
+                           env=env, capture_output=True, text=True, timeout=60)
+    assert usage.returncode == 0, usage.stderr
+    (row,) = json.loads(usage.stdout)["data"]
+    assert row["batch"] == batch["id"] and row["images"] == 5 and row["gpu_seconds"] == batch["usage"]["gpu_seconds"]
+    table = subprocess.run([sys.executable, "-m", "common.cli.main", "usage", "--group-by", "batch"], env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert table.returncode == 0 and batch["id"] in table.stdout and "total" in table.stdout
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({**LINE, "custom_id": "a", "prompt": "x"}) + "\n" + "{oops\n")
