@@ -293,7 +293,7 @@ def _record_usage(session, claim: job_states.Claim, ctx: AttemptContext, used: D
     """The attempt's usage row, in the transaction of its (fenced) outcome: both land or neither."""
     record_attempt(session, job_id=claim.job_id, attempt=claim.attempt, outcome=outcome, worker_id=ctx.worker_id,
                    used=used, images=images)
-    # counted as written: an outcome write that then loses its lease (rolled back) leaves this one attempt high
+    # counted as written: a transaction that then fails to commit leaves the counter one attempt high
     metrics.DEVICE_SECONDS.labels(gpu_kind=used.gpu_kind, capacity=used.capacity).inc(used.seconds)
 
 
