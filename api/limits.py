@@ -33,7 +33,9 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.exceptions import HTTPException
 
+from api.asgi import header as _header
 from api.errors import error_response
+from api.key_use import KeyLastUse
 from api.wrong_keys import WrongKeyGuard
 from common.errors import TooManyRequests
 from common.settings import ApiSettings, get_settings
@@ -63,13 +65,6 @@ def body_limit(method: str, path: str, content_type: str, api: ApiSettings) -> i
             return api.max_batch_upload_bytes
         return api.max_batch_json_bytes
     return api.max_body_bytes
-
-
-def _header(scope: Scope, name: bytes) -> str:
-    for key, value in scope.get("headers", ()):
-        if key.lower() == name:
-            return value.decode("latin-1")
-    return ""
 
 
 async def _answer(send: Send, status: int, type_: str, message: str, field: str) -> None:
@@ -157,6 +152,7 @@ def install(app: FastAPI) -> None:
 
     app.add_exception_handler(BodyTooLarge, too_large)
     app.add_middleware(RequestBounds)
+    app.add_middleware(KeyLastUse)
     app.add_middleware(WrongKeyGuard)  # before the bounds: a blocked guesser's body is never read
     app.add_middleware(AdmissionControl)  # added last: outermost, so a shed request costs nothing more
 

@@ -17,7 +17,6 @@ docs/SECURITY.md. `wrong_keys_per_minute: 0` turns this off.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -26,20 +25,14 @@ from collections import OrderedDict
 
 import redis.asyncio as aioredis
 
+from api.asgi import StatusWatch, bearer_key
+from common.auth import hash_key
 from common.settings import get_settings
 
 log = logging.getLogger(__name__)
 COUNTER_PREFIX = "letterpress:wrong-keys:"
 RECENT_KEYS = 10_000  # hashes of keys that worked lately, per process
 BLOCKED_ADDRESSES = 10_000
-
-
-def _bearer(scope) -> str | None:
-    for name, value in scope.get("headers", ()):
-        if name.lower() == b"authorization":
-            text = value.decode("latin-1")
-            return text[7:].strip() if text[:7].lower() == "bearer " else None
-    return None
 
 
 class WrongKeyGuard:
@@ -53,11 +46,11 @@ class WrongKeyGuard:
         api = get_settings().api
         if scope["type"] != "http" or not scope["path"].startswith("/v1/") or not api.wrong_keys_per_minute:
             return await self.app(scope, receive, send)
-        key = _bearer(scope)
+        key = bearer_key(scope)
         if key is None:  # no key at all: a 401 from the route, not a guess
             return await self.app(scope, receive, send)
         address = (scope.get("client") or ("unknown",))[0]
-        digest = hashlib.sha256(key.encode()).hexdigest()
+        digest = hash_key(key)
         until = self.blocked.get(address)
         if until is not None:
             left = until - time.monotonic()
@@ -65,18 +58,11 @@ class WrongKeyGuard:
                 del self.blocked[address]
             elif digest not in self.good_keys:
                 return await _too_many(send, math.ceil(left))
-        status = 0
-
-        async def watching_send(message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        await self.app(scope, receive, watching_send)
-        if status == 401:
+        watch = StatusWatch(send)
+        await self.app(scope, receive, watch)
+        if watch.status == 401:
             await self._failed(address, api)
-        elif 200 <= status < 400:  # only a success proves the key: a 413 or 422 can answer before it is checked
+        elif watch.succeeded:  # only a success proves the key: a 413 or 422 can answer before it is checked
             self.good_keys[digest] = None
             self.good_keys.move_to_end(digest)
             if len(self.good_keys) > RECENT_KEYS:

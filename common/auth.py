@@ -61,6 +61,7 @@ class KeyInfo:
     created_at: datetime
     expires_at: datetime | None
     revoked_at: datetime | None
+    last_used_at: datetime | None
     usable: bool
 
 
@@ -71,7 +72,7 @@ def list_keys(session: Session, *, tenant: str | None = None) -> list[KeyInfo]:
     if tenant is not None:
         query = query.where(Tenant.name == tenant)
     return [KeyInfo(id=k.id, tenant=t, name=k.name, prefix=k.prefix, created_at=k.created_at,
-                    expires_at=k.expires_at, revoked_at=k.revoked_at,
+                    expires_at=k.expires_at, revoked_at=k.revoked_at, last_used_at=k.last_used_at,
                     usable=k.revoked_at is None and (k.expires_at is None or k.expires_at > now))
             for k, t in session.execute(query)]
 

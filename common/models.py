@@ -54,6 +54,7 @@ class ApiKey(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # migration 0006; None: never
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # to the minute (api/key_use.py)
 
     tenant: Mapped[Tenant] = relationship()
 

@@ -112,9 +112,10 @@ def cmd_keys_list(args) -> int:
     if args.json:
         print(json.dumps([{**vars(k), "id": str(k.id)} for k in keys], indent=2, default=str))
         return 0
-    print("\n".join(table(["ID", "TENANT", "NAME", "PREFIX", "CREATED", "EXPIRES", "REVOKED", "USABLE"],
+    print("\n".join(table(["ID", "TENANT", "NAME", "PREFIX", "CREATED", "EXPIRES", "REVOKED", "LAST USED", "USABLE"],
                           [[k.id, k.tenant, k.name, k.prefix, _when(k.created_at), _when(k.expires_at),
-                            _when(k.revoked_at), "yes" if k.usable else "no"] for k in keys])))
+                            _when(k.revoked_at), _when(k.last_used_at), "yes" if k.usable else "no"]
+                           for k in keys])))
     return 0
 
 
@@ -370,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     kc.add_argument("--tenant", help="tenant name (default: the key's name)")
     kc.add_argument("--expires-in", type=duration_arg, help="e.g. 90d: the key stops working then (default: never)")
     kc.set_defaults(func=cmd_keys_create)
-    kl = keys.add_parser("list", help="every key (never the key itself): prefix, tenant, expiry, revoked")
+    kl = keys.add_parser("list", help="every key (never the key itself): prefix, tenant, expiry, revoked, last use")
     kl.add_argument("--tenant", help="only this tenant's keys")
     kl.add_argument("--json", action="store_true")
     kl.set_defaults(func=cmd_keys_list)

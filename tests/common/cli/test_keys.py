@@ -52,10 +52,12 @@ def test_list_shows_prefixes_and_expiry_never_the_key(stack_env, http):
     key = create(stack_env, tenant, "--expires-in", "1h")
     (info,) = listed(stack_env, tenant)
     assert info["prefix"] == key[:10] and info["tenant"] == tenant and info["usable"] is True
-    assert info["expires_at"] and info["revoked_at"] is None
+    assert info["expires_at"] and info["revoked_at"] is None and info["last_used_at"] is None
     table = letterpress("keys", "list", "--tenant", tenant, env=stack_env)
     assert key[:10] in table.stdout and key not in table.stdout + json.dumps(info)
     assert works(http, key)
+    (used,) = listed(stack_env, tenant)  # written after the answer went out, once a minute at most
+    assert used["last_used_at"] is not None
 
 
 def test_revoke_takes_effect_on_the_next_request(stack_env, http):
