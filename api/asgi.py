@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from common.auth import hash_key
+
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Send = Callable[[Message], Awaitable[None]]
@@ -21,6 +23,18 @@ def bearer_key(scope: Scope) -> str | None:
     """The key of `Authorization: Bearer <key>`, or None."""
     text = header(scope, b"authorization")
     return text[7:].strip() or None if text[:7].lower() == "bearer " else None
+
+
+_KEY_HASH = "letterpress.key_hash"
+
+
+def presented_key_hash(scope: Scope) -> str | None:
+    """The stored-hash form of the presented key (common.auth.hash_key), computed once a request and kept in the
+    scope, so the middleware that need it do not each hash it again."""
+    if _KEY_HASH not in scope:
+        key = bearer_key(scope)
+        scope[_KEY_HASH] = hash_key(key) if key is not None else None
+    return scope[_KEY_HASH]
 
 
 class StatusWatch:

@@ -14,8 +14,7 @@ from collections import OrderedDict
 import psycopg
 from psycopg_pool import PoolTimeout
 
-from api.asgi import StatusWatch, bearer_key
-from common.auth import hash_key
+from api.asgi import StatusWatch, presented_key_hash
 
 log = logging.getLogger(__name__)
 TOUCH_EVERY_S = 60.0
@@ -29,14 +28,14 @@ class KeyLastUse:
         self.touched: OrderedDict[str, float] = OrderedDict()  # key hash -> monotonic time of the last write
 
     async def __call__(self, scope, receive, send) -> None:
-        key = bearer_key(scope) if scope["type"] == "http" and scope["path"].startswith("/v1/") else None
-        if key is None:
+        digest = presented_key_hash(scope) if scope["type"] == "http" and scope["path"].startswith("/v1/") else None
+        if digest is None:
             return await self.app(scope, receive, send)
         watch = StatusWatch(send)
         await self.app(scope, receive, watch)
         if not watch.succeeded:
             return
-        digest, now = hash_key(key), time.monotonic()
+        now = time.monotonic()
         if now - self.touched.get(digest, float("-inf")) < TOUCH_EVERY_S:
             return
         self.touched[digest] = now

@@ -25,8 +25,7 @@ from collections import OrderedDict
 
 import redis.asyncio as aioredis
 
-from api.asgi import StatusWatch, bearer_key
-from common.auth import hash_key
+from api.asgi import StatusWatch, presented_key_hash
 from common.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -46,11 +45,10 @@ class WrongKeyGuard:
         api = get_settings().api
         if scope["type"] != "http" or not scope["path"].startswith("/v1/") or not api.wrong_keys_per_minute:
             return await self.app(scope, receive, send)
-        key = bearer_key(scope)
-        if key is None:  # no key at all: a 401 from the route, not a guess
+        digest = presented_key_hash(scope)
+        if digest is None:  # no key at all: a 401 from the route, not a guess
             return await self.app(scope, receive, send)
         address = (scope.get("client") or ("unknown",))[0]
-        digest = hash_key(key)
         until = self.blocked.get(address)
         if until is not None:
             left = until - time.monotonic()
