@@ -9,7 +9,7 @@ Before any handler runs (a pure ASGI middleware):
 
 Limits (common.settings.ApiSettings): `max_body_bytes` for every route, except POST /v1/batches:
 `max_batch_json_bytes` for a JSON body, `max_batch_upload_bytes` for a multipart upload (Starlette spools the
-file part to disk).
+file part to disk); a multipart POST /v1/adapters takes `adapters.max_file_bytes` (plus the form's own bytes).
 
 At most `max_in_flight` requests are served at once per process (`AdmissionControl`); past that a request is a
 503 with `Retry-After: 1` at once, and the probes (/healthz, /readyz) and the scrape (/metrics) are never held back.
@@ -38,7 +38,7 @@ from api.errors import error_response
 from api.key_use import KeyLastUse
 from api.wrong_keys import WrongKeyGuard
 from common.errors import TooManyRequests
-from common.settings import ApiSettings, get_settings
+from common.settings import ApiSettings, Settings, get_settings
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -47,6 +47,7 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 BODY_METHODS = {"POST", "PUT", "PATCH"}
+MULTIPART_OVERHEAD = 64 * 1024  # an adapter upload's form fields and part headers, beside the file itself
 
 
 class BodyTooLarge(HTTPException):
@@ -58,8 +59,11 @@ class BodyTooLarge(HTTPException):
         self.limit = limit
 
 
-def body_limit(method: str, path: str, content_type: str, api: ApiSettings) -> int:
+def body_limit(method: str, path: str, content_type: str, settings: Settings) -> int:
     """The most bytes this call's body may have."""
+    api = settings.api
+    if method == "POST" and path.rstrip("/") == "/v1/adapters" and content_type.startswith("multipart/form-data"):
+        return settings.adapters.max_file_bytes + MULTIPART_OVERHEAD
     if method == "POST" and path.rstrip("/") == "/v1/batches":
         if content_type.startswith("multipart/form-data"):
             return api.max_batch_upload_bytes
@@ -115,7 +119,7 @@ class RequestBounds:
         if path.startswith("/v1/") and not _header(scope, b"authorization").lower().startswith("bearer "):
             return await _answer(send, 401, "unauthorized", "missing API key: send Authorization: Bearer <key>",
                                  "Authorization")
-        limit = body_limit(scope["method"], path, _header(scope, b"content-type").lower(), get_settings().api)
+        limit = body_limit(scope["method"], path, _header(scope, b"content-type").lower(), get_settings())
         declared = _header(scope, b"content-length")
         if declared.isdigit() and int(declared) > limit:
             return await _answer(send, 413, "payload_too_large",

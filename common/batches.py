@@ -18,7 +18,7 @@ import hashlib
 import json
 import uuid
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
 from typing import Any, Callable, Iterable, Iterator
 
@@ -27,6 +27,7 @@ from sqlalchemy import BigInteger, and_, cast, exists, func, or_, select, text, 
 from sqlalchemy.orm import Session
 
 from common import job_states
+from common.adapters import TenantAdapters
 from common.batch_counts import RequestCounts, request_counts
 from common.broker import BATCH_QUEUE
 from common.db import get_owned
@@ -162,6 +163,15 @@ def parse_item(line: int, raw: Any, api: ApiSettings) -> BatchItem | list[LineEr
     return BatchItem(line=line, custom_id=custom_id, params=params, metadata=request.metadata)
 
 
+def _with_adapters(item: BatchItem, adapters: TenantAdapters) -> BatchItem | list[LineError]:
+    """The item with its adapters' names resolved to sha256 inside the tenant, or the line's error."""
+    try:
+        loras = adapters.resolve(item.params["loras"])
+    except InvalidRequest as exc:
+        return [LineError(item.line, exc.message, exc.field, item.custom_id)]
+    return replace(item, params={**item.params, "loras": loras})
+
+
 class InvalidBatch(InvalidRequest):
     """422 with line-numbered errors (`errors`), at most `max_errors_reported` of `invalid_count`."""
     type = "invalid_batch"
@@ -213,6 +223,7 @@ def create_batch(session: Session, *, tenant_id: uuid.UUID, source: LineSource, 
     invalid_count = valid = 0
     first_line_of: dict[str, int] = {}
     rows: list[tuple] = []
+    adapters = TenantAdapters(session, tenant_id)
     for line, raw in source():
         digest.update(hashlib.sha256(_canonical(raw)).digest())
         if valid + invalid_count >= settings.max_lines:
@@ -221,6 +232,8 @@ def create_batch(session: Session, *, tenant_id: uuid.UUID, source: LineSource, 
         if isinstance(parsed, BatchItem) and parsed.custom_id in first_line_of:
             parsed = [LineError(line, f"duplicate custom_id (first on line {first_line_of[parsed.custom_id]})",
                                 "custom_id", parsed.custom_id)]
+        if isinstance(parsed, BatchItem) and "loras" in parsed.params:
+            parsed = _with_adapters(parsed, adapters)
         if isinstance(parsed, list):
             invalid_count += 1
             if len(errors) < settings.max_errors_reported:
@@ -436,12 +449,15 @@ class ManifestLine:
     sha256: str | None = None
     error: dict[str, Any] | None = None
     images: list[dict[str, Any]] = field(default_factory=list)
+    loras: list[dict[str, Any]] | None = None  # the adapters' name, sha256 and scale, when the line used any
 
     def to_json(self) -> str:
         body = {"custom_id": self.custom_id, "line": self.line, "job_id": self.job_id, "status": self.status,
                 "seed": self.seed, "key": self.key, "url": self.url, "sha256": self.sha256, "error": self.error}
         if len(self.images) > 1:  # one image (the common case): its fields are the line's seed/key/url/sha256
             body["images"] = self.images
+        if self.loras:  # a line without adapters keeps the manifest line it always had
+            body["loras"] = self.loras
         return json.dumps(body, separators=(",", ":"))
 
 
@@ -453,18 +469,18 @@ def manifest_lines(session: Session, *, batch_id: uuid.UUID, url_for: UrlFor | N
     """One line per input line, in input order, streamed through a server-side cursor (a million items never
     sit in memory). Not-yet-finished items appear with their current status."""
     seed = cast(Job.params["seed"].astext, BigInteger)  # seeds reach 2**32 - 1: past a Postgres integer
-    query = (select(Job.id, Job.custom_id, Job.batch_line, Job.status, seed, Job.error,
+    query = (select(Job.id, Job.custom_id, Job.batch_line, Job.status, seed, Job.error, Job.params["loras"],
                     JobImage.index, JobImage.seed, JobImage.key, JobImage.sha256)
              .outerjoin(JobImage, JobImage.job_id == Job.id)
              .where(Job.batch_id == batch_id).order_by(Job.batch_line, JobImage.index)
              .execution_options(yield_per=chunk))
     current: ManifestLine | None = None
-    for jid, custom_id, line, status, seed, error, index, img_seed, key, sha in session.execute(query):
+    for jid, custom_id, line, status, seed, error, loras, index, img_seed, key, sha in session.execute(query):
         if current is None or current.job_id != str(jid):
             if current is not None:
                 yield current
             current = ManifestLine(custom_id=custom_id, line=line, job_id=str(jid), status=status, seed=seed,
-                                   error=error)
+                                   error=error, loras=loras)
         if index is not None:
             image = {"index": index, "seed": img_seed, "key": key, "sha256": sha,
                      "url": url_for(jid, index, key) if url_for else None}

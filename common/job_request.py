@@ -17,11 +17,21 @@ from common.image_files import DEFAULT_QUALITY, OutputFormat
 from common.input_limits import PlainText, StorableJson
 from common.presets import PRESETS, RENDERING_SPEED, get_preset
 from common.prompt_tokens import tokens_over_limit
-from common.settings import ApiSettings, ModelSettings, get_settings
+from common.settings import AdapterSettings, ApiSettings, ModelSettings, get_settings
 
 MAX_SEED = 2**32 - 1
+ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 PresetName = Literal["V4_QUALITY_48", "V4_HIGH_34", "V4_DEFAULT_20", "V4_FAST_16", "V4_TURBO_12", "V4_FAST_20",
                      "V4_INSTANT_8"]
+
+
+class LoraRequest(BaseModel):
+    """One adapter of a job: a name of the caller's registry (`GET /v1/adapters`) and its strength."""
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=ADAPTER_NAME_PATTERN, max_length=64)
+    scale: float = Field(1.0, strict=True, allow_inf_nan=False,
+                         description="the adapter's weight; bounded by the server (default |scale| <= 2)")
 
 
 class JobRequest(BaseModel):
@@ -45,6 +55,8 @@ class JobRequest(BaseModel):
                                                           "every format")
     output_quality: int | None = Field(None, ge=1, le=100, strict=True,
                                        description=f"webp and jpeg only; default {DEFAULT_QUALITY}")
+    loras: list[LoraRequest] | None = Field(None, description="registered adapters (LoRA) to apply, by name; "
+                                                               "at most a server-set few (default 3)")
     metadata: StorableJson | None = None
     webhook_url: PlainText | None = Field(None, max_length=2048)
 
@@ -90,9 +102,12 @@ def _check_side(name: str, value: int, lo: int, hi: int) -> None:
         raise RequestError(name, f"{name} must be between {lo} and {hi}, got {value}")
 
 
-def to_params(req: JobRequest, api: ApiSettings, model: ModelSettings | None = None) -> dict[str, Any]:
+def to_params(req: JobRequest, api: ApiSettings, model: ModelSettings | None = None,
+              adapters: AdapterSettings | None = None) -> dict[str, Any]:
     """Normalize a validated request into stored job params. Raises RequestError naming the field. `model`
-    (default: the process settings') gives the tokenizer and token limit the prompt text is checked against."""
+    (default: the process settings') gives the tokenizer and token limit the prompt text is checked against;
+    `adapters` (the same default) the bounds of `loras`. `loras` come out as [{"name", "scale"}]: the caller
+    resolves the names inside the tenant (common.adapters.resolve_loras) before the job is stored."""
     preset_name = req.preset or (RENDERING_SPEED[req.rendering_speed] if req.rendering_speed else api.default_preset)
     preset = get_preset(preset_name)
     if req.resolution:
@@ -116,6 +131,8 @@ def to_params(req: JobRequest, api: ApiSettings, model: ModelSettings | None = N
     }
     if req.output_format != "png":  # a PNG job's params (and request hash) stay what they were before formats
         params.update(output_format=req.output_format, output_quality=req.output_quality or DEFAULT_QUALITY)
+    if req.loras:  # absent when empty: a job without adapters keeps the params (and request hash) it always had
+        params["loras"] = _check_loras(req.loras, adapters if adapters is not None else get_settings().adapters)
     if req.caption is not None:
         params["caption"] = req.caption.model_dump(exclude_none=True)
         params["prompt_text"] = req.caption.to_prompt_text()
@@ -125,6 +142,20 @@ def to_params(req: JobRequest, api: ApiSettings, model: ModelSettings | None = N
     _check_prompt_tokens("caption" if req.caption is not None else "prompt", params["prompt_text"],
                          model if model is not None else get_settings().model)
     return params
+
+
+def _check_loras(loras: list[LoraRequest], adapters: AdapterSettings) -> list[dict[str, Any]]:
+    if len(loras) > adapters.max_per_job:
+        raise RequestError("loras", f"at most {adapters.max_per_job} adapters a job, got {len(loras)}")
+    seen = set()
+    for i, lora in enumerate(loras):
+        if abs(lora.scale) > adapters.max_scale:
+            raise RequestError(f"loras.{i}.scale", f"scale must be between -{adapters.max_scale} and "
+                                                   f"{adapters.max_scale}, got {lora.scale}")
+        if lora.name in seen:
+            raise RequestError(f"loras.{i}.name", f"adapter {lora.name!r} is named twice")
+        seen.add(lora.name)
+    return [{"name": lora.name, "scale": lora.scale} for lora in loras]
 
 
 def _check_prompt_tokens(field: str, prompt_text: str, model: ModelSettings) -> None:

@@ -284,3 +284,25 @@ class WebhookDisabledEndpoint(Base):
     reason: Mapped[str] = mapped_column(Text)
     event_id: Mapped[str | None] = mapped_column(String(40))
     disabled_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class Adapter(Base):
+    """A tenant's registered LoRA (migration 0007, common/adapters.py): a name pointing at a content-addressed file
+    in storage (`{prefix}/{tenant}/adapters/{sha256}.safetensors`) and what was read from it at registration.
+    Jobs store the sha256, never only the name, so re-pointing a name changes no stored job."""
+    __tablename__ = "adapters"
+    __table_args__ = (UniqueConstraint("tenant_id", "name", name="uq_adapters_tenant_name"),)
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(64))
+    sha256: Mapped[str] = mapped_column(String(64))
+    key: Mapped[str] = mapped_column(Text)  # the storage key of the file
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    rank: Mapped[int] = mapped_column(Integer)
+    target_modules: Mapped[list[str]] = mapped_column(JSONB)
+    layers: Mapped[int] = mapped_column(Integer)
+    layout: Mapped[str] = mapped_column(String(16))  # diffusers | converted (ai-toolkit / kohya)
+    base_model: Mapped[str | None] = mapped_column(String(200))  # what the file's metadata names, if anything
+    checked_against: Mapped[str | None] = mapped_column(Text)  # the model whose layer shapes it was checked on
+    source: Mapped[str] = mapped_column(Text)  # "upload:<filename>" or the uri it was read from
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

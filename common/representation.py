@@ -13,7 +13,7 @@ from typing import Any
 from common.models import Batch, Job, JobImage
 
 REQUEST_FIELDS = ("prompt", "caption", "preset", "width", "height", "seed", "num_images", "steps", "guidance_scale",
-                  "output_format", "output_quality")
+                  "output_format", "output_quality", "loras")
 
 
 def job_representation(job: Job, *, self_url: str, image_url: Callable[[JobImage], str],

@@ -156,6 +156,27 @@ class BatchSettings(BaseModel):
     finalize_retry_s: float = 120.0  # a batch left in `finalizing` this long (its finalizer died) is redone
 
 
+class AdapterSettings(BaseModel):
+    """LoRA adapters (common/adapters.py, worker/pipeline/adapters.py), `LETTERPRESS_ADAPTERS__*`."""
+
+    max_file_bytes: int = Field(2 * 1024**3, ge=1024)  # POST /v1/adapters upload (spooled to disk), or a uri's read
+    max_per_job: int = Field(3, ge=1)  # `loras` entries a job may name
+    max_scale: float = Field(2.0, gt=0)  # |scale| of one adapter
+    max_rank: int = Field(64, ge=1)  # larger ranks are refused; with compile, every hot-swap slot holds this rank
+    # Server-side directories whose `.safetensors` files a registration may name as `file:///...` (operators
+    # pre-stage adapters there); empty: no server path may be named
+    path_allow: list[str] = []
+    # The worker's disk cache of adapter files (sha256-verified, least recently used evicted past cache_bytes);
+    # empty: `{LETTERPRESS_HOME}/adapters`
+    cache_dir: str = ""
+    cache_bytes: int = Field(20 * 1024**3, ge=0)
+    # Adapters kept loaded in the transformer at once (eager); switching between resident ones costs no load
+    resident: int = Field(4, ge=1)
+    # A compiled worker's hot-swap slots (worker/pipeline/adapters.py), each a zero LoRA of max_rank over every
+    # Linear layer until a job's adapter is copied in; None: max_per_job; 0: this worker serves no adapters
+    compiled_slots: int | None = Field(None, ge=0)
+
+
 class WebhookSettings(BaseModel):
     allow_loopback: bool = False
     # Prometheus scrape port of the delivery worker (0: none); apart from the GPU workers' 9400 + N
@@ -193,6 +214,7 @@ class Settings(BaseSettings):
     worker: WorkerSettings = WorkerSettings()
     batches: BatchSettings = BatchSettings()
     webhooks: WebhookSettings = WebhookSettings()
+    adapters: AdapterSettings = AdapterSettings()
     pricing: PricingSettings = PricingSettings()
     # LETTERPRESS_API_URL: the API's public base URL (webhook payloads' links, the CLI's target); default
     # http://{api.host}:{api.port}
@@ -202,6 +224,11 @@ class Settings(BaseSettings):
     def tiny_model_dir(self) -> Path:
         """Where the tiny random-weight model lives when no model is configured and there is no GPU."""
         return Path(self.home).expanduser().resolve() / "models" / "tiny"
+
+    @property
+    def adapter_cache_dir(self) -> Path:
+        """The worker's disk cache of adapter files (worker/adapter_files.py)."""
+        return Path(self.adapters.cache_dir or Path(self.home) / "adapters").expanduser().resolve()
 
     @property
     def public_api_url(self) -> str:

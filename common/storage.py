@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -17,13 +18,17 @@ from common.settings import StorageSettings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+COPY_CHUNK = 1024 * 1024
 
 
 class Storage(Protocol):
     prefix: str
 
     def put(self, key: str, data: bytes, content_type: str = "image/png") -> None: ...
+    def put_file(self, key: str, path: Path, content_type: str = "application/octet-stream") -> None: ...
     def get(self, key: str) -> bytes: ...
+    def get_file(self, key: str, path: Path) -> None: ...
+    def delete(self, key: str) -> None: ...
     def exists(self, key: str) -> bool: ...
     def presigned_url(self, key: str) -> str | None: ...
     def local_path(self, key: str) -> Path | None: ...
@@ -76,11 +81,33 @@ class LocalStorage:
             os.replace(tmp, path)
         with_retries(write, what=f"write {key}", attempts=self.max_retries)
 
+    def put_file(self, key: str, path: Path, content_type: str = "application/octet-stream") -> None:
+        """A large file, streamed (never held in memory), with the same temporary-file-and-rename as put."""
+        def write() -> None:
+            target = self._path(key)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+            with os.fdopen(fd, "wb") as out, open(path, "rb") as src:
+                shutil.copyfileobj(src, out, COPY_CHUNK)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, target)
+        with_retries(write, what=f"write {key}", attempts=self.max_retries)
+
     def get(self, key: str) -> bytes:
         path = self._path(key)
         if not path.is_file():
             raise NotFound(f"object {key} not found")
         return path.read_bytes()
+
+    def get_file(self, key: str, path: Path) -> None:
+        source = self._path(key)
+        if not source.is_file():
+            raise NotFound(f"object {key} not found")
+        shutil.copyfile(source, path)
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -112,6 +139,28 @@ class S3Storage:
         with_retries(lambda: self.client.put_object(Bucket=self.bucket, Key=key, Body=data,
                                                     ContentType=content_type),
                      what=f"put s3://{self.bucket}/{key}", attempts=self.settings.max_retries)
+
+    def put_file(self, key: str, path: Path, content_type: str = "application/octet-stream") -> None:
+        """A large file, streamed in parts (boto3's managed multipart upload)."""
+        with_retries(lambda: self.client.upload_file(str(path), self.bucket, key,
+                                                     ExtraArgs={"ContentType": content_type}),
+                     what=f"upload s3://{self.bucket}/{key}", attempts=self.settings.max_retries)
+
+    def get_file(self, key: str, path: Path) -> None:
+        from botocore.exceptions import ClientError
+
+        def download() -> None:
+            try:
+                self.client.download_file(self.bucket, key, str(path))
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                    raise NotFound(f"object {key} not found") from None
+                raise
+        with_retries(download, what=f"download s3://{self.bucket}/{key}", attempts=self.settings.max_retries)
+
+    def delete(self, key: str) -> None:
+        with_retries(lambda: self.client.delete_object(Bucket=self.bucket, Key=key),
+                     what=f"delete s3://{self.bucket}/{key}", attempts=self.settings.max_retries)
 
     def get(self, key: str) -> bytes:
         def read() -> bytes:

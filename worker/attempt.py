@@ -23,6 +23,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -39,6 +40,8 @@ from worker.co_batching import CANDIDATE_SCAN, CoBatchingPolicy, companions
 from worker.drain import Drain
 from worker import metrics
 from worker.heartbeat import AttemptMonitor
+from worker.adapter_files import AdapterFiles
+from worker.pipeline.adapters import LoraUse
 from worker.pipeline.spec import GenerationInterrupted, GenerationSpec
 
 log = logging.getLogger(__name__)
@@ -54,6 +57,14 @@ class AttemptContext:
     overlap_finish: bool = True  # store and complete on the finisher thread while the next job generates
     batching: CoBatchingPolicy = field(default_factory=CoBatchingPolicy)  # off unless configured
     current_job: uuid.UUID | None = None  # the job generating now (worker.presence shows it)
+    adapter_files: AdapterFiles | None = None  # made on the first job with adapters
+
+    def adapter_path(self, tenant_id: uuid.UUID, lora: dict) -> Path:
+        """The local, verified file of one of a job's adapters (`params["loras"][i]`)."""
+        if self.adapter_files is None:
+            self.adapter_files = AdapterFiles(self.storage, self.settings.adapter_cache_dir,
+                                              self.settings.adapters.cache_bytes)
+        return self.adapter_files.path(tenant_id=tenant_id, sha256=lora["sha256"], name=lora["name"])
 
     def device_time(self, seconds: float) -> DeviceTime:
         """What one job of an attempt used, for its usage record (common.usage)."""
@@ -61,10 +72,15 @@ class AttemptContext:
                           capacity=self.settings.worker.capacity, seconds=max(seconds, 0.0))
 
 
-def spec_from_params(params: dict):
+def spec_from_params(params: dict, locate: Callable[[dict], Path] | None = None):
+    """The job's generation spec; `locate` finds each adapter's local file (without it the spec only serves to
+    compare jobs for co-batching)."""
+    loras = tuple(LoraUse(sha256=lora["sha256"], scale=float(lora["scale"]), path=locate(lora) if locate else None)
+                  for lora in params.get("loras", ()))
     return GenerationSpec(prompt_text=params["prompt_text"], width=params["width"], height=params["height"],
                           steps=params["steps"], mu=params["mu"], std=params["std"],
-                          guidance_schedule=tuple(params["guidance_schedule"]), seeds=tuple(image_seeds(params)))
+                          guidance_schedule=tuple(params["guidance_schedule"]), seeds=tuple(image_seeds(params)),
+                          loras=loras)
 
 
 def requeue(job_id: uuid.UUID, queue: str) -> None:
@@ -179,7 +195,8 @@ def _generate_and_record(members: list[Member], ctx: AttemptContext, t0: float) 
             m.monitor.report(done, total)
 
     try:
-        specs = [spec_from_params(m.claim.params) for m in members]
+        specs = [spec_from_params(m.claim.params, lambda lora, m=m: ctx.adapter_path(m.claim.tenant_id, lora))
+                 for m in members]
         if len(members) == 1:
             images = [ctx.runner.run(specs[0], on_step=on_step, should_stop=should_stop)]
         else:

@@ -15,6 +15,7 @@ from api.pagination import newest_first
 from api.schemas.errors import error_responses
 from api.schemas.jobs import JOB_EXAMPLES, JobList, JobOut, check_webhook_url
 from common import job_states
+from common.adapters import resolve_loras
 from common.auth import authenticate_hash
 from common.db import session_scope
 from common.dispatch import dispatch, send_in_order
@@ -57,15 +58,15 @@ def _job_out_sync(request: Request, session, storage: Storage, job: Job) -> JobO
 async def create_job(body: Annotated[JobRequest, Body(openapi_examples=JOB_EXAMPLES)], request: Request,
                      response: Response, store: JobStoreDep, key_hash: KeyHash, settings: SettingsDep,
                      storage: StorageDep, idempotency_key: IdempotencyKey = None) -> JobOut:
-    """Without an Idempotency-Key: one statement inserts the job for the key's tenant (api/job_store.py), the
-    message is sent off the event loop, and the send is marked. With one: the ORM path of common.job_states,
-    whose replay and race rules apply."""
+    """Without an Idempotency-Key or adapters: one statement inserts the job for the key's tenant
+    (api/job_store.py), the message is sent off the event loop, and the send is marked. With either: the ORM path
+    of common.job_states (whose replay and race rules apply), adapters resolved by name inside the tenant."""
     params = to_params(body, settings.api)
     check_webhook_url(body.webhook_url, settings.webhooks)
     submitted = dict(params=params, idempotency_key=idempotency_key, metadata=body.metadata,
                      webhook_url=body.webhook_url, max_attempts=settings.worker.max_attempts)
-    if idempotency_key is not None:
-        job, created = await run_in_threadpool(_create_idempotent, key_hash, submitted)
+    if idempotency_key is not None or "loras" in params:
+        job, created = await run_in_threadpool(_create_in_session, key_hash, submitted)
     else:
         job, created = await store.insert(key_hash, job_states.new_job_values(**submitted)), True
         # after the commit: if Redis is down the job stays queued, unsent, and maintenance sends it later
@@ -79,9 +80,15 @@ async def create_job(body: Annotated[JobRequest, Body(openapi_examples=JOB_EXAMP
     return job_out(request, storage, job, await store.queue_place(job))
 
 
-def _create_idempotent(key_hash: str, submitted: dict) -> tuple[Job, bool]:
+def _create_in_session(key_hash: str, submitted: dict) -> tuple[Job, bool]:
+    """The ORM path: an Idempotency-Key's replay rules, and adapter names resolved inside the tenant (the job
+    stores each adapter's sha256, common.adapters)."""
     with session_scope() as session:
         tenant = authenticate_hash(session, key_hash)
+        params = submitted["params"]
+        if "loras" in params:
+            loras = resolve_loras(session, tenant_id=tenant.id, loras=params["loras"])
+            submitted = {**submitted, "params": {**params, "loras": loras}}
         job, created = job_states.create_job(session, tenant_id=tenant.id, **submitted)
         session.commit()
         if created:

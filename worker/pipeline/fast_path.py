@@ -75,6 +75,7 @@ from diffusers.pipelines.ideogram4.pipeline_ideogram4 import (
 
 from common.presets import UNGUIDED, needs_unconditional
 from common.prompt_tokens import chat_messages
+from worker.pipeline.adapters import adapters_of
 from worker.pipeline.spec import (
     MAX_SEQUENCE_LENGTH,
     GenerationSpec,
@@ -162,6 +163,10 @@ class TextConditionCache:
             if old is not None:
                 self._bytes -= old.nbytes
 
+    def discard_where(self, matches: Callable[[Hashable], bool]) -> None:
+        for key in [k for k in list(self._entries) if matches(k)]:
+            self.discard(key)
+
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
@@ -198,7 +203,7 @@ def encode_text(loaded: LoadedPipeline, prompt_text: str) -> TextCondition:
 
 
 def _cache_key(loaded: LoadedPipeline, prompt_text: str) -> tuple:
-    return (prompt_text, loaded.model_id, loaded.revision, loaded.variant)
+    return (prompt_text, loaded.model_id, loaded.revision, loaded.variant, adapters_of(loaded).active)
 
 
 @torch.no_grad()
@@ -356,10 +361,11 @@ def generate_batch(
         return []
     keys = {co_batch_key(spec) for spec in specs}
     if len(keys) > 1:
-        raise ValueError("specs in one batch must share size, steps, mu, std and guidance schedule")
+        raise ValueError("specs in one batch must share size, steps, mu, std, guidance schedule and adapters")
     first = specs[0]
     control = StepControl(first.steps, on_step, should_stop)
     control.check(0)
+    adapters_of(loaded).activate(first.loras)  # before the text: a LoRA may wrap the text projection too
     texts = [text for spec in specs for text in [encode_text(loaded, spec.prompt_text)] * len(spec.seeds)]
     seeds = tuple(seed for spec in specs for seed in spec.seeds)
     with _attention_kernels(torch.device(loaded.device)):
@@ -461,6 +467,7 @@ def prepare_compiled(loaded: LoadedPipeline, *, warmup_sizes: Sequence[tuple[int
         for transformer in transformers(pipe):
             transformer.compile_repeated_blocks(**compile_kwargs)
         pipe._letterpress_compiled = True
+    adapters = adapters_of(loaded)
     for width, height in warmup_sizes:
         guidance = 5.0 if pipe.unconditional_transformer is not None else UNGUIDED  # both transformers, if any
         specs = [GenerationSpec(prompt_text=prompt, width=width, height=height, steps=warmup_steps, mu=0.0, std=1.5,
@@ -468,10 +475,16 @@ def prepare_compiled(loaded: LoadedPipeline, *, warmup_sizes: Sequence[tuple[int
         for spec in specs:
             generate_batch(loaded, [spec])
         generate_batch(loaded, specs)
+        if adapters.uses_slots:  # the LoRA-on graph too (zero slots), so a job's first adapter compiles nothing
+            with adapters.frozen():
+                adapters.enable_slots_for_warmup()
+                for spec in specs:
+                    generate_batch(loaded, [spec])
+                generate_batch(loaded, specs)
+            adapters.activate(())
     _forget(loaded, _WARMUP_PROMPTS)
 
 
 def _forget(loaded: LoadedPipeline, prompts: Sequence[str]) -> None:
-    cache = text_cache(loaded)
-    for prompt in prompts:
-        cache.discard(_cache_key(loaded, prompt))
+    """Drop the prompts' entries, under whichever adapters they were encoded (keys start with the prompt)."""
+    text_cache(loaded).discard_where(lambda key: key[0] in prompts)

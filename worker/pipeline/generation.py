@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from worker.pipeline.adapters import adapters_of
 from worker.pipeline.fast_path import generate_batch
 from worker.pipeline.spec import GenerationSpec, StepCallback, StepControl, StopCheck, UnsupportedRequest
 from worker.pipeline.stock import generate_stock
@@ -39,4 +40,5 @@ def generate(
                                  "checkpoint has not: run it on the fast path (LETTERPRESS_MODEL__FAST_PATH=true)")
     control = StepControl(spec.steps, on_step, should_stop)
     control.check(0)
+    adapters_of(loaded).activate(spec.loras)
     return generate_stock(loaded, spec, control)

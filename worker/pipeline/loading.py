@@ -78,6 +78,7 @@ class LoadedPipeline:
     model_id: str
     revision: str | None
     max_sequence_length: int = MAX_SEQUENCE_LENGTH  # longest prompt in tokens (settings.model)
+    adapters: Any = None  # worker.pipeline.adapters.LoadedAdapters, made on first use (adapters_of)
 
 
 def detect_device(device: str | None = None) -> DeviceInfo:

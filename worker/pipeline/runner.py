@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from common.settings import Settings
+from worker.pipeline.adapters import LoadedAdapters, adapters_of
 from worker.pipeline.fast_path import generate_batch, prepare_compiled
 from worker.pipeline.generation import generate
 from worker.pipeline.loading import LoadedPipeline, default_model_id, load_pipeline
@@ -53,11 +54,28 @@ class PipelineRunner:
         threads = self.settings.worker.cpu_threads
         if threads and str(self.loaded.device) == "cpu":
             torch.set_num_threads(threads)
+        adapters = adapters_of(self.loaded)
+        adapters.resident = self.settings.adapters.resident
         if model.compile or (model.compile is None and str(self.loaded.device).startswith("cuda")):
+            self._prepare_slots(adapters)
             prepare_compiled(self.loaded)
         self.load_s = time.perf_counter() - t0
         log.info("pipeline %s (%s, %s) warm in %.1fs", self.loaded.model_id, self.loaded.variant,
                  self.loaded.device, self.load_s)
+
+    def _prepare_slots(self, adapters: LoadedAdapters) -> None:
+        """Hot-swap slots before the compile (adapters then switch without recompiling); a worker that cannot
+        hold them serves jobs without adapters and fails those with, saying why."""
+        settings = self.settings.adapters
+        slots = settings.max_per_job if settings.compiled_slots is None else settings.compiled_slots
+        if not slots:
+            adapters.unavailable = "this worker serves no adapters (LETTERPRESS_ADAPTERS__COMPILED_SLOTS=0)"
+            return
+        try:
+            adapters.prepare_slots(slots=slots, rank=settings.max_rank)
+        except Exception as exc:  # noqa: BLE001 - e.g. a quantized variant peft cannot wrap
+            adapters.unavailable = f"this worker cannot hold adapters ({self.loaded.variant}): {exc}"
+            log.error("%s; serving jobs without adapters only", adapters.unavailable)
 
     def run(self, spec, *, on_step: Callable[[int, int], None] | None = None,
             should_stop: Callable[[], bool] | None = None) -> list[Image.Image]:

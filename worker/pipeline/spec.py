@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from common.settings import ModelSettings
+from worker.pipeline.adapters import LoraUse
 
 # The stock call pads every prompt to this many tokens; it is also the longest prompt either path accepts. The
 # default of `settings.model.max_sequence_length`, which a loaded pipeline carries (`LoadedPipeline`).
@@ -31,11 +32,13 @@ class GenerationSpec:
     std: float
     guidance_schedule: tuple[float, ...]  # length == steps
     seeds: tuple[int, ...]  # one image per seed, in order
+    loras: tuple[LoraUse, ...] = ()  # adapters applied, in order (worker.pipeline.adapters)
 
     def __post_init__(self) -> None:
         # Accept lists from JSON params but keep the spec hashable and immutable.
         object.__setattr__(self, "guidance_schedule", tuple(float(g) for g in self.guidance_schedule))
         object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
+        object.__setattr__(self, "loras", tuple(self.loras))
         if self.steps < 1:
             raise ValueError(f"steps must be at least 1, got {self.steps}")
         if len(self.guidance_schedule) != self.steps:
@@ -87,6 +90,7 @@ def seed_generators(device: str, seeds: tuple[int, ...]) -> list[torch.Generator
 
 
 def co_batch_key(spec: GenerationSpec) -> tuple:
-    """Specs with equal keys may run as one denoising pass (same size, schedule and guidance; prompts and seeds
-    differ): the worker's co-batching (worker.co_batching) and the fast path's batches both group by it."""
-    return (spec.width, spec.height, spec.steps, spec.mu, spec.std, tuple(spec.guidance_schedule))
+    """Specs with equal keys may run as one denoising pass (same size, schedule, guidance and adapters; prompts
+    and seeds differ): the worker's co-batching (worker.co_batching) and the fast path's batches both group by it."""
+    return (spec.width, spec.height, spec.steps, spec.mu, spec.std, tuple(spec.guidance_schedule),
+            tuple(lora.identity for lora in spec.loras))
