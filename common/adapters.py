@@ -158,8 +158,9 @@ class TenantAdapters:
         naming the entry."""
         missing = {entry["name"] for entry in loras} - set(self._sha)
         if missing:
-            found = dict(self._session.execute(select(Adapter.name, Adapter.sha256).where(
-                Adapter.tenant_id == self._tenant_id, Adapter.name.in_(missing))).tuples())
+            rows = self._session.execute(select(Adapter.name, Adapter.sha256).where(
+                Adapter.tenant_id == self._tenant_id, Adapter.name.in_(missing))).all()
+            found = {name: sha256 for name, sha256 in rows}
             self._sha.update({name: found.get(name) for name in missing})
         resolved = []
         for i, entry in enumerate(loras):

@@ -5,7 +5,10 @@ id routes on real objects) and the cross-tenant walker (tests/api/test_tenant_is
 is added here (with an object to point it at)."""
 from __future__ import annotations
 
+import functools
+import tempfile
 import uuid
+from pathlib import Path
 
 from fastapi.testclient import TestClient
 from sqlalchemy import select
@@ -14,18 +17,36 @@ from common import batches, job_states
 from common.db import session_scope
 from common.models import Batch, BatchStatus, Job, JobImage, JobStatus, WebhookDelivery
 from common.webhooks import outbox
+from common.settings import get_settings
 from tests.support import TenantKey
+from tests.tiny_loras import tiny_transformer, write_lora
 
 JOB = {"prompt": "a poster that says HELLO", "width": 256, "height": 256, "preset": "V4_TURBO_12", "seed": 3}
 HOOK = "http://127.0.0.1:9/hook"  # nothing listens; nothing consumes the delivery queue in the fast tier either
-PATH_PARAMETERS = frozenset({"job_id", "batch_id", "event_id", "delivery_id", "index"})
+PATH_PARAMETERS = frozenset({"job_id", "batch_id", "event_id", "delivery_id", "index", "name"})
+
+
+@functools.cache
+def tiny_lora_bytes() -> bytes:
+    """A LoRA file for the configured (tiny) model, made once per process."""
+    with tempfile.TemporaryDirectory() as tmp:
+        transformer = tiny_transformer(Path(get_settings().model.id))
+        return write_lora(Path(tmp) / "lora.safetensors", transformer).read_bytes()
+
+
+def register_adapter(http: TestClient, tenant: TenantKey, name: str, data: bytes | None = None, **fields):
+    return http.post("/v1/adapters", data={"name": name, **fields},
+                     files={"file": ("lora.safetensors", data if data is not None else tiny_lora_bytes())},
+                     headers={"Authorization": f"Bearer {tenant.key}"})
 
 
 def make_objects(http: TestClient, tenant: TenantKey) -> dict[str, str]:
     """A job (with one image row, in S3 storage), a batch of one inline item, a webhook event of the job and one
-    delivery attempt of it, all the tenant's: {path parameter name: value}. The tenant's name is in the metadata
-    of each (a marker of its data in an answer)."""
+    delivery attempt of it, an adapter, all the tenant's: {path parameter name: value}. The tenant's name is in
+    the metadata of each (a marker of its data in an answer); the adapter's name is another."""
     headers = {"Authorization": f"Bearer {tenant.key}"}
+    adapter = register_adapter(http, tenant, f"lora-{uuid.uuid4().hex[:8]}")
+    assert adapter.status_code == 201, adapter.text
     owner = {"owner": tenant.name}
     job = http.post("/v1/jobs", json={**JOB, "webhook_url": HOOK, "metadata": owner}, headers=headers)
     assert job.status_code == 202, job.text
@@ -44,7 +65,7 @@ def make_objects(http: TestClient, tenant: TenantKey) -> dict[str, str]:
         session.add(delivery)
         session.flush()
         ids = {"job_id": str(job_id), "batch_id": batch.json()["id"], "event_id": event.id,
-               "delivery_id": str(delivery.id), "index": "0"}
+               "delivery_id": str(delivery.id), "index": "0", "name": adapter.json()["name"]}
     assert set(ids) == PATH_PARAMETERS
     return ids
 
