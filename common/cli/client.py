@@ -49,6 +49,31 @@ class Client:
     def get(self, job_id: str) -> dict:
         return self._check(self.http.get(f"/v1/jobs/{job_id}"))
 
+    def add_adapter(self, name: str, source: str, *, replace: bool = False) -> dict:
+        """Register a LoRA: a local .safetensors file is uploaded; an s3:// or file:// URI is read by the server."""
+        fields = {"name": name, "replace": "true" if replace else "false"}
+        if source.startswith(("s3://", "file://")):
+            return self._check(self.http.post("/v1/adapters", json={"name": name, "uri": source, "replace": replace}))
+        path = Path(source)
+        with path.open("rb") as f:  # streamed by httpx, never read whole
+            return self._check(self.http.post("/v1/adapters", data=fields, files={"file": (path.name, f)},
+                                              timeout=None))
+
+    def adapters(self) -> list[dict]:
+        found, cursor = [], None
+        while True:
+            page = self._check(self.http.get("/v1/adapters", params={"limit": 200, **({"cursor": cursor} if cursor
+                                                                                       else {})}))
+            found += page["data"]
+            if not page["has_more"]:
+                return found
+            cursor = page["next_cursor"]
+
+    def remove_adapter(self, name: str, *, purge: bool = False) -> None:
+        resp = self.http.delete(f"/v1/adapters/{name}", params={"purge": "true" if purge else "false"})
+        if resp.status_code != 204:
+            self._check(resp)
+
     def usage(self, **params: str | None) -> dict:
         """GET /v1/usage (`from` is a keyword: pass it as `since`)."""
         query = {"from": params.pop("since", None), **params}

@@ -180,6 +180,8 @@ def cmd_submit(args) -> int:
     for field in ("preset", "width", "height", "seed", "steps", "output_format", "output_quality"):
         if getattr(args, field) is not None:
             body[field] = getattr(args, field)
+    if args.lora:
+        body["loras"] = args.lora
     client = Client(api_url(settings), api_key(settings))
     job = client.submit(body, idempotency_key=args.idempotency_key)
     print(f"job {job['id']} {job['status']}")
@@ -191,6 +193,48 @@ def cmd_submit(args) -> int:
         return 1
     for path in client.download(job, Path(args.out)):
         print(path)
+    return 0
+
+
+def lora_argument(text: str) -> dict:
+    """`--lora name` or `--lora name:0.8`."""
+    name, _, scale = text.partition(":")
+    try:
+        return {"name": name, "scale": float(scale)} if scale else {"name": name}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--lora takes NAME or NAME:SCALE (a number), got {text!r}") from None
+
+
+def _client():
+    from common.cli.client import Client, api_key, api_url
+
+    settings = get_settings()
+    return Client(api_url(settings), api_key(settings))
+
+
+def cmd_adapters_add(args) -> int:
+    adapter = _client().add_adapter(args.name, args.source, replace=args.replace)
+    print(f"adapter {adapter['name']} {adapter['sha256']} rank {adapter['rank']}, {adapter['layers']} layers "
+          f"({', '.join(adapter['target_modules'])}), {adapter['size_bytes']} bytes")
+    return 0
+
+
+def cmd_adapters_list(args) -> int:
+    from common.cli.tables import table
+
+    adapters = _client().adapters()
+    if args.json:
+        print(json.dumps(adapters, indent=2))
+        return 0
+    rows = [[a["name"], a["sha256"][:12], a["rank"], a["layers"], a["size_bytes"], a["created_at"][:19]]
+            for a in adapters]
+    print("\n".join(table(["NAME", "SHA256", "RANK", "LAYERS", "BYTES", "CREATED"], rows)))
+    return 0
+
+
+def cmd_adapters_rm(args) -> int:
+    _client().remove_adapter(args.name, purge=args.purge)
+    print(f"adapter {args.name} removed{' and its file purged (if no other name uses it)' if args.purge else ''}")
     return 0
 
 
@@ -401,10 +445,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-images", type=int, default=1)
     s.add_argument("--format", dest="output_format", choices=["png", "webp", "jpeg"], help="default png")
     s.add_argument("--quality", dest="output_quality", type=int, help="webp and jpeg: 1-100 (default 90)")
+    s.add_argument("--lora", action="append", type=lora_argument, metavar="NAME[:SCALE]",
+                   help="apply a registered adapter (repeatable), e.g. --lora brand-look:0.8")
     s.add_argument("--idempotency-key")
     s.add_argument("--wait", action="store_true", help="show progress and download the images")
     s.add_argument("--out", default="out")
     s.set_defaults(func=cmd_submit)
+
+    adapters = sub.add_parser("adapters", help="your LoRA adapters").add_subparsers(dest="adapters_command",
+                                                                                   required=True)
+    aa = adapters.add_parser("add", help="register a .safetensors LoRA (a local file, or an s3:// / file:// URI "
+                                         "the server reads)")
+    aa.add_argument("name")
+    aa.add_argument("source", help="path of a local .safetensors file, or s3://bucket/key, or file:///server/path")
+    aa.add_argument("--replace", action="store_true", help="point an existing name at this file")
+    aa.set_defaults(func=cmd_adapters_add)
+    al = adapters.add_parser("list", help="your adapters")
+    al.add_argument("--json", action="store_true")
+    al.set_defaults(func=cmd_adapters_list)
+    ar = adapters.add_parser("rm", help="remove a name (its file stays for stored jobs unless --purge)")
+    ar.add_argument("name")
+    ar.add_argument("--purge", action="store_true", help="also delete the file when no other name uses it")
+    ar.set_defaults(func=cmd_adapters_rm)
 
     batch = sub.add_parser("batch", help="JSONL batches").add_subparsers(dest="batch_command", required=True)
     br = batch.add_parser("run", help="submit a JSONL file (one job request + custom_id a line)")

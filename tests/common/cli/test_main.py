@@ -62,3 +62,29 @@ def test_model_init_tiny_builds_a_loadable_checkpoint(tmp_path):
     result = letterpress("model", "init-tiny", str(tmp_path / "tiny"))
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "tiny" / "model_index.json").is_file()
+
+
+def test_adapters_add_list_submit_with_a_lora_and_remove(stack_env, api_url, worker, tenant, tiny_model, tmp_path):
+    from tests.tiny_loras import tiny_transformer, write_lora
+
+    env = {"LETTERPRESS_API_URL": api_url, "LETTERPRESS_API_KEY": tenant.key}
+    path = write_lora(tmp_path / "brand.safetensors", tiny_transformer(tiny_model))
+    added = letterpress("adapters", "add", "brand-look", str(path), env=env)
+    assert added.returncode == 0, added.stderr
+    assert "rank 4" in added.stdout
+    listed = json.loads(letterpress("adapters", "list", "--json", env=env).stdout)
+    assert [a["name"] for a in listed] == ["brand-look"]
+    result = letterpress("submit", "a poster that says BRAND", "--preset", "V4_TURBO_12", "--width", "256",
+                         "--height", "256", "--seed", "5", "--lora", "brand-look:0.8", "--wait", "--out",
+                         str(tmp_path), env=env)
+    assert result.returncode == 0, result.stderr
+    (png,) = [line for line in result.stdout.splitlines() if line.endswith(".png")]
+    recipe = json.loads(letterpress("recipe", png).stdout)
+    assert recipe["loras"] == [{"name": "brand-look", "sha256": listed[0]["sha256"], "scale": 0.8}]
+    bad = letterpress("submit", "x", "--lora", "brand-look:strong", env=env)
+    assert bad.returncode != 0 and "NAME:SCALE" in bad.stderr
+    unknown = letterpress("submit", "x", "--lora", "not-mine", env=env)
+    assert unknown.returncode != 0 and "loras.0.name" in unknown.stderr
+    removed = letterpress("adapters", "rm", "brand-look", "--purge", env=env)
+    assert removed.returncode == 0, removed.stderr
+    assert json.loads(letterpress("adapters", "list", "--json", env=env).stdout) == []
