@@ -185,8 +185,8 @@ class InvalidBatch(InvalidRequest):
 # --------------------------------------------------------------------------------------------------- ingest
 
 _COPY_JOBS = ("COPY jobs (id, tenant_id, queue, status, params, request_hash, metadata, batch_id, custom_id, "
-              "batch_line, attempts, max_attempts, preemptions, cancel_requested, progress_step, progress_total) "
-              "FROM STDIN")
+              "batch_line, attempts, max_attempts, preemptions, cancel_requested, progress_step, progress_total, "
+              "adapter_group) FROM STDIN")
 
 
 def _copy_rows(session: Session, rows: list[tuple]) -> None:
@@ -201,7 +201,15 @@ def _job_row(batch: Batch, item: BatchItem, max_attempts: int) -> tuple:
     return (uuid.uuid4(), batch.tenant_id, BATCH_QUEUE, S.QUEUED, json.dumps(item.params, separators=(",", ":")),
             job_states.request_hash(item.params, item.metadata, None),
             json.dumps(item.metadata) if item.metadata is not None else None, batch.id, item.custom_id, item.line,
-            0, max_attempts, 0, False, 0, item.params["steps"])
+            0, max_attempts, 0, False, 0, item.params["steps"], adapter_group(item.params))
+
+
+def adapter_group(params: dict[str, Any]) -> str | None:
+    """Which adapters a job loads, as a short key (None: none): the feeder sends a batch's items group by group
+    (feed_candidates), so a worker keeps the adapters it has loaded. Scales do not matter here: changing only the
+    scale of a loaded adapter loads nothing."""
+    shas = sorted({lora["sha256"] for lora in params.get("loras", ())})
+    return hashlib.sha256("|".join(shas).encode()).hexdigest()[:16] if shas else None
 
 
 def create_batch(session: Session, *, tenant_id: uuid.UUID, source: LineSource, source_name: str,
@@ -328,10 +336,11 @@ def rerun(session: Session, *, batch: Batch, statuses: tuple[str, ...]) -> int:
 
 # ------------------------------------------------------------------------------------------- feeder SQL
 
-def feed_candidates(session: Session, *, room: int) -> list[tuple[uuid.UUID, uuid.UUID]]:
+def feed_candidates(session: Session, *, room: int, group_by_adapter: bool = True) -> list[tuple[uuid.UUID, uuid.UUID]]:
     """Up to `room` (job id, batch id) pairs to hand to the broker next, in the order to send them: slots go
     round robin to tenants (least recently fed tenant first), and inside a tenant round robin to its batches
-    (least recently fed first), each batch giving its items in line order. The chosen batches are stamped as
+    (least recently fed first), each batch giving its items in line order (`group_by_adapter`: one adapter group
+    after another, each in line order; items without adapters last). The chosen batches are stamped as
     fed now, so the next pass starts with the others: over passes every tenant gets an equal share of the
     GPUs whatever its number of batches."""
     if room <= 0:
@@ -353,9 +362,12 @@ def feed_candidates(session: Session, *, room: int) -> list[tuple[uuid.UUID, uui
     quota: dict[uuid.UUID, int] = defaultdict(int)
     for bid in slots:
         quota[bid] += 1
+    # inside a batch: items of one adapter group after another (by ix_jobs_batch_unfed_group), in line order in
+    # each, so workers keep their adapters loaded; without adapters that is plain line order
+    order = (Job.adapter_group, Job.batch_line) if group_by_adapter else (Job.batch_line,)
     ready = {bid: iter(session.scalars(
         select(Job.id).where(Job.batch_id == bid, Job.status == S.QUEUED, Job.enqueued_at.is_(None))
-        .order_by(Job.batch_line).limit(n)).all()) for bid, n in quota.items()}
+        .order_by(*order).limit(n)).all()) for bid, n in quota.items()}
     picked = [(jid, bid) for bid in slots if (jid := next(ready[bid], None)) is not None]
     fed = {bid for _, bid in picked}
     if fed:

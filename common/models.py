@@ -120,6 +120,9 @@ class Job(Base):
         Index("ix_jobs_queued_sent", "queue", "enqueued_at", "created_at", "batch_line", "id",
               postgresql_where=text("status = 'queued' AND enqueued_at IS NOT NULL")),
         Index("ix_jobs_started", "started_at", postgresql_where=text("started_at IS NOT NULL")),
+        # Adapter-aware feeding (migration 0008): a batch's unfed items one adapter group after another.
+        Index("ix_jobs_batch_unfed_group", "batch_id", "adapter_group", "batch_line",
+              postgresql_where=text("batch_id IS NOT NULL AND status = 'queued' AND enqueued_at IS NULL")),
     )
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
     tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
@@ -136,6 +139,8 @@ class Job(Base):
                                                                   name="fk_jobs_batch_id"))
     custom_id: Mapped[str | None] = mapped_column(String(255))
     batch_line: Mapped[int | None] = mapped_column(Integer)
+    # which adapters a batch item loads (common.batches.adapter_group; None: none), for the feeder (migration 0008)
+    adapter_group: Mapped[str | None] = mapped_column(String(16))
 
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)

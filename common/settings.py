@@ -153,6 +153,9 @@ class BatchSettings(BaseModel):
     feed_period_s: float = 0.2
     # Do not top the batch queue up while interactive jobs wait in the broker: batch work fills idle capacity.
     interactive_first: bool = True
+    # Send a batch's items one adapter group after another (each in line order), so workers keep their adapters
+    # loaded: docs/PERFORMANCE.md "Adapter switches" measures what it saves
+    group_by_adapter: bool = True
     finalize_retry_s: float = 120.0  # a batch left in `finalizing` this long (its finalizer died) is redone
 
 

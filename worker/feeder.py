@@ -92,7 +92,8 @@ class Feeder:
             # Feeding stamps batch rows; after a reset this transaction holds job locks, and a batch row locked
             # after job locks would break the one lock order (common.batches.lock_batch): feed at the next pass.
             if room > 0 and not result.stale_reset:
-                candidates = [(job_id, BATCH_QUEUE) for job_id, _batch_id in batches.feed_candidates(session, room=room)]
+                candidates = [(job_id, BATCH_QUEUE) for job_id, _batch_id in batches.feed_candidates(
+                    session, room=room, group_by_adapter=self.cfg.group_by_adapter)]
                 result.fed = len(dispatch(candidates, session=session, send=self.send))
         if result.fed or result.stale_reset:
             log.info("feeder: depth %s, fed %d, stale reset %d", result.depth, result.fed, result.stale_reset)

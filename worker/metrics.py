@@ -45,6 +45,13 @@ DEVICE_SECONDS = Counter("letterpress_worker_gpu_seconds_total",
                          "Generation seconds billed to jobs (the usage ledger, common.usage), by device kind and "
                          "capacity", ["gpu_kind", "capacity"])
 IMAGES = Counter("letterpress_worker_images_total", "Images stored by this worker")
+ADAPTER_SWITCHES = Counter("letterpress_worker_adapter_switches_total",
+                           "Generations that ran with other adapters than the one before (LoRA on, off or other "
+                           "adapters, worker/pipeline/adapters.py)")
+ADAPTER_LOADS = Counter("letterpress_worker_adapter_loads_total",
+                        "Adapter files loaded into the transformer (eager) or copied into a hot-swap slot (compiled)")
+ADAPTER_SWITCH_SECONDS = Counter("letterpress_worker_adapter_switch_seconds_total",
+                                 "Time spent switching adapters (loading, copying into slots, enabling, disabling)")
 WARMUP = Gauge("letterpress_worker_warmup_seconds", "Time the pipeline took to load and warm at start")
 READY = Gauge("letterpress_worker_ready", "1 once the pipeline is warm and the worker takes jobs")
 LEASE_RENEWALS = Counter("letterpress_worker_lease_renewals_total", "Heartbeats that renewed a job's lease")

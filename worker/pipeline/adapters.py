@@ -65,6 +65,7 @@ class LoadedAdapters:
         self.resident = resident
         self.switch_s = 0.0  # time spent loading or swapping adapters, for the benchmark
         self.loads = 0  # adapter files loaded into the transformer (eager) or into a slot (hot-swap)
+        self.switches = 0  # activations that changed what is active
         self._loaded: OrderedDict[str, str] = OrderedDict()  # eager: sha256 -> adapter name, least recent first
         self._slots: list[tuple[str, float] | None] | None = None  # hot-swap: what each slot holds (None: zeros)
         self._slot_rank = 0
@@ -104,6 +105,7 @@ class LoadedAdapters:
         else:
             self._activate_named(loras)
         self._active = wanted if loras else ()
+        self.switches += 1
         self.switch_s += time.perf_counter() - t0
 
     def _activate_named(self, loras: tuple[LoraUse, ...]) -> None:

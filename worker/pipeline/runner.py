@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
 from PIL import Image
 
 from common.settings import Settings
+from worker import metrics
 from worker.pipeline.adapters import LoadedAdapters, adapters_of
 from worker.pipeline.fast_path import generate_batch, prepare_compiled
 from worker.pipeline.generation import generate
@@ -81,12 +83,26 @@ class PipelineRunner:
             should_stop: Callable[[], bool] | None = None) -> list[Image.Image]:
         if self.loaded is None:
             self.load()
-        return generate(self.loaded, spec, fast=self.settings.model.fast_path, on_step=on_step,
-                        should_stop=should_stop)
+        with _adapter_metrics(adapters_of(self.loaded)):
+            return generate(self.loaded, spec, fast=self.settings.model.fast_path, on_step=on_step,
+                            should_stop=should_stop)
 
     def run_batch(self, specs, *, on_step: Callable[[int, int], None] | None = None,
                   should_stop: Callable[[], bool] | None = None) -> list[list[Image.Image]]:
         """Several jobs' specs (one `co_batch_key`) as one fast-path call; one list of images per spec."""
         if self.loaded is None:
             self.load()
-        return generate_batch(self.loaded, specs, on_step=on_step, should_stop=should_stop)
+        with _adapter_metrics(adapters_of(self.loaded)):
+            return generate_batch(self.loaded, specs, on_step=on_step, should_stop=should_stop)
+
+
+@contextmanager
+def _adapter_metrics(adapters: LoadedAdapters):
+    """What this generation's adapter switching cost, into the worker's counters (also when it failed)."""
+    before = (adapters.switches, adapters.loads, adapters.switch_s)
+    try:
+        yield
+    finally:
+        metrics.ADAPTER_SWITCHES.inc(adapters.switches - before[0])
+        metrics.ADAPTER_LOADS.inc(adapters.loads - before[1])
+        metrics.ADAPTER_SWITCH_SECONDS.inc(adapters.switch_s - before[2])
