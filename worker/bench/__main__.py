@@ -3,19 +3,22 @@
     python -m worker.bench [options]              # every path side by side (worker.bench.paths; `--help`)
     python -m worker.bench profile [options]      # where one step's time goes (worker.bench.profile)
     python -m worker.bench e2e-worker [options]   # the worker process `--e2e` starts (worker.bench.e2e)
+    python -m worker.bench adapters [options]     # what a LoRA adapter costs (worker.bench.adapters)
 """
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
 
-from worker.bench import e2e, paths, profile
+from worker.bench import adapters, e2e, paths, profile
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["e2e-worker"]:
         return e2e.worker_main(argv[1:])
+    if argv[:1] == ["adapters"]:  # `letterpress bench adapters ...`: LoRA step cost and switch times
+        return adapters.main(argv[1:])
     if argv[:1] == ["profile"]:  # `letterpress bench profile ...`: where a step's time goes
         return profile.main(argv[1:])
     return paths.main(argv)

@@ -23,6 +23,7 @@ unloaded again; the worker keeps serving.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -170,9 +171,10 @@ class LoadedAdapters:
 
     def _zeros(self, rank: int) -> dict[str, torch.Tensor]:
         """A rank-`rank` adapter of zeros over every Linear layer the transformer had before LoRA wrapped them."""
-        if self._linears is None:
-            self._linears = {name: (m.in_features, m.out_features, m.weight.dtype)
-                             for name, m in self.pipe.transformer.named_modules() if isinstance(m, torch.nn.Linear)}
+        if self._linears is None:  # a layer peft wrapped before (adapters loaded and deleted) is its base_layer
+            self._linears = {name.removesuffix(".base_layer"): (m.in_features, m.out_features, m.weight.dtype)
+                             for name, m in self.pipe.transformer.named_modules()
+                             if isinstance(m, torch.nn.Linear) and not re.search(r"\.lora_[A-Za-z]+\.", name)}
         state = {}
         for name, (in_features, out_features, dtype) in self._linears.items():
             state[f"transformer.{name}.lora_A.weight"] = torch.zeros(rank, in_features, dtype=dtype)
@@ -194,13 +196,22 @@ class LoadedAdapters:
             try:
                 self.pipe.load_lora_weights(state, adapter_name=f"slot{i}", hotswap=True)
             except Exception as exc:  # noqa: BLE001 - a bad file fails its job, not the worker
-                self.pipe.load_lora_weights(self._zeros(self._slot_rank), adapter_name=f"slot{i}", hotswap=True)
+                self._zero_slot(i)
                 raise AdapterError(f"adapter {want[0][:12] if want else ''} cannot be swapped into this worker's "
                                    f"slots (rank at most {self._slot_rank}, Linear layers of this model): "
                                    f"{_short(exc)}") from exc
             self._slots[i] = want
             self.loads += want is not None
         self._enable()
+
+    def _zero_slot(self, i: int) -> None:
+        """After a failed swap: zeros again, or (should even that fail) no adapters on this worker any more."""
+        try:
+            self.pipe.load_lora_weights(self._zeros(self._slot_rank), adapter_name=f"slot{i}", hotswap=True)
+        except Exception as exc:  # noqa: BLE001
+            self.unavailable = f"adapter slot {i} is in an unknown state after a failed swap ({_short(exc)})"
+            log.error("%s: serving jobs without adapters only", self.unavailable)
+            self.activate(())
 
     def _scaled_state(self, lora: LoraUse) -> dict[str, torch.Tensor]:
         """The file's state dict in diffusers' layout with `scale` folded into lora_B (a scale change must not
