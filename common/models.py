@@ -22,6 +22,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from common.secrets_at_rest import EncryptedText
+
 
 class Base(DeclarativeBase):
     pass
@@ -274,8 +276,9 @@ class WebhookSecret(Base):
     """A tenant's signing secret (`whsec_...`), and during a rotation the previous one until it expires."""
     __tablename__ = "webhook_secrets"
     tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
-    secret: Mapped[str] = mapped_column(Text)
-    previous_secret: Mapped[str | None] = mapped_column(Text)
+    # encrypted at rest (common/secrets_at_rest.py): the columns hold `enc:v1:<token>`, the attributes plaintext
+    secret: Mapped[str] = mapped_column(EncryptedText)
+    previous_secret: Mapped[str | None] = mapped_column(EncryptedText)
     previous_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     rotated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -208,7 +208,10 @@ class Settings(BaseSettings):
 
     env: Literal["dev", "test", "prod"] = "dev"
     home: Path = Path("./.letterpress")
+    # Encrypts the secrets the database holds (common/secrets_at_rest.py). Rotating it: the old key goes into
+    # previous_secret_keys (JSON list) until `letterpress secrets reencrypt` has run (docs/SECURITY.md)
     secret_key: SecretStr = SecretStr(DEV_SECRET)
+    previous_secret_keys: list[SecretStr] = []
     database: DatabaseSettings = DatabaseSettings()
     redis: RedisSettings = RedisSettings()
     storage: StorageSettings = StorageSettings()

@@ -66,6 +66,16 @@ def cmd_webhooks_secret(args) -> int:
     return 0
 
 
+def cmd_secrets_reencrypt(_args) -> int:
+    from common.db import session_scope
+    from common.webhooks import outbox
+
+    with session_scope() as session:
+        rewritten = outbox.reencrypt_secrets(session)
+    print(f"{rewritten} stored secret row(s) rewritten under the current LETTERPRESS_SECRET_KEY")
+    return 0
+
+
 def cmd_maintenance(_args) -> int:
     return _exec_module("worker.maintenance")
 
@@ -427,6 +437,12 @@ def build_parser() -> argparse.ArgumentParser:
     ko.add_argument("--grace", type=duration_arg, default=timedelta(0),
                     help="how long the old key keeps working, e.g. 1h (default: revoked at once)")
     ko.set_defaults(func=cmd_keys_rotate)
+
+    secrets = sub.add_parser("secrets", help="secrets the database holds").add_subparsers(
+        dest="secrets_command", required=True)
+    secrets.add_parser("reencrypt", help="rewrite every stored secret under the current LETTERPRESS_SECRET_KEY "
+                                         "(after a rotation, or once after upgrading)").set_defaults(
+        func=cmd_secrets_reencrypt)
 
     model = sub.add_parser("model", help="models").add_subparsers(dest="model_command", required=True)
     it = model.add_parser("init-tiny", help="build a tiny random-weight Ideogram 4 in diffusers format")

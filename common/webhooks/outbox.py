@@ -32,10 +32,11 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from pydantic_core import to_jsonable_python
-from sqlalchemy import and_, delete, exists, func, or_, select, update
+from sqlalchemy import Text, and_, delete, exists, func, or_, select, type_coerce, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
+from common import secrets_at_rest
 from common.batch_counts import request_counts
 from common.broker import WEBHOOK_QUEUE, enqueue_webhook, queue_empty
 from common.db import after_commit, session_scope
@@ -234,6 +235,21 @@ def rotate_secret(session: Session, *, tenant_id: uuid.UUID,
     row.secret, row.rotated_at = generate_secret(), now
     session.flush()
     return row
+
+
+def reencrypt_secrets(session: Session) -> int:
+    """Rewrite every stored signing secret not yet under the current LETTERPRESS_SECRET_KEY (or still plaintext)
+    under it; the caller commits. Returns how many rows were rewritten (common/secrets_at_rest.py)."""
+    stored = session.execute(select(WebhookSecret.tenant_id, type_coerce(WebhookSecret.secret, Text),
+                                    type_coerce(WebhookSecret.previous_secret, Text))).all()
+    stale = [tenant_id for tenant_id, secret, previous in stored
+             if not secrets_at_rest.is_current(secret) or (previous is not None
+                                                          and not secrets_at_rest.is_current(previous))]
+    for tenant_id in stale:
+        row = session.get(WebhookSecret, tenant_id, with_for_update=True, populate_existing=True)
+        session.execute(update(WebhookSecret).where(WebhookSecret.tenant_id == tenant_id)
+                        .values(secret=row.secret, previous_secret=row.previous_secret))
+    return len(stale)
 
 
 def secret_info(row: WebhookSecret) -> dict[str, Any]:
