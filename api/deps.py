@@ -49,9 +49,18 @@ bearer = HTTPBearer(auto_error=False, scheme_name="bearerAuth", bearerFormat="lp
                     description="an API key (`letterpress keys create`): `Authorization: Bearer lp_...`")
 
 
-def current_tenant(session: SessionDep,
+def required_scope(method: str, path: str) -> str:
+    """The key scope a call needs (common.auth.SCOPES): admin under /v1/admin, read for GET, submit otherwise."""
+    if path.startswith("/v1/admin"):
+        return "admin"
+    return "read" if method in ("GET", "HEAD") else "submit"
+
+
+def current_tenant(request: Request, session: SessionDep,
                    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)] = None) -> Tenant:
-    return authenticate(session, credentials.credentials if credentials else None)
+    """The key's tenant, when the key holds the scope this call needs (401 / 403 otherwise)."""
+    return authenticate(session, credentials.credentials if credentials else None,
+                        required_scope(request.method, request.url.path))
 
 
 CurrentTenant = Annotated[Tenant, Depends(current_tenant)]

@@ -24,7 +24,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import lru_cache
-from typing import Any
+from typing import Any, NoReturn
 
 import psycopg
 from psycopg.rows import dict_row
@@ -38,7 +38,7 @@ from sqlalchemy.orm import ColumnProperty
 
 from common.auth import usable_key
 from common.db import server_options
-from common.errors import AuthenticationError, NotFound
+from common.errors import AuthenticationError, Forbidden, NotFound
 from common.models import ApiKey, Job, JobImage, JobStatus
 from common.queue_position import (
     THROUGHPUT_PARAMS,
@@ -65,13 +65,14 @@ def _compile(statement) -> str:
     return str(statement.compile(dialect=psycopg_dialect()))
 
 
-def _key_tenant():
-    return select(ApiKey.tenant_id).where(usable_key(bindparam("key_hash"))).subquery("caller_key")
+def _key_tenant(scope: str):
+    return select(ApiKey.tenant_id).where(usable_key(bindparam("key_hash"), scope)).subquery("caller_key")
 
 
 def _read_statement() -> str:
-    """The caller's tenant (no row: the key is not usable) and its job of that id (NULL columns: none)."""
-    key = _key_tenant()
+    """The caller's tenant (no row: the key is not usable for reading) and its job of that id (NULL columns:
+    none)."""
+    key = _key_tenant("read")
     images = (select(func.coalesce(func.jsonb_agg(aggregate_order_by(func.to_jsonb(_IMAGES.table_valued()),
                                                                      _IMAGES.c.index)),
                                    literal_column("'[]'::jsonb")))
@@ -88,14 +89,15 @@ _INSERTED = [name for attr, name in _JOB_ATTRS
 
 
 def _insert_statement() -> str:
-    """A new job of the key's tenant; no row when the key is not usable."""
-    key = _key_tenant()
+    """A new job of the key's tenant; no row when the key is not usable for submitting."""
+    key = _key_tenant("submit")
     values = [bindparam(name, type_=_JOBS.c[name].type) for name in _INSERTED]
     return _compile(insert(_JOBS).from_select(["tenant_id", *_INSERTED], select(key.c.tenant_id, *values))
                     .returning(_JOBS))
 
 
 READ_JOB = _read_statement()
+KEY_SCOPES = _compile(select(ApiKey.scopes).where(usable_key(bindparam("key_hash"))))
 INSERT_JOB = _insert_statement()
 MARK_ENQUEUED = _compile(update(_JOBS).where(_JOBS.c.id == bindparam("job_id")).values(enqueued_at=func.now()))
 
@@ -213,7 +215,7 @@ class JobStore:
             job_uuid = None
         row = await self._fetchone(READ_JOB, {"key_hash": key_hash, "job_id": job_uuid})
         if row is None:
-            raise AuthenticationError("invalid API key")
+            await self._refuse(key_hash, "read")
         if job_uuid is None or row["id"] is None:
             raise NotFound(f"job {job_id} not found")
         return _job(row, row["images_json"])
@@ -227,8 +229,17 @@ class JobStore:
             binds[name] = None if values[attr] is None else Jsonb(values[attr])
         row = await self._fetchone(INSERT_JOB, binds)
         if row is None:
-            raise AuthenticationError("invalid API key")
+            await self._refuse(key_hash, "submit")
         return _job(row)
+
+    async def _refuse(self, key_hash: str, scope: str) -> NoReturn:
+        """The statement found no usable key with `scope`: 401 for a key that does not authenticate, 403 for a
+        valid key without the scope (the rule of common.auth.authenticate_hash, asked only on this failure)."""
+        row = await self._fetchone(KEY_SCOPES, {"key_hash": key_hash})
+        if row is None:
+            raise AuthenticationError("invalid API key")
+        raise Forbidden(f"this API key lacks the `{scope}` scope (it has: {', '.join(row['scopes'])})",
+                        field="Authorization")
 
     async def mark_enqueued(self, job_id: uuid.UUID) -> None:
         """Record that the job's message was sent, without waiting for the WAL flush: the mark is advisory

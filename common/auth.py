@@ -1,7 +1,9 @@
 """API keys: `lp_<random>` shown once, stored as SHA-256 (keys are high-entropy, so a plain hash suffices).
 
 A key authenticates while it is neither revoked nor past its `expires_at` (`usable_key`: the one rule, read by
-every request, so revoking takes effect on the next request). Operators list, revoke and rotate keys with
+every request, so revoking takes effect on the next request). It may do what its scopes say (`SCOPES`): `read`
+(every GET), `submit` (every other call of the tenant's own API: jobs, batches, adapters, webhook changes) and
+`admin` (`/v1/admin`: tenants and keys of the whole installation); a valid key without the call's scope is a 403. Operators list, revoke and rotate keys with
 `letterpress keys` (common/cli/main.py); a key is named there by its id or by its shown prefix (`lp_AbCdEfG`)."""
 from __future__ import annotations
 
@@ -11,13 +13,23 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import BindParameter, ColumnElement, and_, func, or_, select, update
+from sqlalchemy import BindParameter, ColumnElement, and_, func, literal_column, or_, select, update
 from sqlalchemy.orm import Session
 
-from common.errors import AuthenticationError, Conflict, NotFound
+from common.errors import AuthenticationError, Conflict, Forbidden, InvalidRequest, NotFound
 from common.models import ApiKey, Tenant
 
 KEY_PREFIX = "lp_"
+SCOPES = ("read", "submit", "admin")
+DEFAULT_SCOPES = ("read", "submit")
+
+
+def check_scopes(scopes: list[str] | tuple[str, ...], field: str = "scopes") -> list[str]:
+    unknown = [s for s in scopes if s not in SCOPES]
+    if unknown or not scopes:
+        raise InvalidRequest(f"scopes must be a non-empty subset of {', '.join(SCOPES)}; got {list(scopes)}",
+                             field=field)
+    return [s for s in SCOPES if s in scopes]  # one order, no duplicates
 
 
 def hash_key(key: str) -> str:
@@ -33,21 +45,28 @@ def get_or_create_tenant(session: Session, name: str) -> Tenant:
     return tenant
 
 
-def create_api_key(session: Session, *, tenant: Tenant, name: str, expires_in: timedelta | None = None) -> str:
+def create_api_key(session: Session, *, tenant: Tenant, name: str, expires_in: timedelta | None = None,
+                   scopes: list[str] | tuple[str, ...] = DEFAULT_SCOPES) -> str:
     """Create a key and return it in clear: the only time it is ever visible."""
     key = KEY_PREFIX + secrets.token_urlsafe(32)
     expires_at = session.scalar(select(func.now())) + expires_in if expires_in is not None else None
     session.add(ApiKey(tenant_id=tenant.id, name=name, prefix=key[:10], key_hash=hash_key(key),
-                       expires_at=expires_at))
+                       expires_at=expires_at, scopes=check_scopes(scopes)))
     session.flush()
     return key
 
 
-def usable_key(key_hash: str | BindParameter) -> ColumnElement[bool]:
-    """The one rule of a key that authenticates: its hash, not revoked, not expired. `authenticate` and the API's
-    one-statement calls (api/job_store.py, where `key_hash` is a bound parameter) both use it."""
-    return and_(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None),
+def usable_key(key_hash: str | BindParameter, scope: str | None = None) -> ColumnElement[bool]:
+    """The one rule of a key that authenticates: its hash, not revoked, not expired (and, given a `scope`,
+    holding it). `authenticate` and the API's one-statement calls (api/job_store.py, where `key_hash` is a bound
+    parameter) both use it."""
+    rule = and_(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None),
                 or_(ApiKey.expires_at.is_(None), ApiKey.expires_at > func.now()))
+    if scope is None:
+        return rule
+    assert scope in SCOPES
+    # a literal, not a bound parameter: api/job_store.py compiles this into SQL text it runs with its own params
+    return and_(rule, ApiKey.scopes.op("@>")(literal_column(f"'[\"{scope}\"]'::jsonb")))
 
 
 @dataclass(frozen=True)
@@ -63,6 +82,7 @@ class KeyInfo:
     revoked_at: datetime | None
     last_used_at: datetime | None
     usable: bool
+    scopes: list[str]
 
 
 def list_keys(session: Session, *, tenant: str | None = None) -> list[KeyInfo]:
@@ -73,7 +93,8 @@ def list_keys(session: Session, *, tenant: str | None = None) -> list[KeyInfo]:
         query = query.where(Tenant.name == tenant)
     return [KeyInfo(id=k.id, tenant=t, name=k.name, prefix=k.prefix, created_at=k.created_at,
                     expires_at=k.expires_at, revoked_at=k.revoked_at, last_used_at=k.last_used_at,
-                    usable=k.revoked_at is None and (k.expires_at is None or k.expires_at > now))
+                    usable=k.revoked_at is None and (k.expires_at is None or k.expires_at > now),
+                    scopes=list(k.scopes))
             for k, t in session.execute(query)]
 
 
@@ -106,7 +127,7 @@ def rotate_key(session: Session, ref: str, *, grace: timedelta = timedelta(0)) -
     old = find_key(session, ref)
     if old.revoked_at is not None:
         raise Conflict(f"key {old.prefix} is revoked: create a new one instead")
-    new = create_api_key(session, tenant=old.tenant, name=old.name)
+    new = create_api_key(session, tenant=old.tenant, name=old.name, scopes=old.scopes)
     if grace > timedelta(0):
         deadline = session.scalar(select(func.now())) + grace
         if old.expires_at is None or old.expires_at > deadline:
@@ -124,13 +145,17 @@ def key_hash_of(key: str | None) -> str:
     return hash_key(key)
 
 
-def authenticate(session: Session, key: str | None) -> Tenant:
-    return authenticate_hash(session, key_hash_of(key))
+def authenticate(session: Session, key: str | None, scope: str | None = None) -> Tenant:
+    return authenticate_hash(session, key_hash_of(key), scope)
 
 
-def authenticate_hash(session: Session, key_hash: str) -> Tenant:
-    tenant = session.scalar(select(Tenant).join(ApiKey, ApiKey.tenant_id == Tenant.id)
-                            .where(usable_key(key_hash)))
-    if tenant is None:
+def authenticate_hash(session: Session, key_hash: str, scope: str | None = None) -> Tenant:
+    """The key's tenant; 401 for a key that does not authenticate, 403 for one without `scope`."""
+    found = session.execute(select(Tenant, ApiKey.scopes).join(ApiKey, ApiKey.tenant_id == Tenant.id)
+                            .where(usable_key(key_hash))).first()
+    if found is None:
         raise AuthenticationError("invalid API key")
+    tenant, scopes = found
+    if scope is not None and scope not in scopes:
+        raise Forbidden(f"this API key lacks the `{scope}` scope (it has: {', '.join(scopes)})", field="Authorization")
     return tenant

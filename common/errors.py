@@ -29,6 +29,12 @@ class AuthenticationError(LetterpressError):
     type = "unauthorized"
 
 
+class Forbidden(LetterpressError):
+    """The key is valid but lacks the scope this call needs."""
+    status_code = 403
+    type = "forbidden"
+
+
 class NotFound(LetterpressError):
     status_code = 404
     type = "not_found"

@@ -57,6 +57,8 @@ class ApiKey(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # migration 0006; None: never
     last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # to the minute (api/key_use.py)
+    # what the key may do (common.auth.SCOPES; migration 0009): read, submit, admin
+    scopes: Mapped[list[str]] = mapped_column(JSONB, server_default=text("'[\"read\", \"submit\"]'::jsonb"))
 
     tenant: Mapped[Tenant] = relationship()
 

@@ -30,7 +30,9 @@ against feed_candidates, one slot a pass). It is an estimate beyond that: a mult
 pass slightly differently; feed_candidates wastes the slots it gives to an in-progress batch with nothing left to
 feed (its last items running) and a tenant's stamp falls back when its most recently fed batch finishes, so that
 tenant takes its next turn early; co-batching, retries, cancels and new arrivals (interactive jobs submitted later
-go first) move things further.
+go first) move things further. A batch whose lines name adapters is fed one adapter group after another
+(`batches.group_by_adapter`), while `r` below still counts the items before this one in line order: for such a
+batch the position is the line-order estimate, not yet the grouped order (a known gap).
 
 What it reveals: a single number. Another tenant's backlog enters only as `min(backlog, our turns)`, i.e. no more
 than the round robin itself implies (whether that tenant has more than our turns to go); per-tenant or per-batch

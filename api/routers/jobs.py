@@ -84,7 +84,7 @@ def _create_in_session(key_hash: str, submitted: dict) -> tuple[Job, bool]:
     """The ORM path: an Idempotency-Key's replay rules, and adapter names resolved inside the tenant (the job
     stores each adapter's sha256, common.adapters)."""
     with session_scope() as session:
-        tenant = authenticate_hash(session, key_hash)
+        tenant = authenticate_hash(session, key_hash, "submit")
         params = submitted["params"]
         if "loras" in params:
             loras = resolve_loras(session, tenant_id=tenant.id, loras=params["loras"])

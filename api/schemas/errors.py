@@ -33,6 +33,8 @@ _RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying"
 _DESCRIPTIONS: dict[int, str] = {
     400: "The body cannot be parsed (a malformed multipart form, say)",
     401: "Missing or invalid API key (send `Authorization: Bearer <key>`)",
+    403: "The API key is valid but lacks the scope this call needs (read for GET, submit for the rest, admin for "
+         "/v1/admin)",
     404: "No such object for this tenant (another tenant's objects are not found either)",
     409: "Conflict with the object's current state, or an Idempotency-Key reused with other input",
     413: "Request body too large",
@@ -45,10 +47,11 @@ _DESCRIPTIONS: dict[int, str] = {
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """`responses=` for a route that can answer these statuses with an ErrorOut body. 401 and 503 (database
-    unavailable) are included for every /v1 route: authentication reads the database; so is 429 (too many wrong keys
+    unavailable) are included for every /v1 route: authentication reads the database; so are 403 (a key without
+    the call's scope) and 429 (too many wrong keys
 from one address, api/wrong_keys.py). Give 422 for every route
     with a parameter (FastAPI would otherwise document its own validation body, which is not ours)."""
-    wanted = sorted({401, 429, 503, *statuses})
+    wanted = sorted({401, 403, 429, 503, *statuses})
     responses: dict[int | str, dict[str, Any]] = {}
     for status in wanted:
         response: dict[str, Any] = {"model": ErrorOut, "description": _DESCRIPTIONS.get(status, "Error")}

@@ -100,13 +100,22 @@ def duration_arg(text: str) -> timedelta:
     return timedelta(**{unit: value})
 
 
+def scopes_arg(text: str) -> list[str]:
+    from common.auth import SCOPES
+
+    scopes = [s.strip() for s in text.split(",") if s.strip()]
+    if not scopes or any(s not in SCOPES for s in scopes):
+        raise argparse.ArgumentTypeError(f"--scopes takes a comma-separated subset of {', '.join(SCOPES)}")
+    return scopes
+
+
 def cmd_keys_create(args) -> int:
     from common.auth import create_api_key, get_or_create_tenant
     from common.db import session_scope
 
     with session_scope() as session:
         key = create_api_key(session, tenant=get_or_create_tenant(session, args.tenant or args.name), name=args.name,
-                             expires_in=args.expires_in)
+                             expires_in=args.expires_in, scopes=args.scopes)
     print(key)
     print("(shown once: store it now)", file=sys.stderr)
     return 0
@@ -122,10 +131,11 @@ def cmd_keys_list(args) -> int:
     if args.json:
         print(json.dumps([{**vars(k), "id": str(k.id)} for k in keys], indent=2, default=str))
         return 0
-    print("\n".join(table(["ID", "TENANT", "NAME", "PREFIX", "CREATED", "EXPIRES", "REVOKED", "LAST USED", "USABLE"],
-                          [[k.id, k.tenant, k.name, k.prefix, _when(k.created_at), _when(k.expires_at),
-                            _when(k.revoked_at), _when(k.last_used_at), "yes" if k.usable else "no"]
-                           for k in keys])))
+    print("\n".join(table(["ID", "TENANT", "NAME", "PREFIX", "SCOPES", "CREATED", "EXPIRES", "REVOKED", "LAST USED",
+                           "USABLE"],
+                          [[k.id, k.tenant, k.name, k.prefix, ",".join(k.scopes), _when(k.created_at),
+                            _when(k.expires_at), _when(k.revoked_at), _when(k.last_used_at),
+                            "yes" if k.usable else "no"] for k in keys])))
     return 0
 
 
@@ -424,6 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     kc.add_argument("--name", required=True)
     kc.add_argument("--tenant", help="tenant name (default: the key's name)")
     kc.add_argument("--expires-in", type=duration_arg, help="e.g. 90d: the key stops working then (default: never)")
+    kc.add_argument("--scopes", type=scopes_arg, default=["read", "submit"],
+                    help="comma-separated: read, submit, admin (default read,submit; admin: /v1/admin)")
     kc.set_defaults(func=cmd_keys_create)
     kl = keys.add_parser("list", help="every key (never the key itself): prefix, tenant, expiry, revoked, last use")
     kl.add_argument("--tenant", help="only this tenant's keys")

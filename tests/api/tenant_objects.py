@@ -15,7 +15,8 @@ from sqlalchemy import select
 
 from common import batches, job_states
 from common.db import session_scope
-from common.models import Batch, BatchStatus, Job, JobImage, JobStatus, WebhookDelivery
+from common.auth import create_api_key, hash_key
+from common.models import ApiKey, Batch, BatchStatus, Job, JobImage, JobStatus, Tenant, WebhookDelivery
 from common.webhooks import outbox
 from common.settings import get_settings
 from tests.support import TenantKey
@@ -23,7 +24,7 @@ from tests.tiny_loras import tiny_transformer, write_lora
 
 JOB = {"prompt": "a poster that says HELLO", "width": 256, "height": 256, "preset": "V4_TURBO_12", "seed": 3}
 HOOK = "http://127.0.0.1:9/hook"  # nothing listens; nothing consumes the delivery queue in the fast tier either
-PATH_PARAMETERS = frozenset({"job_id", "batch_id", "event_id", "delivery_id", "index", "name"})
+PATH_PARAMETERS = frozenset({"job_id", "batch_id", "event_id", "delivery_id", "index", "name", "key_id"})
 
 
 @functools.cache
@@ -42,7 +43,7 @@ def register_adapter(http: TestClient, tenant: TenantKey, name: str, data: bytes
 
 def make_objects(http: TestClient, tenant: TenantKey) -> dict[str, str]:
     """A job (with one image row, in S3 storage), a batch of one inline item, a webhook event of the job and one
-    delivery attempt of it, an adapter, all the tenant's: {path parameter name: value}. The tenant's name is in
+    delivery attempt of it, an adapter, a second API key (for /v1/admin), all the tenant's: {path parameter name: value}. The tenant's name is in
     the metadata of each (a marker of its data in an answer); the adapter's name is another."""
     headers = {"Authorization": f"Bearer {tenant.key}"}
     adapter = register_adapter(http, tenant, f"lora-{uuid.uuid4().hex[:8]}")
@@ -64,7 +65,9 @@ def make_objects(http: TestClient, tenant: TenantKey) -> dict[str, str]:
                                    response_excerpt="busy", outcome="retry")
         session.add(delivery)
         session.flush()
-        ids = {"job_id": str(job_id), "batch_id": batch.json()["id"], "event_id": event.id,
+        key = create_api_key(session, tenant=session.get(Tenant, tenant.id), name="second key")
+        key_id = session.scalar(select(ApiKey.id).where(ApiKey.key_hash == hash_key(key)))
+        ids = {"key_id": str(key_id), "job_id": str(job_id), "batch_id": batch.json()["id"], "event_id": event.id,
                "delivery_id": str(delivery.id), "index": "0", "name": adapter.json()["name"]}
     assert set(ids) == PATH_PARAMETERS
     return ids

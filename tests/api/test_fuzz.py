@@ -30,7 +30,7 @@ from schemathesis.specs.openapi import checks as openapi_checks  # noqa: E402
 
 from api.main import app as imported_app  # noqa: E402
 from api.main import create_app  # noqa: E402
-from common.auth import KEY_PREFIX, get_or_create_tenant, hash_key  # noqa: E402
+from common.auth import KEY_PREFIX, SCOPES, get_or_create_tenant, hash_key  # noqa: E402
 from common.db import session_scope  # noqa: E402
 from common.models import ApiKey  # noqa: E402
 from tests.api.tenant_objects import PATH_PARAMETERS, cancel_everything, make_objects  # noqa: E402
@@ -97,7 +97,9 @@ def tenant(stack_env) -> TenantKey:
     name = f"fuzz-{uuid.uuid4().hex[:8]}"
     with session_scope() as session:
         tenant = get_or_create_tenant(session, name)
-        session.add(ApiKey(tenant_id=tenant.id, name=name, prefix=KEY[:10], key_hash=hash_key(KEY)))
+        # every scope, admin included, so /v1/admin is fuzzed with a key it accepts
+        session.add(ApiKey(tenant_id=tenant.id, name=name, prefix=KEY[:10], key_hash=hash_key(KEY),
+                           scopes=list(SCOPES)))
         key = TenantKey(id=tenant.id, name=name, key=KEY)
     yield key
     cancel_everything(key.id)

@@ -42,18 +42,25 @@ def bob(stack_env):
     return make_tenant()
 
 
-def operations(document: dict, *, with_path_parameters: bool) -> list[tuple[str, str, set[str], dict]]:
+ADMIN = "/v1/admin"  # the installation's tenants and keys: guarded by the admin scope, walked separately below
+
+
+def operations(document: dict, *, with_path_parameters: bool | None,
+               admin: bool = False) -> list[tuple[str, str, set[str], dict]]:
     """(METHOD, path, its path parameter names, the operation) of every operation of the document that has path
-    parameters (or, with_path_parameters=False, that has none)."""
+    parameters (or, with_path_parameters=False, that has none; None: either), outside /v1/admin (or, admin=True,
+    inside it)."""
     found = []
     for path, item in document["paths"].items():
+        if path.startswith(ADMIN) != admin:
+            continue
         for method in METHODS:
             operation = item.get(method)
             if operation is None:
                 continue
             parameters = [*item.get("parameters", []), *operation.get("parameters", [])]
             names = {p["name"] for p in parameters if p["in"] == "path"}
-            if bool(names) == with_path_parameters:
+            if with_path_parameters is None or bool(names) == with_path_parameters:
                 found.append((method.upper(), path, names, operation))
     return found
 
@@ -104,3 +111,18 @@ def test_list_routes_show_nothing_of_another_tenant(app, http, alice, bob):
             for name, value in ids.items():
                 if name != "index":
                     assert value not in resp.text, f"{method} {path} {params} shows another tenant's {name}"
+
+
+def test_every_admin_operation_is_a_403_without_the_admin_scope(app, http, alice, bob):
+    """/v1/admin spans tenants by design: its guard is the admin scope. Every operation of it, with a tenant's
+    ordinary key (read and submit), is a 403 that shows nothing."""
+    ids = make_objects(http, alice)
+    walked = operations(app.openapi(), with_path_parameters=None, admin=True)
+    assert len(walked) >= 4, "the document lost its admin routes?"
+    for method, path, _, operation in walked:
+        url = path.format(**ids)
+        body = {"tenant": bob.name, "name": "x"} if "requestBody" in operation else None
+        resp = http.request(method, url, json=body, headers={"Authorization": f"Bearer {bob.key}"})
+        assert resp.status_code == 403, f"{method} {url} without the admin scope: {resp.status_code} {resp.text}"
+        assert resp.json()["error"]["type"] == "forbidden"
+        assert alice.name not in resp.text and ids["key_id"] not in resp.text.replace(url, "")

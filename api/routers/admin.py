@@ -1,0 +1,66 @@
+"""/v1/admin: tenants and API keys of the whole installation, for keys with the `admin` scope (every other key
+gets 403 here: api/deps.required_scope). The same operations as `letterpress keys` (common/auth.py), over HTTP."""
+from __future__ import annotations
+
+from datetime import timedelta
+
+from fastapi import APIRouter
+from sqlalchemy import select
+
+from api.deps import CurrentTenant, SessionDep
+from api.schemas.admin import KeyCreate, KeyCreated, KeyList, KeyOut, TenantCreate, TenantList, TenantOut
+from api.schemas.errors import error_responses
+from common import auth
+from common.models import ApiKey, Tenant
+
+router = APIRouter(prefix="/v1/admin", tags=["admin"])
+
+
+def key_out(info: auth.KeyInfo) -> KeyOut:
+    return KeyOut(id=info.id, tenant=info.tenant, name=info.name, prefix=info.prefix, scopes=info.scopes,
+                  created_at=info.created_at, expires_at=info.expires_at, revoked_at=info.revoked_at,
+                  last_used_at=info.last_used_at, usable=info.usable)
+
+
+def _info(session, key_id) -> auth.KeyInfo:
+    return next(k for k in auth.list_keys(session) if k.id == key_id)
+
+
+@router.get("/tenants", response_model=TenantList, responses=error_responses())
+def list_tenants(session: SessionDep, _admin: CurrentTenant) -> TenantList:
+    tenants = session.scalars(select(Tenant).order_by(Tenant.created_at, Tenant.id)).all()
+    return TenantList(data=[TenantOut(id=t.id, name=t.name, created_at=t.created_at) for t in tenants])
+
+
+@router.post("/tenants", status_code=201, response_model=TenantOut, responses=error_responses(413, 422))
+def create_tenant(body: TenantCreate, session: SessionDep, _admin: CurrentTenant) -> TenantOut:
+    """Create a tenant (or return the one of that name)."""
+    tenant = auth.get_or_create_tenant(session, body.name)
+    session.commit()
+    return TenantOut(id=tenant.id, name=tenant.name, created_at=tenant.created_at)
+
+
+@router.get("/keys", response_model=KeyList, responses=error_responses(422))
+def list_keys(session: SessionDep, _admin: CurrentTenant, tenant: str | None = None) -> KeyList:
+    """Every key (of one tenant, by name): never the key itself."""
+    return KeyList(data=[key_out(k) for k in auth.list_keys(session, tenant=tenant)])
+
+
+@router.post("/keys", status_code=201, response_model=KeyCreated, responses=error_responses(413, 422))
+def create_key(body: KeyCreate, session: SessionDep, _admin: CurrentTenant) -> KeyCreated:
+    """A new key for a tenant (created if new), shown once in `key`."""
+    scopes = auth.check_scopes(body.scopes)
+    tenant = auth.get_or_create_tenant(session, body.tenant)
+    key = auth.create_api_key(session, tenant=tenant, name=body.name, scopes=scopes,
+                              expires_in=timedelta(seconds=body.expires_in_s) if body.expires_in_s else None)
+    session.commit()
+    key_id = session.scalar(select(ApiKey.id).where(ApiKey.key_hash == auth.hash_key(key)))
+    return KeyCreated(**key_out(_info(session, key_id)).model_dump(), key=key)
+
+
+@router.post("/keys/{key_id}/revoke", response_model=KeyOut, responses=error_responses(404, 409, 413, 422))
+def revoke_key(key_id: str, session: SessionDep, _admin: CurrentTenant) -> KeyOut:
+    """Revoke now (by id or shown prefix): the next request with the key is a 401."""
+    key = auth.revoke_key(session, key_id)
+    session.commit()
+    return key_out(_info(session, key.id))
