@@ -169,6 +169,9 @@ class AdapterSettings(BaseModel):
     # Server-side directories whose `.safetensors` files a registration may name as `file:///...` (operators
     # pre-stage adapters there); empty: no server path may be named
     path_allow: list[str] = []
+    # Let a registration name hf://org/repo[@revision]/file.safetensors (fetched with the server's Hub token into
+    # model.hf_home's cache; offline mode: only what the cache holds)
+    hub: bool = False
     # The worker's disk cache of adapter files (sha256-verified, least recently used evicted past cache_bytes);
     # empty: `{LETTERPRESS_HOME}/adapters`
     cache_dir: str = ""

@@ -12,12 +12,14 @@ from common.job_request import ADAPTER_NAME_PATTERN
 
 
 class AdapterCreate(BaseModel):
-    """Register a file already in storage (`s3://` inside your own prefix or an allow-listed one) or on the
-    server (`file:///...` inside an operator's `LETTERPRESS_ADAPTERS__PATH_ALLOW` directory)."""
+    """Register a file already in storage (`s3://` inside your own prefix or an allow-listed one), on the
+    server (`file:///...` inside an operator's `LETTERPRESS_ADAPTERS__PATH_ALLOW` directory), or on the Hugging
+    Face Hub (`hf://org/repo[@revision]/file.safetensors`, where the operator enables it)."""
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=ADAPTER_NAME_PATTERN, max_length=64)
-    uri: PlainText = Field(max_length=2048, description="s3://bucket/key.safetensors or file:///path.safetensors")
+    uri: PlainText = Field(max_length=2048, description="s3://bucket/key.safetensors, file:///path.safetensors or "
+                                                        "hf://org/repo[@revision]/file.safetensors")
     replace: bool = Field(False, strict=True, description="point an existing name at this file")
 
 

@@ -256,11 +256,39 @@ def test_register_by_uri_inside_the_tenant_prefix_or_an_allowed_directory_only(h
         answers = set()
         for uri in (f"file://{tmp_path}/outside.safetensors", f"file://{allowed}/../outside.safetensors",
                     f"file://{allowed}/absent.safetensors", f"file://{allowed}", "file:///etc/passwd",
-                    "https://example.com/look.safetensors", "hf://org/repo/look.safetensors"):
+                    "https://example.com/look.safetensors", "ftp://example.com/look.safetensors"):
             resp = http.post("/v1/adapters", json={"name": "nope", "uri": uri}, headers=auth(bob))
             assert resp.status_code == 422 and resp.json()["error"]["field"] == "uri", (uri, resp.text)
             answers.add(resp.json()["error"]["message"])
         assert len(answers) == 2  # one answer for every refused path (exists or not), one for other schemes
+
+
+def test_register_from_the_hub_only_where_enabled_through_the_hub_library(http, tmp_path):
+    """hf:// through huggingface_hub's own cache resolution, offline (nothing can be downloaded here): a snapshot
+    in a local Hub cache, found by revision, as a server with HF_HUB_OFFLINE would."""
+    tenant = make_tenant()
+    data = tiny_lora_bytes()
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "hub" / "models--brand--looks"
+    (repo / "snapshots" / commit / "loras").mkdir(parents=True)
+    (repo / "snapshots" / commit / "loras" / "spring.safetensors").write_bytes(data)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    uri = "hf://brand/looks@main/loras/spring.safetensors"
+
+    off = http.post("/v1/adapters", json={"name": "hub-look", "uri": uri}, headers=auth(tenant))
+    assert off.status_code == 422 and "not enabled" in off.json()["error"]["message"], off.text
+    settings = get_settings()
+    with use_settings(settings.model_copy(update={
+            "adapters": settings.adapters.model_copy(update={"hub": True}),
+            "model": settings.model.model_copy(update={"hf_home": str(tmp_path / "hf"), "offline": True})})):
+        ok = http.post("/v1/adapters", json={"name": "hub-look", "uri": uri}, headers=auth(tenant))
+        assert ok.status_code == 201, ok.text
+        assert ok.json()["sha256"] == hashlib.sha256(data).hexdigest()
+        for bad in ("hf://brand/looks/loras/absent.safetensors", "hf://brand/looks/../x.safetensors",
+                    "hf://brand/looks@main/loras/spring.bin", "hf://brand/looks"):
+            resp = http.post("/v1/adapters", json={"name": "nope", "uri": bad}, headers=auth(tenant))
+            assert resp.status_code == 422 and resp.json()["error"]["field"] == "uri", (bad, resp.text)
 
 
 def test_delete_keeps_the_file_unless_purged_and_unreferenced(http, transformer):
