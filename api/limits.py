@@ -15,7 +15,8 @@ At most `max_in_flight` requests are served at once per process (`AdmissionContr
 503 with `Retry-After: 1` at once, and the probes (/healthz, /readyz) and the scrape (/metrics) are never held back.
 
 A client address that keeps presenting wrong keys is refused with 429 for a while (`WrongKeyGuard`,
-api/wrong_keys.py).
+api/wrong_keys.py). A key past `limits.requests_per_key` is refused with 429 and `Retry-After` (`KeyRateLimit`,
+api/rate_limits.py).
 
 Batch ingests (validation and COPY of up to a million lines) run a bounded number at once per API process,
 overall and per tenant (`max_ingests`, `max_ingests_per_tenant`); one more is 429 with `Retry-After`, at once.
@@ -36,6 +37,7 @@ from starlette.exceptions import HTTPException
 from api.asgi import header as _header
 from api.errors import error_response
 from api.key_use import KeyLastUse
+from api.rate_limits import KeyRateLimit
 from api.wrong_keys import WrongKeyGuard
 from common.errors import TooManyRequests
 from common.settings import ApiSettings, Settings, get_settings
@@ -157,6 +159,7 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(BodyTooLarge, too_large)
     app.add_middleware(RequestBounds)
     app.add_middleware(KeyLastUse)
+    app.add_middleware(KeyRateLimit)  # inside the wrong-key guard: a blocked guesser spends nothing
     app.add_middleware(WrongKeyGuard)  # before the bounds: a blocked guesser's body is never read
     app.add_middleware(AdmissionControl)  # added last: outermost, so a shed request costs nothing more
 

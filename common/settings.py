@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, NonNegativeFloat, SecretStr, model_validator
+from pydantic import BaseModel, Field, NonNegativeFloat, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEV_SECRET = "dev-insecure-secret"
@@ -183,6 +183,26 @@ class AdapterSettings(BaseModel):
     compiled_slots: int | None = Field(None, ge=0)
 
 
+class LimitsSettings(BaseModel):
+    """Per-key request rates (api/rate_limits.py), `LETTERPRESS_LIMITS__*`."""
+
+    # Requests a second (or minute, hour...) one API key may make to /v1, in the `limits` library's notation
+    # ("100/second", "6000/minute"); shared by every API process through Redis; empty: no limit
+    requests_per_key: str = "100/second"
+
+    @field_validator("requests_per_key")
+    @classmethod
+    def _a_rate(cls, value: str) -> str:
+        if value:
+            from limits import parse
+
+            try:
+                parse(value)
+            except ValueError:
+                raise ValueError(f"not a rate like 100/second or 6000/minute: {value!r}") from None
+        return value
+
+
 class WebhookSettings(BaseModel):
     allow_loopback: bool = False
     # Prometheus scrape port of the delivery worker (0: none); apart from the GPU workers' 9400 + N
@@ -224,6 +244,7 @@ class Settings(BaseSettings):
     batches: BatchSettings = BatchSettings()
     webhooks: WebhookSettings = WebhookSettings()
     adapters: AdapterSettings = AdapterSettings()
+    limits: LimitsSettings = LimitsSettings()
     pricing: PricingSettings = PricingSettings()
     # LETTERPRESS_API_URL: the API's public base URL (webhook payloads' links, the CLI's target); default
     # http://{api.host}:{api.port}

@@ -1,0 +1,91 @@
+"""Per-key request rates: every /v1 call presenting a key counts against `limits.requests_per_key` (the `limits`
+library's fixed window, counted in Redis, so every API process shares one budget per key).
+
+- Within the rate: the answer carries `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset` (seconds until
+  the window resets), the IETF draft's names.
+- Past it: 429 `rate_limited` naming `Authorization`, with `Retry-After` and the same headers, before the call
+  reads its body or the database. Nothing the key submitted before is touched.
+- Counted by the presented key's hash before the key is checked: a wrong key spends a budget nobody owns (wrong keys
+  are slowed by api/wrong_keys.py, which runs first).
+- Redis unreachable: the call goes through uncounted (logged at most once a minute): a limit protects the fleet,
+  it must not take the front door down with Redis.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+import weakref
+
+from limits import RateLimitItem, parse
+from limits.aio.strategies import FixedWindowRateLimiter
+from limits.storage import storage_from_string
+
+from api.asgi import presented_key_hash
+from common.settings import get_settings
+
+log = logging.getLogger(__name__)
+LOG_EVERY_S = 60.0
+
+
+class KeyRateLimit:
+    def __init__(self, app):
+        self.app = app
+        # one limiter (and Redis connection pool) per event loop: uvicorn runs one, a test client several
+        self._limiters: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[str, FixedWindowRateLimiter]] = (
+            weakref.WeakKeyDictionary())
+        self._rates: dict[str, RateLimitItem] = {}
+        self._last_warning = 0.0
+
+    def _limiter_for(self, redis_url: str) -> FixedWindowRateLimiter:
+        loop = asyncio.get_running_loop()
+        found = self._limiters.get(loop)
+        if found is None or found[0] != redis_url:
+            storage = storage_from_string(f"async+{redis_url}", implementation="redispy",
+                                          socket_connect_timeout=0.5, socket_timeout=0.5)
+            found = self._limiters[loop] = (redis_url, FixedWindowRateLimiter(storage))
+        return found[1]
+
+    async def __call__(self, scope, receive, send) -> None:
+        settings = get_settings()
+        rate = settings.limits.requests_per_key
+        if scope["type"] != "http" or not rate or not scope["path"].startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        digest = presented_key_hash(scope)
+        if digest is None:  # no key: the route answers 401
+            return await self.app(scope, receive, send)
+        item = self._rates.get(rate) or self._rates.setdefault(rate, parse(rate))
+        limiter = self._limiter_for(settings.redis.url)
+        try:
+            allowed = await limiter.hit(item, "key", digest)
+            stats = await limiter.get_window_stats(item, "key", digest)
+        except Exception as exc:  # noqa: BLE001 - fail open: see the module docstring
+            if time.monotonic() - self._last_warning > LOG_EVERY_S:
+                self._last_warning = time.monotonic()
+                log.warning("request rate limits not applied: Redis unavailable (%s)", exc)
+            return await self.app(scope, receive, send)
+        reset_s = max(0, math.ceil(stats.reset_time - time.time()))
+        headers = [(b"ratelimit-limit", str(item.amount).encode()),
+                   (b"ratelimit-remaining", str(stats.remaining).encode()),
+                   (b"ratelimit-reset", str(reset_s).encode())]
+        if not allowed:
+            return await _too_many(send, headers, rate, max(1, reset_s))
+
+        async def with_headers(message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *headers]}
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+
+async def _too_many(send, headers: list[tuple[bytes, bytes]], rate: str, retry_after_s: int) -> None:
+    body = json.dumps({"error": {"type": "rate_limited", "field": "Authorization",
+                                 "message": f"this API key made more than {rate} requests; retry after "
+                                            f"{retry_after_s} s"}}).encode()
+    await send({"type": "http.response.start", "status": 429,
+                "headers": [(b"content-type", b"application/json"), (b"retry-after", str(retry_after_s).encode()),
+                            (b"content-length", str(len(body)).encode()), *headers]})
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,72 @@
+"""Per-key request rates (api/rate_limits.py): the in-process API against the suite's Redis and Postgres. Within the
+rate every answer says how much is left; past it the key gets 429 with Retry-After at once and its submit creates
+nothing; another key is not affected; the window resets; Redis down lets calls through."""
+from __future__ import annotations
+
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select
+
+from api.main import create_app
+from common.db import session_scope
+from common.models import Job
+from common.settings import get_settings, use_settings
+from tests.support import make_tenant
+
+JOB = {"prompt": "a poster that says RATE", "width": 256, "height": 256, "preset": "V4_TURBO_12"}
+
+
+def limited(rate: str, **redis):
+    settings = get_settings()
+    update = {"limits": settings.limits.model_copy(update={"requests_per_key": rate})}
+    if redis:
+        update["redis"] = settings.redis.model_copy(update=redis)
+    return use_settings(settings.model_copy(update=update))
+
+
+@pytest.fixture(scope="module")
+def http(stack_env):
+    return TestClient(create_app(), raise_server_exceptions=False)
+
+
+def jobs_of(tenant) -> int:
+    with session_scope() as session:
+        return session.scalar(select(func.count()).select_from(Job).where(Job.tenant_id == tenant.id))
+
+
+def test_a_key_past_its_rate_gets_429_at_once_and_loses_nothing(http):
+    alice, bob = make_tenant(), make_tenant()
+    with limited("4/2 second"):
+        time.sleep(2 - time.time() % 2 + 0.05)  # start at a fresh 2 s window
+        answers = [http.get("/v1/jobs", headers={"Authorization": f"Bearer {alice.key}"}) for _ in range(4)]
+        assert [a.status_code for a in answers] == [200] * 4
+        assert [a.headers["ratelimit-remaining"] for a in answers] == ["3", "2", "1", "0"]
+        assert all(a.headers["ratelimit-limit"] == "4" for a in answers)
+        before = jobs_of(alice)
+        refused = http.post("/v1/jobs", json=JOB, headers={"Authorization": f"Bearer {alice.key}"})
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["error"] == {"type": "rate_limited", "field": "Authorization",
+                                           "message": refused.json()["error"]["message"]}
+        assert 1 <= int(refused.headers["retry-after"]) <= 2 and refused.headers["ratelimit-remaining"] == "0"
+        assert jobs_of(alice) == before  # nothing half-made
+        assert http.get("/v1/jobs", headers={"Authorization": f"Bearer {bob.key}"}).status_code == 200
+        time.sleep(int(refused.headers["retry-after"]) + 0.05)
+        assert http.post("/v1/jobs", json=JOB, headers={"Authorization": f"Bearer {alice.key}"}).status_code == 202
+
+
+def test_without_redis_calls_go_through_uncounted(http):
+    tenant = make_tenant()
+    with limited("1/minute", url="redis://127.0.0.1:9/0"):
+        for _ in range(3):
+            resp = http.get("/v1/jobs", headers={"Authorization": f"Bearer {tenant.key}"})
+            assert resp.status_code == 200 and "ratelimit-limit" not in resp.headers
+
+
+def test_the_rate_setting_is_checked():
+    from common.settings import settings_from_env
+
+    with pytest.raises(ValueError, match="100/second"):
+        settings_from_env({"LETTERPRESS_LIMITS__REQUESTS_PER_KEY": "fast"})
+    assert settings_from_env({"LETTERPRESS_LIMITS__REQUESTS_PER_KEY": ""}).limits.requests_per_key == ""
