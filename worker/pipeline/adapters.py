@@ -191,9 +191,12 @@ class LoadedAdapters:
         for i, (have, want) in enumerate(zip(self._slots, wanted)):
             if have == want:
                 continue
-            state = self._zeros(self._slot_rank) if want is None else self._scaled_state(by_identity[want])
             self._slots[i] = None  # until the copy is complete: a failed swap leaves zeros, never half of one
-            try:
+            if want is None:
+                self._zero_in_place(i)
+                continue
+            state = self._scaled_state(by_identity[want])
+            try:  # peft zeroes the slot's layers the new adapter does not target
                 self.pipe.load_lora_weights(state, adapter_name=f"slot{i}", hotswap=True)
             except Exception as exc:  # noqa: BLE001 - a bad file fails its job, not the worker
                 self._zero_slot(i)
@@ -204,10 +207,21 @@ class LoadedAdapters:
             self.loads += want is not None
         self._enable()
 
+    @torch.no_grad()
+    def _zero_in_place(self, i: int) -> None:
+        """Empty slot `i` without loading anything: its lora_A and lora_B weights zeroed where they lie (a zero
+        lora_B alone makes the slot add nothing; both keep it clean)."""
+        name = f"slot{i}"
+        for module in self.pipe.transformer.modules():
+            for part in ("lora_A", "lora_B"):
+                layers = getattr(module, part, None)
+                if isinstance(layers, torch.nn.ModuleDict) and name in layers:
+                    layers[name].weight.zero_()
+
     def _zero_slot(self, i: int) -> None:
         """After a failed swap: zeros again, or (should even that fail) no adapters on this worker any more."""
         try:
-            self.pipe.load_lora_weights(self._zeros(self._slot_rank), adapter_name=f"slot{i}", hotswap=True)
+            self._zero_in_place(i)
         except Exception as exc:  # noqa: BLE001
             self.unavailable = f"adapter slot {i} is in an unknown state after a failed swap ({_short(exc)})"
             log.error("%s: serving jobs without adapters only", self.unavailable)
