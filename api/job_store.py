@@ -30,16 +30,17 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
-from sqlalchemy import and_, bindparam, func, insert, literal_column, select, update
+from sqlalchemy import Integer, and_, bindparam, func, insert, literal_column, select, update
 from sqlalchemy.dialects.postgresql import JSONB, aggregate_order_by
 from sqlalchemy.dialects.postgresql.psycopg import dialect as psycopg_dialect
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import ColumnProperty
 
+from common import quotas
 from common.auth import usable_key
 from common.db import server_options
 from common.errors import AuthenticationError, Forbidden, NotFound
-from common.models import ApiKey, Job, JobImage, JobStatus
+from common.models import ApiKey, Job, JobImage, JobStatus, Tenant
 from common.queue_position import (
     THROUGHPUT_PARAMS,
     THROUGHPUT_SQL,
@@ -49,7 +50,7 @@ from common.queue_position import (
     position_query,
     remember_throughput,
 )
-from common.settings import DatabaseSettings
+from common.settings import DatabaseSettings, get_settings
 
 log = logging.getLogger(__name__)
 _JOBS = Job.__table__
@@ -89,15 +90,21 @@ _INSERTED = [name for attr, name in _JOB_ATTRS
 
 
 def _insert_statement() -> str:
-    """A new job of the key's tenant; no row when the key is not usable for submitting."""
+    """A new job of the key's tenant; no row when the key is not usable for submitting, or when the tenant is at
+    its limit of active jobs (common.quotas; `max_active_default` is the default limit)."""
     key = _key_tenant("submit")
     values = [bindparam(name, type_=_JOBS.c[name].type) for name in _INSERTED]
-    return _compile(insert(_JOBS).from_select(["tenant_id", *_INSERTED], select(key.c.tenant_id, *values))
-                    .returning(_JOBS))
+    within = quotas.within_limit(key.c.tenant_id, Tenant.limits, bindparam("max_active_default", type_=Integer))
+    source = (select(key.c.tenant_id, *values).select_from(key.join(Tenant, Tenant.id == key.c.tenant_id))
+              .where(within))
+    return _compile(insert(_JOBS).from_select(["tenant_id", *_INSERTED], source).returning(_JOBS))
 
 
 READ_JOB = _read_statement()
-KEY_SCOPES = _compile(select(ApiKey.scopes).where(usable_key(bindparam("key_hash"))))
+KEY_SCOPES = _compile(
+    select(ApiKey.scopes, quotas.max_active_jobs(Tenant.limits, bindparam("max_active_default", type_=Integer))
+           .label("max_active")).join(Tenant, Tenant.id == ApiKey.tenant_id)
+    .where(usable_key(bindparam("key_hash"))))
 INSERT_JOB = _insert_statement()
 MARK_ENQUEUED = _compile(update(_JOBS).where(_JOBS.c.id == bindparam("job_id")).values(enqueued_at=func.now()))
 
@@ -224,6 +231,7 @@ class JobStore:
         """Insert a job (common.job_states.new_job_values) for the key's tenant, committed when this returns."""
         binds = {name: values[attr] for attr, name in _JOB_ATTRS if name in _INSERTED and attr != "id"}
         binds["id"], binds["key_hash"] = uuid.uuid4(), key_hash
+        binds["max_active_default"] = get_settings().limits.max_active_jobs
         for attr in _JSONB_ATTRS & values.keys():
             name = dict(_JOB_ATTRS)[attr]
             binds[name] = None if values[attr] is None else Jsonb(values[attr])
@@ -233,13 +241,17 @@ class JobStore:
         return _job(row)
 
     async def _refuse(self, key_hash: str, scope: str) -> NoReturn:
-        """The statement found no usable key with `scope`: 401 for a key that does not authenticate, 403 for a
-        valid key without the scope (the rule of common.auth.authenticate_hash, asked only on this failure)."""
-        row = await self._fetchone(KEY_SCOPES, {"key_hash": key_hash})
+        """The statement wrote or read nothing: 401 for a key that does not authenticate, 403 for a valid key
+        without the scope (the rule of common.auth.authenticate_hash), else 429: the tenant is at its limit of
+        active jobs (common.quotas). Asked only on this failure."""
+        row = await self._fetchone(KEY_SCOPES, {"key_hash": key_hash,
+                                                "max_active_default": get_settings().limits.max_active_jobs})
         if row is None:
             raise AuthenticationError("invalid API key")
-        raise Forbidden(f"this API key lacks the `{scope}` scope (it has: {', '.join(row['scopes'])})",
-                        field="Authorization")
+        if scope not in row["scopes"]:
+            raise Forbidden(f"this API key lacks the `{scope}` scope (it has: {', '.join(row['scopes'])})",
+                            field="Authorization")
+        raise quotas.too_many(row["max_active"])
 
     async def mark_enqueued(self, job_id: uuid.UUID) -> None:
         """Record that the job's message was sent, without waiting for the WAL flush: the mark is advisory

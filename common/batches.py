@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from sqlalchemy import BigInteger, and_, cast, exists, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
-from common import job_states
+from common import job_states, quotas
 from common.adapters import TenantAdapters
 from common.batch_counts import RequestCounts, request_counts
 from common.broker import BATCH_QUEUE
@@ -342,7 +342,8 @@ def feed_candidates(session: Session, *, room: int, group_by_adapter: bool = Tru
     (least recently fed first), each batch giving its items in line order (`group_by_adapter`: one adapter group
     after another, each in line order; items without adapters last). The chosen batches are stamped as
     fed now, so the next pass starts with the others: over passes every tenant gets an equal share of the
-    GPUs whatever its number of batches."""
+    GPUs whatever its number of batches. A tenant with a limit of active jobs (common.quotas) gets no more turns
+    than it has room for."""
     if room <= 0:
         return []
     active = session.execute(
@@ -356,7 +357,11 @@ def feed_candidates(session: Session, *, room: int, group_by_adapter: bool = Tru
         by_tenant[tenant].append(bid)
         stamp = fed_at.timestamp() if fed_at is not None else float("-inf")
         tenant_fed[tenant] = max(tenant_fed.get(tenant, stamp), stamp)
-    tenants = sorted(by_tenant, key=lambda t: tenant_fed[t])  # stable: ties keep the batches' order
+    allowance = quotas.room_left(session, by_tenant)  # tenants with a limit of active jobs: turns they may take
+    tenants = [t for t in sorted(by_tenant, key=lambda t: tenant_fed[t])  # stable: ties keep the batches' order
+               if allowance.get(t, 1) > 0]
+    if not tenants:
+        return []
     slots = [by_tenant[t][(i // len(tenants)) % len(by_tenant[t])]
              for i, t in ((i, tenants[i % len(tenants)]) for i in range(room))]
     quota: dict[uuid.UUID, int] = defaultdict(int)
@@ -368,7 +373,17 @@ def feed_candidates(session: Session, *, room: int, group_by_adapter: bool = Tru
     ready = {bid: iter(session.scalars(
         select(Job.id).where(Job.batch_id == bid, Job.status == S.QUEUED, Job.enqueued_at.is_(None))
         .order_by(*order).limit(n)).all()) for bid, n in quota.items()}
-    picked = [(jid, bid) for bid in slots if (jid := next(ready[bid], None)) is not None]
+    tenant_of = {bid: tenant for tenant, bids in by_tenant.items() for bid in bids}
+    picked = []
+    for bid in slots:
+        tenant = tenant_of[bid]
+        if allowance.get(tenant, 1) <= 0:
+            continue
+        jid = next(ready[bid], None)
+        if jid is not None:
+            picked.append((jid, bid))
+            if tenant in allowance:
+                allowance[tenant] -= 1
     fed = {bid for _, bid in picked}
     if fed:
         session.execute(update(Batch).where(Batch.id.in_(fed)).values(last_fed_at=func.clock_timestamp()))

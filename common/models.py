@@ -44,6 +44,8 @@ class Tenant(Base):
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
     name: Mapped[str] = mapped_column(String(200), unique=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    # this tenant's own limits over the defaults (common/quotas.py; migration 0010): {"max_active_jobs": n}
+    limits: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"), default=dict)
 
 
 class ApiKey(Base):
@@ -124,6 +126,9 @@ class Job(Base):
         Index("ix_jobs_queued_sent", "queue", "enqueued_at", "created_at", "batch_line", "id",
               postgresql_where=text("status = 'queued' AND enqueued_at IS NOT NULL")),
         Index("ix_jobs_started", "started_at", postgresql_where=text("started_at IS NOT NULL")),
+        # Quotas (migration 0010, common/quotas.py): a tenant's active jobs, counted up to its limit.
+        Index("ix_jobs_tenant_active", "tenant_id",
+              postgresql_where=text("status IN ('queued', 'running') AND (batch_id IS NULL OR enqueued_at IS NOT NULL)")),
         # Adapter-aware feeding (migration 0008): a batch's unfed items one adapter group after another.
         Index("ix_jobs_batch_unfed_group", "batch_id", "adapter_group", "batch_line",
               postgresql_where=text("batch_id IS NOT NULL AND status = 'queued' AND enqueued_at IS NULL")),

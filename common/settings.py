@@ -184,11 +184,14 @@ class AdapterSettings(BaseModel):
 
 
 class LimitsSettings(BaseModel):
-    """Per-key request rates (api/rate_limits.py), `LETTERPRESS_LIMITS__*`."""
+    """Per-key request rates (api/rate_limits.py) and per-tenant quotas (common/quotas.py), `LETTERPRESS_LIMITS__*`."""
 
     # Requests a second (or minute, hour...) one API key may make to /v1, in the `limits` library's notation
     # ("100/second", "6000/minute"); shared by every API process through Redis; empty: no limit
     requests_per_key: str = "100/second"
+    # Jobs a tenant may have queued or running at once (batch items count once fed), unless an admin set the
+    # tenant's own (common/quotas.py); 0: no limit
+    max_active_jobs: int = Field(0, ge=0)
 
     @field_validator("requests_per_key")
     @classmethod

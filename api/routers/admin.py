@@ -8,12 +8,26 @@ from fastapi import APIRouter
 from sqlalchemy import select
 
 from api.deps import CurrentTenant, SessionDep
-from api.schemas.admin import KeyCreate, KeyCreated, KeyList, KeyOut, TenantCreate, TenantList, TenantOut
+from api.schemas.admin import (
+    KeyCreate,
+    KeyCreated,
+    KeyList,
+    KeyOut,
+    TenantCreate,
+    TenantList,
+    TenantOut,
+    TenantUpdate,
+)
 from api.schemas.errors import error_responses
 from common import auth
+from common.db import get_owned
 from common.models import ApiKey, Tenant
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
+
+
+def tenant_out(t: Tenant) -> TenantOut:
+    return TenantOut(id=t.id, name=t.name, created_at=t.created_at, limits=dict(t.limits or {}))
 
 
 def key_out(info: auth.KeyInfo) -> KeyOut:
@@ -29,7 +43,7 @@ def _info(session, key_id) -> auth.KeyInfo:
 @router.get("/tenants", response_model=TenantList, responses=error_responses())
 def list_tenants(session: SessionDep, _admin: CurrentTenant) -> TenantList:
     tenants = session.scalars(select(Tenant).order_by(Tenant.created_at, Tenant.id)).all()
-    return TenantList(data=[TenantOut(id=t.id, name=t.name, created_at=t.created_at) for t in tenants])
+    return TenantList(data=[tenant_out(t) for t in tenants])
 
 
 @router.post("/tenants", status_code=201, response_model=TenantOut, responses=error_responses(413, 422))
@@ -37,7 +51,18 @@ def create_tenant(body: TenantCreate, session: SessionDep, _admin: CurrentTenant
     """Create a tenant (or return the one of that name)."""
     tenant = auth.get_or_create_tenant(session, body.name)
     session.commit()
-    return TenantOut(id=tenant.id, name=tenant.name, created_at=tenant.created_at)
+    return tenant_out(tenant)
+
+
+@router.patch("/tenants/{tenant_id}", response_model=TenantOut, responses=error_responses(404, 413, 422))
+def update_tenant(tenant_id: str, body: TenantUpdate, session: SessionDep, _admin: CurrentTenant) -> TenantOut:
+    """Set a tenant's own limits (common/quotas.py); a null limit goes back to the server's default."""
+    tenant = get_owned(session, Tenant, tenant_id, tenant_id=None, noun="tenant")
+    limits = {k: v for k, v in {**tenant.limits, **body.limits.model_dump(exclude_unset=True)}.items()
+              if v is not None}
+    tenant.limits = limits
+    session.commit()
+    return tenant_out(tenant)
 
 
 @router.get("/keys", response_model=KeyList, responses=error_responses(422))

@@ -14,7 +14,7 @@ from api.deps import CurrentTenant, IdempotencyKey, JobStoreDep, KeyHash, Sessio
 from api.pagination import newest_first
 from api.schemas.errors import error_responses
 from api.schemas.jobs import JOB_EXAMPLES, JobList, JobOut, check_webhook_url
-from common import job_states
+from common import job_states, quotas
 from common.adapters import resolve_loras
 from common.auth import authenticate_hash
 from common.db import session_scope
@@ -85,6 +85,7 @@ def _create_in_session(key_hash: str, submitted: dict) -> tuple[Job, bool]:
     stores each adapter's sha256, common.adapters)."""
     with session_scope() as session:
         tenant = authenticate_hash(session, key_hash, "submit")
+        quotas.check_active_jobs(session, tenant)
         params = submitted["params"]
         if "loras" in params:
             loras = resolve_loras(session, tenant_id=tenant.id, loras=params["loras"])

@@ -17,11 +17,24 @@ class TenantCreate(BaseModel):
     name: PlainText = Field(min_length=1, max_length=200, pattern=r"^\S(.*\S)?$")
 
 
+class TenantLimits(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_active_jobs: int | None = Field(None, ge=0, le=10_000_000, strict=True,
+                                        description="jobs queued or running at once (batch items once fed); 0: no "
+                                                    "limit; null: the server's default")
+
+
+class TenantUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    limits: TenantLimits
+
+
 class TenantOut(BaseModel):
     object: str = "tenant"
     id: uuid.UUID
     name: str
     created_at: datetime
+    limits: dict = Field(description="the tenant's own limits; absent ones are the server's defaults")
 
 
 class TenantList(BaseModel):

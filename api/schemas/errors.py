@@ -39,8 +39,8 @@ _DESCRIPTIONS: dict[int, str] = {
     409: "Conflict with the object's current state, or an Idempotency-Key reused with other input",
     413: "Request body too large",
     422: "Invalid request: `field` names the offending field",
-    429: "Too many requests (the key's request rate, batch ingests at once, or wrong API keys from this "
-         "address); retry after `Retry-After` seconds",
+    429: "Too many requests (the key's request rate, the tenant's limit of active jobs, batch ingests at once, "
+         "or wrong API keys from this address); retry after `Retry-After` seconds",
     503: "A dependency (the database) is unavailable; retry after `Retry-After` seconds",
 }
 

@@ -24,7 +24,8 @@ from tests.tiny_loras import tiny_transformer, write_lora
 
 JOB = {"prompt": "a poster that says HELLO", "width": 256, "height": 256, "preset": "V4_TURBO_12", "seed": 3}
 HOOK = "http://127.0.0.1:9/hook"  # nothing listens; nothing consumes the delivery queue in the fast tier either
-PATH_PARAMETERS = frozenset({"job_id", "batch_id", "event_id", "delivery_id", "index", "name", "key_id"})
+PATH_PARAMETERS = frozenset({"job_id", "batch_id", "event_id", "delivery_id", "index", "name", "key_id",
+                             "tenant_id"})
 
 
 @functools.cache
@@ -67,7 +68,7 @@ def make_objects(http: TestClient, tenant: TenantKey) -> dict[str, str]:
         session.flush()
         key = create_api_key(session, tenant=session.get(Tenant, tenant.id), name="second key")
         key_id = session.scalar(select(ApiKey.id).where(ApiKey.key_hash == hash_key(key)))
-        ids = {"key_id": str(key_id), "job_id": str(job_id), "batch_id": batch.json()["id"], "event_id": event.id,
+        ids = {"key_id": str(key_id), "tenant_id": str(tenant.id), "job_id": str(job_id), "batch_id": batch.json()["id"], "event_id": event.id,
                "delivery_id": str(delivery.id), "index": "0", "name": adapter.json()["name"]}
     assert set(ids) == PATH_PARAMETERS
     return ids

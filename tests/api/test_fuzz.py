@@ -34,7 +34,7 @@ from common.auth import KEY_PREFIX, SCOPES, get_or_create_tenant, hash_key  # no
 from common.db import session_scope  # noqa: E402
 from common.models import ApiKey  # noqa: E402
 from tests.api.tenant_objects import PATH_PARAMETERS, cancel_everything, make_objects  # noqa: E402
-from tests.support import TenantKey  # noqa: E402
+from tests.support import TenantKey, make_tenant  # noqa: E402
 
 MAX_EXAMPLES = 25
 KEY = KEY_PREFIX + secrets.token_urlsafe(32)  # the fuzzing tenant's API key (the `tenant` fixture stores it)
@@ -107,7 +107,9 @@ def tenant(stack_env) -> TenantKey:
 
 @pytest.fixture(scope="module")
 def objects(app, tenant) -> dict[str, str]:
-    return make_objects(TestClient(app), tenant)
+    ids = make_objects(TestClient(app), tenant)
+    ids["tenant_id"] = str(make_tenant().id)  # the admin routes may set limits: on a scratch tenant, not the fuzzer's
+    return ids
 
 
 @schema.parametrize()
