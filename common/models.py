@@ -321,3 +321,14 @@ class Adapter(Base):
     checked_against: Mapped[str | None] = mapped_column(Text)  # the model whose layer shapes it was checked on
     source: Mapped[str] = mapped_column(Text)  # "upload:<filename>" or the uri it was read from
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class ResultCacheEntry(Base):
+    """The result cache (migration 0011, common/result_cache.py): a request's images by its cache key, pointing at
+    the objects of the job that made them."""
+    __tablename__ = "result_cache"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    images: Mapped[list[dict[str, Any]]] = mapped_column(JSONB)  # StoredImage fields of each image, in order
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

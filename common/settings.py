@@ -138,6 +138,9 @@ class WorkerSettings(BaseModel):
     # How this worker's GPU is bought: its usage records are priced at `pricing.spot_per_gpu_hour` or
     # `pricing.on_demand_per_gpu_hour` (common.usage). The spot-gpu Kubernetes overlay sets `spot`.
     capacity: Literal["on_demand", "spot"] = "on_demand"
+    # A request run before with the same explicit seed, by the same tenant, on a worker configured the same, gets
+    # copies of that run's images instead of a generation (common/result_cache.py)
+    result_cache: bool = True
     batching: BatchingSettings = BatchingSettings()
 
 

@@ -29,6 +29,7 @@ class Storage(Protocol):
     def get(self, key: str) -> bytes: ...
     def get_file(self, key: str, path: Path) -> None: ...
     def delete(self, key: str) -> None: ...
+    def copy(self, source_key: str, key: str) -> None: ...
     def exists(self, key: str) -> bool: ...
     def presigned_url(self, key: str) -> str | None: ...
     def local_path(self, key: str) -> Path | None: ...
@@ -109,6 +110,12 @@ class LocalStorage:
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
 
+    def copy(self, source_key: str, key: str) -> None:
+        source = self._path(source_key)
+        if not source.is_file():
+            raise NotFound(f"object {source_key} not found")
+        self.put_file(key, source)
+
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
@@ -161,6 +168,12 @@ class S3Storage:
     def delete(self, key: str) -> None:
         with_retries(lambda: self.client.delete_object(Bucket=self.bucket, Key=key),
                      what=f"delete s3://{self.bucket}/{key}", attempts=self.settings.max_retries)
+
+    def copy(self, source_key: str, key: str) -> None:
+        """A server-side copy within the bucket (the bytes never pass through this process)."""
+        with_retries(lambda: self.client.copy_object(Bucket=self.bucket, Key=key,
+                                                     CopySource={"Bucket": self.bucket, "Key": source_key}),
+                     what=f"copy s3://{self.bucket}/{source_key} to {key}", attempts=self.settings.max_retries)
 
     def get(self, key: str) -> bytes:
         def read() -> bytes:

@@ -27,10 +27,10 @@ from pathlib import Path
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from common import job_states
+from common import job_states, result_cache
 from common.db import session_scope
 from common.dispatch import dispatch
-from common.errors import LeaseLost, StorageError
+from common.errors import LeaseLost, NotFound, StorageError
 from common.image_files import FORMATS, encode_image, recipe, sha256_hex
 from common.job_request import image_seeds
 from common.settings import Settings
@@ -120,6 +120,9 @@ def run_attempt(job_id: uuid.UUID, ctx: AttemptContext) -> str:
     outcome = "failed"
     ctx.current_job = job_id
     try:  # from here on every member's heartbeat is stopped however this ends (a running heartbeat keeps a lease)
+        cached = _complete_from_cache(lead, ctx)
+        if cached is not None:
+            return cached
         members += [_member(c, ctx) for c in _claim_companions(claim, ctx)]
         if len(members) > 1:
             log.info("job %s: batched with %s", job_id, ", ".join(str(m.claim.job_id) for m in members[1:]))
@@ -171,6 +174,56 @@ def _claim_companions(lead: job_states.Claim, ctx: AttemptContext) -> list[job_s
     except SQLAlchemyError as exc:  # no company this time; what was claimed runs
         log.warning("job %s: looking for batch company failed (%s); running without", lead.job_id, exc)
     return claims
+
+
+def _cache_key(claim: job_states.Claim, ctx: AttemptContext) -> str | None:
+    if not ctx.settings.worker.result_cache:
+        return None
+    runner = ctx.runner
+    return result_cache.cache_key(tenant_id=claim.tenant_id, params=claim.params,
+                                  model_id=getattr(runner, "model_id", ""), revision=getattr(runner, "revision", None),
+                                  worker_config=getattr(runner, "config", ""))
+
+
+def _complete_from_cache(m: Member, ctx: AttemptContext) -> str | None:
+    """succeeded with copies of an earlier run's images (common/result_cache.py), or None: generate."""
+    claim = m.claim
+    key = _cache_key(claim, ctx)
+    if key is None or m.wants_stop:
+        return None
+    with session_scope() as session:
+        entry = result_cache.find(session, key)
+        source = (entry.job_id, list(entry.images)) if entry is not None else None
+    if source is None:
+        return None
+    t0 = time.perf_counter()
+    try:
+        if not all(ctx.storage.exists(image["key"]) for image in source[1]):
+            return None  # deleted since: generate, and the new run replaces the entry
+        stored = []
+        for image in source[1]:
+            extension = image["key"].rsplit(".", 1)[-1]
+            target = image_key(ctx.storage.prefix, claim.tenant_id, claim.job_id, image["index"], extension)
+            ctx.storage.copy(image["key"], target)
+            stored.append(job_states.StoredImage(**{**image, "key": target}))
+        used = ctx.device_time(0.0)
+        timings = {"cached": True, "cache_source_job": str(source[0]), "store_s": round(time.perf_counter() - t0, 3),
+                   "gpu_seconds": 0.0, "gpu_kind": used.gpu_kind, "worker": ctx.worker_id, "attempt": claim.attempt}
+        with session_scope() as session:
+            job_states.complete(session, job_id=claim.job_id, token=claim.token, images=stored, timings=timings)
+            _record_usage(session, claim, ctx, used, "succeeded", images=len(stored))
+    except LeaseLost:
+        metrics.JOBS.labels(outcome="lease_lost").inc()
+        return "lease_lost"
+    except (StorageError, NotFound, SQLAlchemyError) as exc:  # the cache is an optimization: generate instead
+        log.warning("job %s: result cache entry not usable (%s); generating", claim.job_id, exc)
+        return None
+    m.monitor.stop()
+    metrics.JOBS.labels(outcome="succeeded").inc()
+    metrics.IMAGES.inc(len(stored))
+    metrics.RESULT_CACHE_HITS.inc()
+    log.info("job %s: served from the result cache (images of job %s)", claim.job_id, source[0])
+    return "succeeded"
 
 
 def _images(claims: list[job_states.Claim]) -> int:
@@ -297,6 +350,10 @@ def _store_and_complete(m: Member, ctx: AttemptContext, images: list, used: Devi
         with session_scope() as session:
             job_states.complete(session, job_id=claim.job_id, token=claim.token, images=stored, timings=timings)
             _record_usage(session, claim, ctx, used, "succeeded", images=len(stored))
+            # a co-batched run's pixels equal a lone run's only up to rounding: only lone runs are reused
+            if "batch" not in call and (key := _cache_key(claim, ctx)) is not None:
+                result_cache.remember(session, key=key, tenant_id=claim.tenant_id, job_id=claim.job_id,
+                                      images=[vars(image) for image in stored])
     except LeaseLost:
         log.warning("job %s: lease lost; another attempt owns it, nothing recorded", claim.job_id)
         return "lease_lost"

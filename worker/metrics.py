@@ -45,6 +45,9 @@ DEVICE_SECONDS = Counter("letterpress_worker_gpu_seconds_total",
                          "Generation seconds billed to jobs (the usage ledger, common.usage), by device kind and "
                          "capacity", ["gpu_kind", "capacity"])
 IMAGES = Counter("letterpress_worker_images_total", "Images stored by this worker")
+RESULT_CACHE_HITS = Counter("letterpress_worker_result_cache_hits_total",
+                            "Jobs completed with copies of an earlier identical run's images, without generating "
+                            "(common/result_cache.py)")
 ADAPTER_SWITCHES = Counter("letterpress_worker_adapter_switches_total",
                            "Generations that ran with other adapters than the one before (LoRA on, off or other "
                            "adapters, worker/pipeline/adapters.py)")

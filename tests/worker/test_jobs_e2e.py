@@ -11,7 +11,7 @@ import sys
 import boto3
 from PIL import Image
 
-from tests.support import BEYOND_THE_MODEL
+from tests.support import BEYOND_THE_MODEL, ApiClient, make_tenant
 from common.image_files import read_recipe, sha256_hex
 
 JOB = {"prompt": "a poster that says HELLO", "width": 320, "height": 256, "preset": "V4_TURBO_12", "seed": 1234,
@@ -61,13 +61,33 @@ def test_job_succeeds_and_png_in_s3_decodes_with_recipe(client, worker, services
     assert done["images"][0]["sha256"] != done["images"][1]["sha256"]
 
 
-def test_same_request_and_seed_give_identical_bytes(client, worker):
+def test_same_request_and_seed_give_identical_bytes(client, worker, api_url):
     a = client.wait(client.submit(JOB).json()["id"])
-    b = client.wait(client.submit(JOB).json()["id"])
+    other = ApiClient(api_url, make_tenant().key)  # another tenant: a generation again, not the result cache
+    b = other.wait(other.submit(JOB).json()["id"])
     assert a["status"] == b["status"] == "succeeded"
+    assert not b["timings"].get("cached") and b["timings"]["gpu_seconds"] > 0
     assert [i["sha256"] for i in a["images"]] == [i["sha256"] for i in b["images"]]
     c = client.wait(client.submit({**JOB, "seed": 99, "num_images": 1}).json()["id"])
     assert c["images"][0]["sha256"] != a["images"][0]["sha256"]
+
+
+def test_the_same_request_again_is_served_from_the_result_cache(client, worker, services, tenant):
+    """Same tenant, request and explicit seed: copies of the first run's images, no device time, the same bytes
+    under the new job's own keys; a new seed, metadata aside, or a server-chosen seed generates."""
+    body = {**JOB, "seed": 4321, "num_images": 1}
+    first = client.wait(client.submit(body).json()["id"])
+    again = client.wait(client.submit({**body, "metadata": {"run": 2}}).json()["id"])
+    assert first["status"] == again["status"] == "succeeded"
+    assert again["timings"]["cached"] is True and again["timings"]["cache_source_job"] == first["id"]
+    assert again["timings"]["gpu_seconds"] == 0 and "generate_s" not in again["timings"]
+    image, copy = first["images"][0], again["images"][0]
+    assert copy["key"] == f"images/{tenant.id}/{again['id']}/0.png" != image["key"]
+    assert copy["sha256"] == image["sha256"] and s3_get(services, copy["key"]) == s3_get(services, image["key"])
+    assert usage_rows(again["id"]) == [("succeeded", 1, "cpu", "on_demand", 0.0, 1)]
+    for fresh in ({**body, "seed": 4322}, {k: v for k, v in body.items() if k != "seed"}):
+        done = client.wait(client.submit(fresh).json()["id"])
+        assert done["status"] == "succeeded" and not done["timings"].get("cached"), done["timings"]
 
 
 def test_generation_error_fails_the_job_and_worker_keeps_serving(client, worker):

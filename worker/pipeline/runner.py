@@ -36,6 +36,13 @@ class PipelineRunner:
         return self.loaded.variant if self.loaded else ""
 
     @property
+    def config(self) -> str:
+        """What decides this worker's pixels beyond the model: variant, path and compile (the result cache keys on
+        it: differently configured workers round differently)."""
+        compiled = bool(self.loaded and getattr(self.loaded.pipe, "_letterpress_compiled", False))
+        return f"{self.variant}/fast_path={self.settings.model.fast_path}/compiled={compiled}"
+
+    @property
     def revision(self) -> str | None:
         return self.loaded.revision if self.loaded else None
 
