@@ -89,12 +89,22 @@ _INSERTED = [name for attr, name in _JOB_ATTRS
                          "progress_step", "progress_total")]
 
 
+# the default limits, as parameters of the statements compiled once (common.quotas)
+_DEFAULTS = quotas.Defaults(bindparam("max_active_default", type_=Integer),
+                            bindparam("max_images_default", type_=Integer))
+
+
+def _limit_binds() -> dict[str, int]:
+    limits = get_settings().limits
+    return {"max_active_default": limits.max_active_jobs, "max_images_default": limits.max_images_per_day}
+
+
 def _insert_statement() -> str:
-    """A new job of the key's tenant; no row when the key is not usable for submitting, or when the tenant is at
-    its limit of active jobs (common.quotas; `max_active_default` is the default limit)."""
+    """A new job of the key's tenant; no row when the key is not usable for submitting, or when the tenant's limits
+    (active jobs, images a day: common.quotas) do not let it start `num_images` more images."""
     key = _key_tenant("submit")
     values = [bindparam(name, type_=_JOBS.c[name].type) for name in _INSERTED]
-    within = quotas.within_limit(key.c.tenant_id, Tenant.limits, bindparam("max_active_default", type_=Integer))
+    within = quotas.within_limits(key.c.tenant_id, Tenant.limits, _DEFAULTS, bindparam("num_images", type_=Integer))
     source = (select(key.c.tenant_id, *values).select_from(key.join(Tenant, Tenant.id == key.c.tenant_id))
               .where(within))
     return _compile(insert(_JOBS).from_select(["tenant_id", *_INSERTED], source).returning(_JOBS))
@@ -102,8 +112,7 @@ def _insert_statement() -> str:
 
 READ_JOB = _read_statement()
 KEY_SCOPES = _compile(
-    select(ApiKey.scopes, quotas.max_active_jobs(Tenant.limits, bindparam("max_active_default", type_=Integer))
-           .label("max_active")).join(Tenant, Tenant.id == ApiKey.tenant_id)
+    select(ApiKey.scopes, *quotas.usage_row(Tenant.id, Tenant.limits, _DEFAULTS)).join(Tenant, Tenant.id == ApiKey.tenant_id)
     .where(usable_key(bindparam("key_hash"))))
 INSERT_JOB = _insert_statement()
 MARK_ENQUEUED = _compile(update(_JOBS).where(_JOBS.c.id == bindparam("job_id")).values(enqueued_at=func.now()))
@@ -231,27 +240,27 @@ class JobStore:
         """Insert a job (common.job_states.new_job_values) for the key's tenant, committed when this returns."""
         binds = {name: values[attr] for attr, name in _JOB_ATTRS if name in _INSERTED and attr != "id"}
         binds["id"], binds["key_hash"] = uuid.uuid4(), key_hash
-        binds["max_active_default"] = get_settings().limits.max_active_jobs
+        binds.update(_limit_binds(), num_images=values["params"]["num_images"])
         for attr in _JSONB_ATTRS & values.keys():
             name = dict(_JOB_ATTRS)[attr]
             binds[name] = None if values[attr] is None else Jsonb(values[attr])
         row = await self._fetchone(INSERT_JOB, binds)
         if row is None:
-            await self._refuse(key_hash, "submit")
+            await self._refuse(key_hash, "submit", adding_images=binds["num_images"])
         return _job(row)
 
-    async def _refuse(self, key_hash: str, scope: str) -> NoReturn:
+    async def _refuse(self, key_hash: str, scope: str, adding_images: int = 0) -> NoReturn:
         """The statement wrote or read nothing: 401 for a key that does not authenticate, 403 for a valid key
         without the scope (the rule of common.auth.authenticate_hash), else 429: the tenant is at its limit of
-        active jobs (common.quotas). Asked only on this failure."""
-        row = await self._fetchone(KEY_SCOPES, {"key_hash": key_hash,
-                                                "max_active_default": get_settings().limits.max_active_jobs})
+        active jobs or of images a day (common.quotas). Asked only on this failure."""
+        row = await self._fetchone(KEY_SCOPES, {"key_hash": key_hash, **_limit_binds()})
         if row is None:
             raise AuthenticationError("invalid API key")
         if scope not in row["scopes"]:
             raise Forbidden(f"this API key lacks the `{scope}` scope (it has: {', '.join(row['scopes'])})",
                             field="Authorization")
-        raise quotas.too_many(row["max_active"])
+        raise quotas.refusal(max_active=row["max_active"], active=row["active"], max_images=row["max_images"],
+                             images=row["images"], adding=adding_images)
 
     async def mark_enqueued(self, job_id: uuid.UUID) -> None:
         """Record that the job's message was sent, without waiting for the WAL flush: the mark is advisory

@@ -195,6 +195,8 @@ class LimitsSettings(BaseModel):
     # Jobs a tenant may have queued or running at once (batch items count once fed), unless an admin set the
     # tenant's own (common/quotas.py); 0: no limit
     max_active_jobs: int = Field(0, ge=0)
+    # Images a tenant may have made in the last 24 hours plus queued, unless an admin set its own; 0: no limit
+    max_images_per_day: int = Field(0, ge=0)
 
     @field_validator("requests_per_key")
     @classmethod

@@ -85,8 +85,8 @@ def _create_in_session(key_hash: str, submitted: dict) -> tuple[Job, bool]:
     stores each adapter's sha256, common.adapters)."""
     with session_scope() as session:
         tenant = authenticate_hash(session, key_hash, "submit")
-        quotas.check_active_jobs(session, tenant)
         params = submitted["params"]
+        quotas.check_limits(session, tenant, params["num_images"])
         if "loras" in params:
             loras = resolve_loras(session, tenant_id=tenant.id, loras=params["loras"])
             submitted = {**submitted, "params": {**params, "loras": loras}}

@@ -22,6 +22,9 @@ class TenantLimits(BaseModel):
     max_active_jobs: int | None = Field(None, ge=0, le=10_000_000, strict=True,
                                         description="jobs queued or running at once (batch items once fed); 0: no "
                                                     "limit; null: the server's default")
+    max_images_per_day: int | None = Field(None, ge=0, le=10**9, strict=True,
+                                           description="images made in the last 24 hours plus queued; 0: no limit; "
+                                                       "null: the server's default")
 
 
 class TenantUpdate(BaseModel):

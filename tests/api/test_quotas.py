@@ -97,3 +97,33 @@ def test_batch_items_count_as_they_are_fed(http):
         with session_scope() as session:
             again = [jid for jid, _ in batches.feed_candidates(session, room=50)]
             assert not set(again) & mine  # at its limit: no more turns until something finishes
+
+
+def test_images_a_day_count_what_was_made_and_what_is_queued(http):
+    """Images stored in the last 24 hours (the usage ledger) plus those of active jobs, plus the new job's, within
+    the limit; usage older than a day no longer counts."""
+    from datetime import timedelta
+
+    from common.models import UsageRecord
+    from common.usage import DeviceTime, record_attempt
+
+    tenant = make_tenant()
+    settings = get_settings()
+    with use_settings(settings.model_copy(update={
+            "limits": settings.limits.model_copy(update={"max_images_per_day": 10})})):
+        first = http.post("/v1/jobs", json={**JOB, "num_images": 4}, headers=auth(tenant))
+        assert first.status_code == 202, first.text
+        with session_scope() as session:  # it ran: 4 images in the ledger, the job done
+            job_id = uuid.UUID(first.json()["id"])
+            session.execute(update(Job).where(Job.id == job_id).values(status=JobStatus.SUCCEEDED))
+            record_attempt(session, job_id=job_id, attempt=1, outcome="succeeded", worker_id="w",
+                           used=DeviceTime(gpu_kind="cpu", capacity="on_demand", seconds=1.0), images=4)
+        assert http.post("/v1/jobs", json={**JOB, "num_images": 5}, headers=auth(tenant)).status_code == 202  # 9
+        for headers in (auth(tenant), {**auth(tenant), "Idempotency-Key": "images-1"}):
+            refused = http.post("/v1/jobs", json={**JOB, "num_images": 2}, headers=headers)  # 11 > 10
+            assert refused.status_code == 429 and "images" in refused.json()["error"]["message"], refused.text
+        assert http.post("/v1/jobs", json={**JOB, "num_images": 1}, headers=auth(tenant)).status_code == 202  # 10
+        with session_scope() as session:  # a day later the ledger's 4 no longer count
+            session.execute(update(UsageRecord).where(UsageRecord.job_id == job_id)
+                            .values(recorded_at=UsageRecord.recorded_at - timedelta(days=1, minutes=1)))
+        assert http.post("/v1/jobs", json={**JOB, "num_images": 4}, headers=auth(tenant)).status_code == 202
