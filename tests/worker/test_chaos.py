@@ -83,7 +83,10 @@ def chaos_stack(services, stack_env, tmp_path_factory):
     bucket = f"chaos-{uuid.uuid4().hex[:6]}"
     stack = make_own_stack(services, stack_env, tmp_path_factory, bucket=bucket,
                            LETTERPRESS_API__MIN_SIDE="64", LETTERPRESS_WORKER__MAX_ATTEMPTS="50",
-                           LETTERPRESS_WORKER__DRAIN_GRACE_S=str(DRAIN_GRACE_S), OMP_NUM_THREADS=str(TORCH_THREADS))
+                           LETTERPRESS_WORKER__DRAIN_GRACE_S=str(DRAIN_GRACE_S), OMP_NUM_THREADS=str(TORCH_THREADS),
+                           # every job generates: the faults are aimed at generations (repeated seeds would be
+                           # served from the result cache)
+                           LETTERPRESS_WORKER__RESULT_CACHE="false")
     stack.bucket = bucket
     yield stack
     stack.procs.stop_all()

@@ -201,7 +201,8 @@ def test_every_dashboard_panel_draws_from_live_metrics(fresh_workers, prometheus
     name, _ = stack.start_worker()
     prometheus.targets("letterpress-worker", [scrape_target(stack, name), *json.loads(
         (prometheus.root / "letterpress-worker.json").read_text())[0]["targets"]])
-    resp = client.http.post("/v1/batches", json={"items": [{**LONG, "custom_id": f"l{i}"} for i in range(3)]})
+    resp = client.http.post("/v1/batches", json={"items": [{**LONG, "custom_id": f"l{i}", "seed": 50 + i}
+                                                                   for i in range(3)]})  # distinct: no cache hits
     assert resp.status_code == 202, resp.text
     prometheus.eventually(f'letterpress_worker_ready{{instance="{scrape_target(stack, name)}"}}', 1)
     wait_until(lambda: prometheus.query("letterpress_batch_items_remaining"), 30, what="a batch in progress")
