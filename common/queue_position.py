@@ -56,6 +56,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import TextClause, text
@@ -182,6 +183,20 @@ batch_sent AS (
 SELECT s.n + u.n + least(b.n, s.n + u.n) AS position FROM me, sent s, unsent u, batch_sent b
 """)
 
+# FIFO_SQL for many jobs of one broker list at once (a list page): the same count, as each job's rank in the list's
+# order (sent ones in send order, then unsent ones by age), in one statement instead of one per job.
+FIFO_MANY_SQL = text("""
+WITH ranked AS (
+    SELECT id, row_number() OVER (ORDER BY enqueued_at NULLS LAST, created_at, id) - 1 AS k
+    FROM jobs WHERE status = 'queued' AND queue = :queue
+),
+batch_sent AS (
+    SELECT count(*) AS n FROM jobs
+    WHERE :queue = :interactive AND status = 'queued' AND queue = :batch AND enqueued_at IS NOT NULL
+)
+SELECT r.id, r.k + least(b.n, r.k) AS position FROM ranked r, batch_sent b WHERE r.id = ANY(:ids)
+""")
+
 THROUGHPUT_SQL = text("""
 SELECT count(*) AS n, extract(epoch FROM now() - min(started_at)) AS span_s FROM (
     SELECT started_at FROM jobs WHERE started_at > now() - make_interval(secs => :window)
@@ -267,3 +282,24 @@ def queue_place(session: Session, *, job: Job) -> QueuePlace | None:
     if pos is None:  # it left the queue since it was read
         return None
     return QueuePlace(position=pos, eta_s=eta_s(pos, recent_throughput(session)))
+
+
+def queue_places(session: Session, jobs: Sequence[Job]) -> dict[uuid.UUID, QueuePlace]:
+    """`queue_place` of many jobs (a list page) by job id, for the queued ones: the jobs of each broker list in one
+    statement (FIFO_MANY_SQL), batch items one statement each (their position depends on the feeder's turns)."""
+    queued = [job for job in jobs if job.status == JobStatus.QUEUED]
+    found: dict[uuid.UUID, int] = {}
+    by_queue: dict[str, list[uuid.UUID]] = {}
+    for job in queued:
+        if job.batch_id is None:
+            by_queue.setdefault(job.queue, []).append(job.id)
+        elif (p := position(session, job_id=job.id, batch_item=True)) is not None:
+            found[job.id] = p
+    for queue, ids in by_queue.items():
+        rows = session.execute(FIFO_MANY_SQL, {"queue": queue, "ids": ids, "interactive": INTERACTIVE_QUEUE,
+                                               "batch": BATCH_QUEUE})
+        found.update({row.id: int(row.position) for row in rows})
+    if not found:
+        return {}
+    throughput = recent_throughput(session)
+    return {job_id: QueuePlace(position=p, eta_s=eta_s(p, throughput)) for job_id, p in found.items()}

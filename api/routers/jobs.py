@@ -23,7 +23,7 @@ from common.errors import NotFound
 from common.image_files import FORMATS, content_type_of
 from common.job_request import JobRequest, to_params
 from common.models import Job, JobStatus
-from common.queue_position import QueuePlace, queue_place
+from common.queue_position import QueuePlace, queue_place, queue_places
 from common.representation import job_representation
 from common.storage import Storage
 
@@ -122,7 +122,8 @@ def list_jobs(request: Request, session: SessionDep, tenant: CurrentTenant, stor
     if status:
         query = query.where(Job.status == status)
     page = newest_first(session, query, Job, cursor=cursor, limit=limit)
-    return JobList.of(page, [_job_out_sync(request, session, storage, j) for j in page.rows])
+    places = queue_places(session, page.rows)  # the page's interactive jobs in one statement
+    return JobList.of(page, [job_out(request, storage, j, places.get(j.id)) for j in page.rows])
 
 
 @router.get("/{job_id}/images/{index}", name="get_job_image", response_class=Response, responses={

@@ -125,6 +125,14 @@ def place(job_id: uuid.UUID) -> qp.QueuePlace | None:
         return qp.queue_place(s, job=job_states.get_job(s, job_id))
 
 
+def places_of(job_ids) -> list[int | None]:
+    """The positions a list page shows (common.queue_position.queue_places, as GET /v1/jobs calls it)."""
+    with session() as s:
+        jobs = [job_states.get_job(s, j) for j in job_ids]
+        found = qp.queue_places(s, jobs)
+    return [found[j].position if j in found else None for j in job_ids]
+
+
 # ------------------------------------------------------------------------------------------------ the position
 
 def test_interactive_jobs_wait_in_send_order(db):
@@ -321,3 +329,32 @@ def test_batches_not_in_progress_take_no_turns(db):
         s.execute(update(Batch).where(Batch.id == select(Job.batch_id).where(Job.id == b_items[0])
                                       .scalar_subquery()).values(status="cancelling"))
     assert positions(a_items) == [0, 1, 2]
+
+
+def test_a_list_page_shows_the_same_positions_in_fewer_statements(db):
+    """queue_places (GET /v1/jobs) gives each job the position queue_place gives it alone: interactive jobs sent
+    and unsent, sent and unfed batch items, running and finished jobs; the interactive ones in one statement."""
+    from common.db import get_engine
+
+    t, u = tenant("t"), tenant("u")
+    b1 = batch(db, t, 4)
+    feed(2)
+    a, b, c, d = interactive(u, 4)
+    with session() as s:  # c goes back to the queue unsent
+        s.execute(update(Job).where(Job.id == c).values(enqueued_at=None))
+    start([d])
+    jobs = [a, b, c, d, *b1]
+    assert places_of(jobs) == positions(jobs)
+    # the lists alternate: each interactive job waits for the ones before it and as many sent batch items (2 here)
+    assert places_of([a, b, c, d]) == [0, 2, 4, None]
+
+    statements = []
+    engine = get_engine()
+    listen = lambda *args: statements.append(args[2])  # noqa: E731 - (conn, cursor, statement, ...)
+    event.listen(engine, "before_cursor_execute", listen)
+    try:
+        places_of([a, b, c])
+    finally:
+        event.remove(engine, "before_cursor_execute", listen)
+    assert sum("row_number()" in st for st in statements) == 1
+    assert not any("WITH me AS" in st for st in statements)  # no per-job position statement
