@@ -111,6 +111,9 @@ def _insert_statement() -> str:
 
 
 READ_JOB = _read_statement()
+# the tenant's own request rate (tenants.limits.requests_per_key) of a usable key; no row: the key is not usable
+KEY_RATE = _compile(select(Tenant.limits.op("->>")(literal_column("'requests_per_key'")).label("rate"))
+                    .join(ApiKey, ApiKey.tenant_id == Tenant.id).where(usable_key(bindparam("key_hash"))))
 KEY_SCOPES = _compile(
     select(ApiKey.scopes, *quotas.usage_row(Tenant.id, Tenant.limits, _DEFAULTS)).join(Tenant, Tenant.id == ApiKey.tenant_id)
     .where(usable_key(bindparam("key_hash"))))
@@ -221,6 +224,12 @@ class JobStore:
                 except psycopg.OperationalError:
                     if not (may_retry and conn.broken):
                         raise
+
+    async def tenant_rate(self, key_hash: str) -> str | None:
+        """The request rate the key's tenant has of its own (api/rate_limits.py), or None (the default applies,
+        also for a key that is not usable: its calls end in a 401 anyway)."""
+        row = await self._fetchone(KEY_RATE, {"key_hash": key_hash})
+        return None if row is None else row["rate"]
 
     async def read(self, key_hash: str, job_id: str) -> Job:
         """The caller's job; AuthenticationError for an unusable key, NotFound for a malformed id, a missing job

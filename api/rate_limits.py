@@ -9,6 +9,9 @@ library's fixed window, counted in Redis, so every API process shares one budget
   are slowed by api/wrong_keys.py, which runs first).
 - Redis unreachable: the call goes through uncounted (logged at most once a minute): a limit protects the fleet,
   it must not take the front door down with Redis.
+- A tenant may have a rate of its own (`tenants.limits.requests_per_key`, set by an admin): looked up by key once
+  per TENANT_RATE_TTL_S per process (so a change takes effect within that), the default otherwise; "" turns the
+  limit off for that tenant.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import logging
 import math
 import time
 import weakref
+from collections import OrderedDict
 
 from limits import RateLimitItem, parse
 from limits.aio.strategies import FixedWindowRateLimiter
@@ -28,6 +32,8 @@ from common.settings import get_settings
 
 log = logging.getLogger(__name__)
 LOG_EVERY_S = 60.0
+TENANT_RATE_TTL_S = 30.0
+TENANT_RATES_KEPT = 10_000  # keys whose tenant rate is remembered per process
 
 
 class KeyRateLimit:
@@ -38,6 +44,24 @@ class KeyRateLimit:
             weakref.WeakKeyDictionary())
         self._rates: dict[str, RateLimitItem] = {}
         self._last_warning = 0.0
+        self._tenant_rates: OrderedDict[str, tuple[float, str | None]] = OrderedDict()  # key hash -> (until, rate)
+
+    async def _rate_for(self, scope, digest: str, default: str) -> str:
+        """The key's tenant's own rate when it has one, else `default` (cached; the database is asked on a miss)."""
+        now = time.monotonic()
+        cached = self._tenant_rates.get(digest)
+        if cached is None or cached[0] < now:
+            store = getattr(getattr(scope.get("app"), "state", None), "job_store", None)
+            try:
+                own = await store.tenant_rate(digest) if store is not None else None
+            except Exception as exc:  # noqa: BLE001 - the default rate still applies
+                log.warning("tenant request rate not read (%s): the default applies", exc)
+                own = None
+            cached = self._tenant_rates[digest] = (now + TENANT_RATE_TTL_S, own)
+            while len(self._tenant_rates) > TENANT_RATES_KEPT:
+                self._tenant_rates.popitem(last=False)
+        self._tenant_rates.move_to_end(digest)
+        return default if cached[1] is None else cached[1]
 
     def _limiter_for(self, redis_url: str) -> FixedWindowRateLimiter:
         loop = asyncio.get_running_loop()
@@ -50,11 +74,13 @@ class KeyRateLimit:
 
     async def __call__(self, scope, receive, send) -> None:
         settings = get_settings()
-        rate = settings.limits.requests_per_key
-        if scope["type"] != "http" or not rate or not scope["path"].startswith("/v1/"):
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
             return await self.app(scope, receive, send)
         digest = presented_key_hash(scope)
         if digest is None:  # no key: the route answers 401
+            return await self.app(scope, receive, send)
+        rate = await self._rate_for(scope, digest, settings.limits.requests_per_key)
+        if not rate:
             return await self.app(scope, receive, send)
         item = self._rates.get(rate) or self._rates.setdefault(rate, parse(rate))
         limiter = self._limiter_for(settings.redis.url)

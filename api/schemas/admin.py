@@ -4,10 +4,11 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from common.auth import DEFAULT_SCOPES, SCOPES
 from common.input_limits import PlainText
+from common.settings import LimitsSettings
 
 Scope = str
 
@@ -22,9 +23,18 @@ class TenantLimits(BaseModel):
     max_active_jobs: int | None = Field(None, ge=0, le=10_000_000, strict=True,
                                         description="jobs queued or running at once (batch items once fed); 0: no "
                                                     "limit; null: the server's default")
+    requests_per_key: str | None = Field(None, max_length=64,
+                                         description="requests a key of this tenant may make, like 100/second; "
+                                                     "\"\": no limit; null: the server's default")
     max_images_per_day: int | None = Field(None, ge=0, le=10**9, strict=True,
                                            description="images made in the last 24 hours plus queued; 0: no limit; "
                                                        "null: the server's default")
+
+
+    @field_validator("requests_per_key")
+    @classmethod
+    def _a_rate(cls, value: str | None) -> str | None:
+        return None if value is None else LimitsSettings.model_validate({"requests_per_key": value}).requests_per_key
 
 
 class TenantUpdate(BaseModel):

@@ -70,3 +70,30 @@ def test_the_rate_setting_is_checked():
     with pytest.raises(ValueError, match="100/second"):
         settings_from_env({"LETTERPRESS_LIMITS__REQUESTS_PER_KEY": "fast"})
     assert settings_from_env({"LETTERPRESS_LIMITS__REQUESTS_PER_KEY": ""}).limits.requests_per_key == ""
+
+
+def test_a_tenant_has_its_own_rate_when_an_admin_sets_one(http):
+    """Its own rate (read once per TTL per process: a fresh app here), another tenant keeps the default, and ""
+    exempts a tenant from a low default."""
+    from common.auth import create_api_key, get_or_create_tenant
+
+    limited_tenant, other = make_tenant(), make_tenant()
+    with session_scope() as session:
+        admin = create_api_key(session, tenant=get_or_create_tenant(session, f"ops-{other.name}"), name="ops",
+                               scopes=["read", "admin"])
+    for tenant, rate in ((limited_tenant, "3/hour"), (other, "")):
+        resp = http.patch(f"/v1/admin/tenants/{tenant.id}", json={"limits": {"requests_per_key": rate}},
+                          headers={"Authorization": f"Bearer {admin}"})
+        assert resp.status_code == 200 and resp.json()["limits"] == {"requests_per_key": rate}, resp.text
+    bad = http.patch(f"/v1/admin/tenants/{other.id}", json={"limits": {"requests_per_key": "lots"}},
+                     headers={"Authorization": f"Bearer {admin}"})
+    assert bad.status_code == 422 and "requests_per_key" in bad.json()["error"]["field"], bad.text
+
+    fresh = TestClient(create_app(), raise_server_exceptions=False)  # no cached tenant rates
+    with limited("1000/second"):
+        answers = [fresh.get("/v1/jobs", headers={"Authorization": f"Bearer {limited_tenant.key}"}).status_code
+                   for _ in range(4)]
+        assert answers[:3] == [200] * 3 and answers[3] == 429, answers
+    with limited("1/minute"):  # the default is low now; the exempt tenant is not limited
+        assert all(fresh.get("/v1/jobs", headers={"Authorization": f"Bearer {other.key}"}).status_code == 200
+                   for _ in range(3))
