@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from safetensors.torch import save_file
 from sqlalchemy import func, select
 
 from api.main import create_app
