@@ -2,6 +2,7 @@
 gets 403 here: api/deps.required_scope). The same operations as `letterpress keys` (common/auth.py), over HTTP."""
 from __future__ import annotations
 
+import dataclasses
 from datetime import timedelta
 
 from fastapi import APIRouter
@@ -30,14 +31,10 @@ def tenant_out(t: Tenant) -> TenantOut:
     return TenantOut(id=t.id, name=t.name, created_at=t.created_at, limits=dict(t.limits or {}))
 
 
-def key_out(info: auth.KeyInfo) -> KeyOut:
-    return KeyOut(id=info.id, tenant=info.tenant, name=info.name, prefix=info.prefix, scopes=info.scopes,
-                  created_at=info.created_at, expires_at=info.expires_at, revoked_at=info.revoked_at,
-                  last_used_at=info.last_used_at, usable=info.usable)
-
-
-def _info(session, key_id) -> auth.KeyInfo:
-    return next(k for k in auth.list_keys(session) if k.id == key_id)
+def key_out(session, key: ApiKey) -> KeyOut:
+    """The key as `letterpress keys list` shows it (read among its own tenant's keys only)."""
+    info = next(k for k in auth.list_keys(session, tenant=key.tenant.name) if k.id == key.id)
+    return KeyOut(**dataclasses.asdict(info))
 
 
 @router.get("/tenants", response_model=TenantList, responses=error_responses())
@@ -68,7 +65,7 @@ def update_tenant(tenant_id: str, body: TenantUpdate, session: SessionDep, _admi
 @router.get("/keys", response_model=KeyList, responses=error_responses(422))
 def list_keys(session: SessionDep, _admin: CurrentTenant, tenant: str | None = None) -> KeyList:
     """Every key (of one tenant, by name): never the key itself."""
-    return KeyList(data=[key_out(k) for k in auth.list_keys(session, tenant=tenant)])
+    return KeyList(data=[KeyOut(**dataclasses.asdict(k)) for k in auth.list_keys(session, tenant=tenant)])
 
 
 @router.post("/keys", status_code=201, response_model=KeyCreated, responses=error_responses(413, 422))
@@ -79,8 +76,8 @@ def create_key(body: KeyCreate, session: SessionDep, _admin: CurrentTenant) -> K
     key = auth.create_api_key(session, tenant=tenant, name=body.name, scopes=scopes,
                               expires_in=timedelta(seconds=body.expires_in_s) if body.expires_in_s else None)
     session.commit()
-    key_id = session.scalar(select(ApiKey.id).where(ApiKey.key_hash == auth.hash_key(key)))
-    return KeyCreated(**key_out(_info(session, key_id)).model_dump(), key=key)
+    row = session.scalar(select(ApiKey).where(ApiKey.key_hash == auth.hash_key(key)))
+    return KeyCreated(**key_out(session, row).model_dump(), key=key)
 
 
 @router.post("/keys/{key_id}/revoke", response_model=KeyOut, responses=error_responses(404, 409, 413, 422))
@@ -88,4 +85,4 @@ def revoke_key(key_id: str, session: SessionDep, _admin: CurrentTenant) -> KeyOu
     """Revoke now (by id or shown prefix): the next request with the key is a 401."""
     key = auth.revoke_key(session, key_id)
     session.commit()
-    return key_out(_info(session, key.id))
+    return key_out(session, key)
