@@ -5,7 +5,8 @@ Shape of the work:
 - Ingest validates every line with the same `JobRequest`/`to_params` as `POST /v1/jobs` and bulk-inserts the jobs
   with COPY, all in the caller's transaction: a refused batch (422) leaves nothing behind.
 - Jobs of a batch are NOT enqueued at submit. They wait in Postgres with `enqueued_at` NULL, and the feeder
-  (worker/feeder.py) hands a bounded number at a time to the broker, round robin across tenants and batches.
+  (worker/feeder.py) hands a bounded number at a time to the broker, by weighted fair share across tenants and
+  batches (priority lanes: common/fair_share.py).
   `feed_candidates` and `reset_stale_fed` below are its SQL.
 - Whoever sees a batch with nothing queued or running (the feeder pass, in every worker) finalizes it: a
   compare-and-set to `finalizing`, the manifest written to storage, then `completed | failed | cancelled`.
@@ -23,17 +24,18 @@ from datetime import timedelta
 from typing import Any, Callable, Iterable, Iterator
 
 from pydantic import ValidationError
-from sqlalchemy import BigInteger, and_, cast, exists, func, or_, select, text, update
+from sqlalchemy import BigInteger, Double, and_, cast, column, exists, func, or_, select, text, update, values
+from sqlalchemy.dialects.postgresql import UUID
 from sqlalchemy.orm import Session
 
-from common import job_states, quotas
+from common import fair_share, job_states, quotas
 from common.adapters import TenantAdapters
 from common.batch_counts import RequestCounts, request_counts
 from common.broker import BATCH_QUEUE
 from common.db import get_owned
 from common.errors import Conflict, InvalidRequest
 from common.job_request import JobRequest, RequestError, to_params
-from common.models import Batch, BatchStatus, Job, JobImage, JobStatus
+from common.models import Batch, BatchStatus, Job, JobImage, JobStatus, Tenant
 from common.settings import ApiSettings, BatchSettings, get_settings
 from common.webhooks import outbox
 
@@ -81,6 +83,7 @@ class BatchOptions:
     skip_invalid: bool = False
     metadata: dict[str, Any] | None = None
     webhook_url: str | None = None
+    priority: str = fair_share.DEFAULT_PRIORITY  # a scheduling choice, not input: left out of the input hash
 
 
 def _canonical(raw: Any) -> bytes:
@@ -90,7 +93,7 @@ def _canonical(raw: Any) -> bytes:
 
 
 def _options_digest(options: BatchOptions) -> bytes:
-    return json.dumps(asdict(options), sort_keys=True).encode()
+    return json.dumps({k: v for k, v in asdict(options).items() if k != "priority"}, sort_keys=True).encode()
 
 
 def input_hash(source: LineSource, options: BatchOptions) -> str:
@@ -222,7 +225,7 @@ def create_batch(session: Session, *, tenant_id: uuid.UUID, source: LineSource, 
     batch_id = uuid.uuid4()
     batch = Batch(id=batch_id, tenant_id=tenant_id, status=B.VALIDATING, request_hash="", total=0,
                   idempotency_key=idempotency_key, input_source=source_name, metadata_=options.metadata,
-                  webhook_url=options.webhook_url, manifest_key=manifest_key(storage_prefix, tenant_id, batch_id))
+                  webhook_url=options.webhook_url, priority=options.priority, manifest_key=manifest_key(storage_prefix, tenant_id, batch_id))
     session.add(batch)
     session.flush()  # the jobs' foreign key needs the row; an Idempotency-Key race fails here (IntegrityError)
 
@@ -318,6 +321,18 @@ def cancel_batch(session: Session, *, batch: Batch) -> Batch:
     return batch
 
 
+def set_priority(session: Session, *, batch: Batch, priority: str) -> Batch:
+    """Move a batch to another lane (common.fair_share). It takes effect at the feeder's next pass; items already
+    in the broker keep their place. A batch that has ended has no lane to change (409)."""
+    lock_batch(session, batch)
+    if batch.status in B.TERMINAL or batch.status == B.FINALIZING:
+        raise Conflict(f"batch {batch.id} is already {batch.status}", field="status")
+    batch.priority = priority
+    session.flush()
+    session.refresh(batch)
+    return batch
+
+
 def rerun(session: Session, *, batch: Batch, statuses: tuple[str, ...]) -> int:
     """Put the batch's items in `statuses` (failed and/or canceled) back in the queue; succeeded items are kept.
     Resume (same input, same Idempotency-Key) re-runs failed and canceled items; retry only failed ones.
@@ -336,58 +351,83 @@ def rerun(session: Session, *, batch: Batch, statuses: tuple[str, ...]) -> int:
 
 # ------------------------------------------------------------------------------------------- feeder SQL
 
-def feed_candidates(session: Session, *, room: int, group_by_adapter: bool = True) -> list[tuple[uuid.UUID, uuid.UUID]]:
-    """Up to `room` (job id, batch id) pairs to hand to the broker next, in the order to send them: slots go
-    round robin to tenants (least recently fed tenant first), and inside a tenant round robin to its batches
-    (least recently fed first), each batch giving its items in line order (`group_by_adapter`: one adapter group
-    after another, each in line order; items without adapters last). The chosen batches are stamped as
-    fed now, so the next pass starts with the others: over passes every tenant gets an equal share of the
-    GPUs whatever its number of batches. A tenant with a limit of active jobs (common.quotas) gets no more turns
-    than it has room for."""
+def feed_candidates(session: Session, *, room: int, group_by_adapter: bool = True,
+                    weights: dict[str, float] | None = None) -> list[tuple[uuid.UUID, uuid.UUID]]:
+    """Up to `room` (job id, batch id) pairs to hand to the broker next, in the order to send them. Slots go by
+    weighted fair share (common.fair_share): to the tenant with the lowest pass, inside it to the batch with the
+    lowest pass, each weighted by priority; so over passes every tenant gets its weighted share of the GPUs
+    whatever its number of batches, and no batch starves. A batch gives its items in line order
+    (`group_by_adapter`: one adapter group after another, each in line order; items without adapters last). A
+    tenant with a limit of active jobs (common.quotas) gets no more turns than it has room for. The passes of the
+    tenants and batches fed are saved, so the next pass continues from them."""
     if room <= 0:
         return []
+    weights = weights or get_settings().batches.priority_weights
+    unfed = exists().where(Job.batch_id == Batch.id, Job.batch_id.is_not(None), Job.status == S.QUEUED,
+                           Job.enqueued_at.is_(None))
     active = session.execute(
-        select(Batch.id, Batch.tenant_id, Batch.last_fed_at).where(Batch.status == B.IN_PROGRESS)
-        .order_by(Batch.last_fed_at.asc().nulls_first(), Batch.created_at).limit(1000)).all()
+        select(Batch.id, Batch.tenant_id, Batch.priority, Batch.feed_pass, Batch.created_at)
+        .where(Batch.status == B.IN_PROGRESS, unfed).order_by(Batch.created_at, Batch.id).limit(1000)).all()
     if not active:
         return []
-    by_tenant: dict[uuid.UUID, list[uuid.UUID]] = defaultdict(list)
-    tenant_fed: dict[uuid.UUID, float] = {}
-    for bid, tenant, fed_at in active:  # already least recently fed first
-        by_tenant[tenant].append(bid)
-        stamp = fed_at.timestamp() if fed_at is not None else float("-inf")
-        tenant_fed[tenant] = max(tenant_fed.get(tenant, stamp), stamp)
+    by_tenant: dict[uuid.UUID, list] = defaultdict(list)
+    for row in active:
+        by_tenant[row.tenant_id].append(row)
     allowance = quotas.room_left(session, by_tenant)  # tenants with a limit of active jobs: turns they may take
-    tenants = [t for t in sorted(by_tenant, key=lambda t: tenant_fed[t])  # stable: ties keep the batches' order
-               if allowance.get(t, 1) > 0]
-    if not tenants:
+    by_tenant = {t: rows for t, rows in by_tenant.items() if allowance.get(t, 1) > 0}
+    if not by_tenant:
         return []
-    slots = [by_tenant[t][(i // len(tenants)) % len(by_tenant[t])]
-             for i, t in ((i, tenants[i % len(tenants)]) for i in range(room))]
-    quota: dict[uuid.UUID, int] = defaultdict(int)
-    for bid in slots:
-        quota[bid] += 1
+    slack = fair_share.slack(weights)
+    tenant_rows = session.execute(select(Tenant.id, Tenant.feed_pass, Tenant.created_at)
+                                  .where(Tenant.id.in_(by_tenant))).all()
+    tenant_pass = fair_share.effective_passes({t.id: t.feed_pass for t in tenant_rows}, slack)
+    tenants = fair_share.Stride({t.id: ((t.created_at, str(t.id)), max(weights[r.priority] for r in by_tenant[t.id]),
+                                        tenant_pass[t.id]) for t in tenant_rows})
+    inside: dict[uuid.UUID, fair_share.Stride] = {}
+    for t, rows in by_tenant.items():
+        batch_pass = fair_share.effective_passes({r.id: r.feed_pass for r in rows}, slack)
+        inside[t] = fair_share.Stride({r.id: ((r.created_at, str(r.id)), weights[r.priority], batch_pass[r.id])
+                                       for r in rows})
     # inside a batch: items of one adapter group after another (by ix_jobs_batch_unfed_group), in line order in
     # each, so workers keep their adapters loaded; without adapters that is plain line order
     order = (Job.adapter_group, Job.batch_line) if group_by_adapter else (Job.batch_line,)
-    ready = {bid: iter(session.scalars(
-        select(Job.id).where(Job.batch_id == bid, Job.status == S.QUEUED, Job.enqueued_at.is_(None))
-        .order_by(*order).limit(n)).all()) for bid, n in quota.items()}
-    tenant_of = {bid: tenant for tenant, bids in by_tenant.items() for bid in bids}
-    picked = []
-    for bid in slots:
-        tenant = tenant_of[bid]
-        if allowance.get(tenant, 1) <= 0:
+    ready: dict[uuid.UUID, Iterator[uuid.UUID]] = {}
+    picked: list[tuple[uuid.UUID, uuid.UUID]] = []
+    fed_tenants: dict[uuid.UUID, float] = {}
+    fed_batches: dict[uuid.UUID, float] = {}
+    while tenants and len(picked) < room:
+        tenant = tenants.peek()
+        batches_of = inside[tenant]
+        if not batches_of or allowance.get(tenant, 1) <= 0:
+            tenants.remove(tenant)
             continue
+        bid = batches_of.peek()
+        if bid not in ready:
+            ready[bid] = iter(session.scalars(
+                select(Job.id).where(Job.batch_id == bid, Job.status == S.QUEUED, Job.enqueued_at.is_(None))
+                .order_by(*order).limit(room)).all())
         jid = next(ready[bid], None)
-        if jid is not None:
-            picked.append((jid, bid))
-            if tenant in allowance:
-                allowance[tenant] -= 1
-    fed = {bid for _, bid in picked}
-    if fed:
-        session.execute(update(Batch).where(Batch.id.in_(fed)).values(last_fed_at=func.clock_timestamp()))
+        if jid is None:  # its last items were sent by this pass
+            batches_of.remove(bid)
+            continue
+        picked.append((jid, bid))
+        tenants.advance(tenant)
+        batches_of.advance(bid)
+        fed_tenants[tenant], fed_batches[bid] = tenants.pass_of(tenant), batches_of.pass_of(bid)
+        if tenant in allowance:
+            allowance[tenant] -= 1
+    _save_passes(session, Tenant, fed_tenants)
+    _save_passes(session, Batch, fed_batches, last_fed_at=func.clock_timestamp())
     return picked
+
+
+def _save_passes(session: Session, model: type, passes: dict[uuid.UUID, float], **also: Any) -> None:
+    """Store the fair-share passes of the tenants or batches just fed (one UPDATE from a VALUES list)."""
+    if not passes:
+        return
+    new = values(column("id", UUID(as_uuid=True)), column("pass", Double()), name="fed").data(list(passes.items()))
+    session.execute(update(model).where(model.id == new.c.id).values(feed_pass=new.c["pass"], **also)
+                    .execution_options(synchronize_session=False))
 
 
 def reset_stale_fed(session: Session, *, older_than_s: float) -> int:

@@ -7,6 +7,7 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    CheckConstraint,
     Boolean,
     DateTime,
     Double,
@@ -46,6 +47,7 @@ class Tenant(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     # this tenant's own limits over the defaults (common/quotas.py; migration 0010): {"max_active_jobs": n}
     limits: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"), default=dict)
+    feed_pass: Mapped[float | None] = mapped_column(Double())  # batch lane fair share (common/fair_share.py)
 
 
 class ApiKey(Base):
@@ -84,6 +86,7 @@ class Batch(Base):
         UniqueConstraint("tenant_id", "idempotency_key", name="uq_batches_tenant_idempotency"),
         Index("ix_batches_tenant_created", "tenant_id", "created_at", "id"),
         Index("ix_batches_status", "status"),
+        CheckConstraint("priority IN ('high', 'normal', 'low')", name="ck_batches_priority"),
     )
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
     tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
@@ -97,7 +100,9 @@ class Batch(Base):
     invalid: Mapped[dict[str, Any] | None] = mapped_column(JSONB)  # {count, lines}: skipped (skip_invalid=true)
     manifest_key: Mapped[str] = mapped_column(Text)
     manifest_written_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    last_fed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # feeder round robin
+    last_fed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # last fed by the feeder
+    priority: Mapped[str] = mapped_column(String(8), default="normal", server_default="normal")  # its lane
+    feed_pass: Mapped[float | None] = mapped_column(Double())  # fair share inside its tenant
 
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     in_progress_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

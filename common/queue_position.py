@@ -10,9 +10,9 @@ The model is the schedulers' own rules, read from the code:
   feeder pass, which share their `enqueued_at`). An unsent job (`enqueued_at` NULL: its send failed or it was
   requeued) is sent later, so it stands behind every sent one.
 - Batch items wait in Postgres until the feeder (worker/feeder.py) sends them; it sends none while interactive work
-  waits (`interactive_first`), and picks them with common.batches.feed_candidates: turns go round robin to tenants
-  (least recently fed first: a tenant's stamp is its most recently fed in-progress batch), inside a tenant round
-  robin to its batches (least recently fed first, then oldest), each batch giving its unfed items in line order.
+  waits (`interactive_first`), and picks them with common.batches.feed_candidates by weighted fair share
+  (common.fair_share, priority lanes): the tenant with the lowest pass, inside it the batch with the lowest pass,
+  each turn adding 1/weight to both; each batch gives its unfed items in line order.
 
 So, with W = interactive jobs waiting and F = batch items already sent and still queued:
 
@@ -20,22 +20,24 @@ So, with W = interactive jobs waiting and F = batch items already sent and still
   alternate between the lists). Any other non-batch queue: `k`.
 - a sent batch item with f sent items before it: `f + min(W, f)`.
 - an unsent batch item, r unfed items before it in its own batch:
-  `W + F + K + sum over other tenants T of min(unfed items of T, K + [T's turn comes before ours])`, where
-  K = r + sum over the tenant's other in-progress batches b of min(unfed items of b, r + [b's turn comes before
-  ours]) is the number of turns the tenant takes before this item's. Round robin gives every other tenant as
-  many turns as ours needs (one more if its turn comes first), capped by what it has.
+  `W + F + K + sum over other tenants T of min(unfed items of T, turns of T before virtual time
+  pass(me) + K / weight(me))`, where K = r + sum over the tenant's other batches b with unfed items of
+  min(unfed items of b, turns of b before pass(my batch) + r / weight(my batch)) is the number of turns the tenant
+  takes before this item's. A client at pass p with weight w takes ceil((t - p) * w) turns before virtual time t,
+  one more when it reaches t exactly and wins the tie (fair_share.turns_before); the passes are the scheduler's
+  effective ones (fair_share.effective_passes, spelled in SQL by `_effective`).
 
 It is exact for the scheduler's policy taken one item at a time (tests/common/test_queue_position.py checks it
-against feed_candidates, one slot a pass). It is an estimate beyond that: a multi-item top-up orders the items of one
-pass slightly differently; feed_candidates wastes the slots it gives to an in-progress batch with nothing left to
-feed (its last items running) and a tenant's stamp falls back when its most recently fed batch finishes, so that
-tenant takes its next turn early; co-batching, retries, cancels and new arrivals (interactive jobs submitted later
-go first) move things further. A batch whose lines name adapters is fed one adapter group after another
-(`batches.group_by_adapter`), while `r` below still counts the items before this one in line order: for such a
-batch the position is the line-order estimate, not yet the grouped order (a known gap).
+against feed_candidates, one slot a pass, with and without priorities). It is an estimate beyond that: a
+multi-item top-up orders the items of one pass slightly differently; a tenant's weight is that of its
+highest-priority batch with items left, so when that batch runs out before its others the tenant's later turns
+come more slowly than the model says; co-batching, retries, cancels, priority changes and new arrivals
+(interactive jobs submitted later go first) move things further. A batch whose lines name adapters is fed one
+adapter group after another (`batches.group_by_adapter`), while `r` below still counts the items before this one
+in line order: for such a batch the position is the line-order estimate, not yet the grouped order (a known gap).
 
-What it reveals: a single number. Another tenant's backlog enters only as `min(backlog, our turns)`, i.e. no more
-than the round robin itself implies (whether that tenant has more than our turns to go); per-tenant or per-batch
+What it reveals: a single number. Another tenant's backlog enters only as `min(backlog, its turns before ours)`,
+i.e. no more than the fair share itself implies (whether that tenant has more than our turns to go); per-tenant or per-batch
 figures are never returned, and a tenant's own jobs are counted exactly.
 
 Cost: every count walks an index range (`ix_jobs_batch_unfed` of migration 0002, `ix_jobs_queued_sent` of 0004,
@@ -62,8 +64,10 @@ from dataclasses import dataclass
 from sqlalchemy import TextClause, text
 from sqlalchemy.orm import Session
 
+from common import fair_share
 from common.broker import BATCH_QUEUE, INTERACTIVE_QUEUE
 from common.models import Job, JobStatus
+from common.settings import get_settings
 
 THROUGHPUT_WINDOW_S = 300.0   # "recent": starts in the last five minutes
 THROUGHPUT_SAMPLE = 200       # at most this many starts are read; a busy fleet's rate comes from their span
@@ -103,17 +107,31 @@ def _unfed(batch: str, *, below: str | None = None, cap: str | None = None) -> s
             FROM (SELECT u.batch_line AS line FROM jobs u WHERE {where} ORDER BY u.batch_line LIMIT {limit}) x) h)"""
 
 
-# My tenant's batch b gets r turns before my item's, one more when its turn comes before my batch's.
-_OWN_CAP = ("a.r + CASE WHEN (coalesce(b.last_fed_at, '-infinity'), b.created_at, b.id)"
-            " < (me.b_fed, me.b_created, me.batch_id) THEN 1 ELSE 0 END")
 
-# A batch item. Every count is of the caller's own rows or capped at the caller's rounds.
+def _turns(pass_: str, weight: str, at: str, wins_tie: str) -> str:
+    """SQL of common.fair_share.turns_before: the turns a client at `pass_` with `weight` takes before virtual
+    time `at` (one more when it reaches `at` exactly and wins the tie)."""
+    span = f"(({at}) - {pass_}) * {weight}"
+    return (f"(CASE WHEN {span} < 0 THEN 0 ELSE ceil({span})::bigint"
+            f" + CASE WHEN {span} = floor({span}) AND {wins_tie} THEN 1 ELSE 0 END END)")
+
+
+def _effective(pass_: str, partition: str) -> tuple[str, str]:
+    """SQL of common.fair_share.effective_passes over a window: the known pass clamped to the floor (NULL kept,
+    as `p0`), then the effective pass (a NULL at the floor, 0 when no pass is known)."""
+    floor = f"max({pass_}) OVER ({partition}) - :slack"
+    return (f"CASE WHEN {pass_} IS NOT NULL THEN greatest({pass_}, {floor}) END",
+            f"coalesce(p0, {floor.replace(pass_, 'p0')}, 0)")
+
+
+_B_CLAMP, _B_PASS = _effective("feed_pass", "PARTITION BY tenant_id")  # batches, inside each tenant
+_T_CLAMP, _T_PASS = _effective("feed_pass", "")                         # tenants, among themselves
+
+# A batch item. Every count is of the caller's own rows or capped at the caller's turns.
 BATCH_SQL = text(f"""
 WITH me AS (
-    SELECT j.id, j.tenant_id, j.batch_id, j.batch_line, j.enqueued_at, j.created_at,
-           coalesce(b.last_fed_at, '-infinity') AS b_fed, b.created_at AS b_created
-    FROM jobs j JOIN batches b ON b.id = j.batch_id
-    WHERE j.id = :job_id AND j.status = 'queued'
+    SELECT j.id, j.tenant_id, j.batch_id, j.batch_line, j.enqueued_at, j.created_at
+    FROM jobs j WHERE j.id = :job_id AND j.status = 'queued'
 ),
 waiting AS (    -- W: interactive jobs waiting; the feeder sends no batch item while any does
     SELECT count(*) AS n FROM jobs WHERE status = 'queued' AND queue = :interactive
@@ -128,31 +146,44 @@ ahead AS (      -- r: my batch's unfed items before my line (none once I am sent
     SELECT CASE WHEN me.enqueued_at IS NULL THEN {_unfed("me.batch_id", below="me.batch_line")} ELSE 0 END AS r
     FROM me
 ),
-own AS (        -- my tenant's other batches: each gives min(its unfed, r + [its turn comes before my batch's])
-    SELECT coalesce(sum({_unfed("b.id", cap=_OWN_CAP)}), 0) AS n
-    FROM me CROSS JOIN ahead a
-    JOIN batches b ON b.tenant_id = me.tenant_id AND b.status = 'in_progress' AND b.id <> me.batch_id
+active AS (     -- the feeder's batches: in progress with items left to send, each with its priority's weight
+    SELECT b.id, b.tenant_id, b.created_at, b.feed_pass,
+           (CASE b.priority WHEN 'high' THEN :w_high WHEN 'low' THEN :w_low ELSE :w_normal END)::float8 AS w
+    FROM batches b
+    WHERE b.status = 'in_progress' AND EXISTS (SELECT 1 FROM jobs u WHERE u.batch_id = b.id
+          AND u.batch_id IS NOT NULL AND u.status = 'queued' AND u.enqueued_at IS NULL)
+),
+bpass AS (      -- their effective passes inside their tenants
+    SELECT id, tenant_id, created_at, w, {_B_PASS} AS p
+    FROM (SELECT a.*, {_B_CLAMP} AS p0 FROM active a) c
+),
+tpass AS (      -- the tenants': weight of the highest-priority batch, effective pass among tenants
+    SELECT tenant_id, created_at, w, {_T_PASS} AS p
+    FROM (SELECT t.id AS tenant_id, t.created_at, g.w, {_T_CLAMP} AS p0
+          FROM (SELECT tenant_id, max(w) AS w FROM active GROUP BY tenant_id) g JOIN tenants t ON t.id = g.tenant_id) c
+),
+mine AS (
+    SELECT b.p AS bp, b.w AS bw, b.created_at AS bc, b.id AS bid, t.p AS tp, t.w AS tw, t.created_at AS tc,
+           t.tenant_id
+    FROM me JOIN bpass b ON b.id = me.batch_id JOIN tpass t ON t.tenant_id = me.tenant_id
+),
+own AS (        -- my tenant's other batches: each gives min(its unfed, its turns before my batch's r-th)
+    SELECT coalesce(sum({_unfed("b.id", cap=_turns("b.p", "b.w", "m.bp + a.r / m.bw",
+                                                   "(b.created_at, b.id) < (m.bc, m.bid)"))}), 0) AS n
+    FROM mine m CROSS JOIN ahead a JOIN bpass b ON b.tenant_id = m.tenant_id AND b.id <> m.bid
 ),
 rounds AS (     -- K: turns my tenant takes before my item's
     SELECT a.r + own.n AS k FROM ahead a, own
 ),
-tenants AS (    -- the feeder's tenant order: least recently fed first (its latest batch), then oldest batch
-    SELECT b.tenant_id, max(coalesce(b.last_fed_at, '-infinity')) AS fed, min(b.created_at) AS created
-    FROM batches b WHERE b.status = 'in_progress' GROUP BY b.tenant_id
-),
-my_turn AS (
-    SELECT me.tenant_id, coalesce(t.fed, me.b_fed) AS fed, coalesce(t.created, me.b_created) AS created
-    FROM me LEFT JOIN tenants t ON t.tenant_id = me.tenant_id
-),
-caps AS (       -- each other tenant's turns before my item's: K, or K + 1 when its turn comes before mine
-    SELECT t.tenant_id, r.k + CASE WHEN (t.fed, t.created, t.tenant_id) < (m.fed, m.created, m.tenant_id)
-                                   THEN 1 ELSE 0 END AS cap
-    FROM tenants t, my_turn m, rounds r WHERE t.tenant_id <> m.tenant_id
+caps AS (       -- each other tenant's turns before my tenant's K-th
+    SELECT t.tenant_id, {_turns("t.p", "t.w", "m.tp + r.k / m.tw",
+                                "(t.created_at, t.tenant_id) < (m.tc, m.tenant_id)")} AS cap
+    FROM tpass t, mine m, rounds r WHERE t.tenant_id <> m.tenant_id
 ),
 others AS (     -- sum over other tenants of min(its unfed items, its cap); each batch's count stops at the cap
     SELECT coalesce(sum(least(per.n, per.cap)), 0) AS n FROM (
         SELECT c.tenant_id, c.cap, sum({_unfed("b.id", cap="c.cap")}) AS n
-        FROM caps c JOIN batches b ON b.tenant_id = c.tenant_id AND b.status = 'in_progress'
+        FROM caps c JOIN bpass b ON b.tenant_id = c.tenant_id
         GROUP BY c.tenant_id, c.cap) per
 )
 SELECT (CASE WHEN me.enqueued_at IS NOT NULL THEN s.n + least(w.n, s.n)
@@ -208,9 +239,12 @@ def position_query(*, job_id: uuid.UUID, batch_item: bool, exact_upto: int = EXA
     """The one statement of a job's position and its parameters (a row with `position`; none when not queued).
     `position` runs it on a session; the API's async poll (api/job_store.py) on its own connection."""
     exact_upto = max(2, exact_upto)
+    weights = get_settings().batches.priority_weights
     return (BATCH_SQL if batch_item else FIFO_SQL), {
         "job_id": job_id, "interactive": INTERACTIVE_QUEUE, "batch": BATCH_QUEUE,
-        "exact": exact_upto, "half": (exact_upto + 1) // 2}  # half: the median's rank (percentile_disc(0.5))
+        "exact": exact_upto, "half": (exact_upto + 1) // 2,  # half: the median's rank (percentile_disc(0.5))
+        "w_high": weights["high"], "w_normal": weights["normal"], "w_low": weights["low"],
+        "slack": fair_share.slack(weights)}
 
 
 def position(session: Session, *, job_id: uuid.UUID, batch_item: bool, exact_upto: int = EXACT_UPTO) -> int | None:

@@ -45,10 +45,12 @@ def batch_representation(batch: Batch, counts: Any, usage: Any, *, self_url: str
         "request_counts": {"total": counts.total, "queued": counts.queued, "running": counts.running,
                            "succeeded": counts.succeeded, "failed": counts.failed, "canceled": counts.canceled},
         "usage": usage.as_dict(), "invalid": batch.invalid, "metadata": batch.metadata_, "webhook_url": batch.webhook_url,
+        "priority": batch.priority,
         "manifest_key": batch.manifest_key, "results_url": self_url + "/results", "created_at": batch.created_at,
         "in_progress_at": batch.in_progress_at, "finalizing_at": batch.finalizing_at,
         "completed_at": batch.completed_at, "failed_at": batch.failed_at, "cancelling_at": batch.cancelling_at,
         "cancelled_at": batch.cancelled_at, "manifest_written_at": batch.manifest_written_at,
         "urls": {"self": self_url, "cancel": self_url + "/cancel", "retry": self_url + "/retry",
+                 "priority": self_url + "/priority",
                  "results": self_url + "/results"},
     }

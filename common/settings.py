@@ -160,6 +160,17 @@ class BatchSettings(BaseModel):
     # loaded: docs/PERFORMANCE.md "Adapter switches" measures what it saves
     group_by_adapter: bool = True
     finalize_retry_s: float = 120.0  # a batch left in `finalizing` this long (its finalizer died) is redone
+    # Priority lanes (common/fair_share.py): a batch's share of the batch lane against its tenant's other batches,
+    # and a tenant's share against other tenants (the weight of its highest-priority batch), as these weights.
+    # The defaults give a high batch 4 turns to a low one's 1; nothing starves.
+    priority_weights: dict[str, float] = {"high": 4.0, "normal": 2.0, "low": 1.0}
+
+    @field_validator("priority_weights")
+    @classmethod
+    def _three_positive_weights(cls, weights: dict[str, float]) -> dict[str, float]:
+        if set(weights) != {"high", "normal", "low"} or min(weights.values()) <= 0:
+            raise ValueError("priority_weights needs a positive weight for each of high, normal and low")
+        return weights
 
 
 class AdapterSettings(BaseModel):

@@ -4,9 +4,11 @@ batches that have nothing left to run.
 Why a feeder: a million-item batch enqueued at submit would put a million messages in Redis (memory grows with the
 batch) and Redis would decide the order of work. Instead the items wait in Postgres (`enqueued_at` NULL) and
 every `feed_period_s` one feeder (a Postgres advisory lock elects it among the worker processes) sends at most
-`feed_depth - LLEN(batch)` of them, round robin across tenants and batches (common.batches.feed_candidates). So:
+`feed_depth - LLEN(batch)` of them, by weighted fair share across tenants and batches (priority lanes:
+common.fair_share, common.batches.feed_candidates). So:
 - Redis holds at most `feed_depth` batch messages whatever the batch size;
-- concurrent batches and tenants share the GPUs, since each top-up interleaves them;
+- concurrent batches and tenants share the GPUs by their priorities' weights, since each top-up interleaves them
+  and a shallow queue lets a new high-priority batch overtake within `feed_depth` items;
 - interactive jobs (enqueued directly on "interactive" at submit) never wait behind more than `feed_depth` batch
   messages, and while any interactive message waits the feeder adds no batch work (`interactive_first`). This
   matters because kombu's Redis transport rotates its queue order after every message (round robin between
@@ -93,7 +95,8 @@ class Feeder:
             # after job locks would break the one lock order (common.batches.lock_batch): feed at the next pass.
             if room > 0 and not result.stale_reset:
                 candidates = [(job_id, BATCH_QUEUE) for job_id, _batch_id in batches.feed_candidates(
-                    session, room=room, group_by_adapter=self.cfg.group_by_adapter)]
+                    session, room=room, group_by_adapter=self.cfg.group_by_adapter,
+                    weights=self.cfg.priority_weights)]
                 result.fed = len(dispatch(candidates, session=session, send=self.send))
         if result.fed or result.stale_reset:
             log.info("feeder: depth %s, fed %d, stale reset %d", result.depth, result.fed, result.stale_reset)

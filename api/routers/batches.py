@@ -26,7 +26,7 @@ from api.deps import CurrentTenant, IdempotencyKey, SessionDep, SettingsDep, Sto
 from api.errors import error_response
 from api.limits import ingest_slots
 from api.pagination import newest_first
-from api.schemas.batches import BATCH_REQUEST_BODY, BatchCreate, BatchList, BatchOut
+from api.schemas.batches import BATCH_REQUEST_BODY, BatchCreate, BatchList, BatchOut, BatchPriority
 from api.schemas.errors import error_responses
 from api.schemas.jobs import check_webhook_url
 from common import batches
@@ -149,7 +149,8 @@ async def create_batch(request: Request, response: Response, session: SessionDep
     with ingest_slots.take(tenant.id, settings.api):  # 429 at once past the concurrent-ingest bounds
         body, upload = await _read_request(request)
         check_webhook_url(body.webhook_url, settings.webhooks)
-        options = BatchOptions(skip_invalid=body.skip_invalid, metadata=body.metadata, webhook_url=body.webhook_url)
+        options = BatchOptions(skip_invalid=body.skip_invalid, metadata=body.metadata, webhook_url=body.webhook_url,
+                               priority=body.priority)
         if body.items is not None:
             source, name, spool = batches.items_source(body.items), "inline", None
         elif upload is not None:
@@ -224,6 +225,16 @@ def list_batches(request: Request, session: SessionDep, tenant: CurrentTenant,
 def cancel_batch(batch_id: str, request: Request, session: SessionDep, tenant: CurrentTenant) -> BatchOut:
     """Queued items are canceled at once, running ones finish; `cancelling` until then, then `cancelled`."""
     batch = batches.cancel_batch(session, batch=batches.get_batch(session, batch_id, tenant_id=tenant.id))
+    session.commit()
+    return _out(request, session, batch)
+
+
+@router.post("/{batch_id}/priority", response_model=BatchOut, responses=error_responses(404, 409, 413, 422))
+def set_batch_priority(batch_id: str, body: BatchPriority, request: Request, session: SessionDep,
+                       tenant: CurrentTenant) -> BatchOut:
+    """Move the batch to another lane (high, normal, low) while it runs: the feeder uses it from its next pass."""
+    batch = batches.set_priority(session, batch=batches.get_batch(session, batch_id, tenant_id=tenant.id),
+                                 priority=body.priority)
     session.commit()
     return _out(request, session, batch)
 

@@ -3,13 +3,20 @@ the batch object (an OpenAI-Batch-like `object: "batch"`)."""
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.pagination import ListPage
 from api.schemas.usage import UsageOut
+from common.fair_share import PRIORITIES
 from common.input_limits import PlainText, StorableJson
+
+Priority = Literal["high", "normal", "low"]
+assert PRIORITIES == Priority.__args__  # one list of lanes
+PRIORITY_DOC = ("the batch's lane: high, normal or low. The feeder shares GPUs between tenants and between a "
+                "tenant's batches by weighted fair share (by default 4:2:1), so a high batch overtakes a low one "
+                "and neither starves; jobs sent with POST /v1/jobs go before every batch")
 
 
 class BatchCreate(BaseModel):
@@ -22,6 +29,14 @@ class BatchCreate(BaseModel):
     skip_invalid: bool = False
     metadata: StorableJson | None = None
     webhook_url: PlainText | None = Field(None, max_length=2048)
+    priority: Priority = Field("normal", description=PRIORITY_DOC)
+
+
+class BatchPriority(BaseModel):
+    """POST /v1/batches/{id}/priority: move a batch to another lane while it runs."""
+    model_config = ConfigDict(extra="forbid")
+
+    priority: Priority = Field(description=PRIORITY_DOC)
 
 
 # POST /v1/batches reads its body itself (a JSON body, or a multipart upload of a JSONL file: see
@@ -49,6 +64,8 @@ BATCH_REQUEST_BODY: dict[str, Any] = {
                     "metadata": {"type": "string", "contentMediaType": "application/json",
                                  "description": "a JSON object, as text"},
                     "webhook_url": {"type": "string", "maxLength": 2048},
+                    "priority": {"type": "string", "enum": list(PRIORITIES), "default": "normal",
+                                 "description": PRIORITY_DOC},
                 },
                 "required": ["file"],
             },
@@ -80,6 +97,7 @@ class BatchOut(BaseModel):
     invalid: dict[str, Any] | None = Field(None, description="lines skipped with skip_invalid: {count, lines}")
     metadata: dict[str, Any] | None
     webhook_url: str | None
+    priority: Priority
     manifest_key: str
     results_url: str
     created_at: datetime

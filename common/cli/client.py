@@ -182,13 +182,13 @@ class BatchClient(Client):
         return self._check(resp)
 
     def create_batch(self, path: Path, *, idempotency_key: str | None = None, skip_invalid: bool = False,
-                     metadata: dict | None = None) -> tuple[dict, bool]:
+                     metadata: dict | None = None, priority: str = "normal") -> tuple[dict, bool]:
         """Upload a JSONL file. Returns (batch, created): created is False when the Idempotency-Key matched an
         earlier submission of the same file (a resume)."""
         import json
 
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        data = {"skip_invalid": "true" if skip_invalid else "false"}
+        data = {"skip_invalid": "true" if skip_invalid else "false", "priority": priority}
         if metadata is not None:
             data["metadata"] = json.dumps(metadata)
         with path.open("rb") as f:
@@ -198,6 +198,9 @@ class BatchClient(Client):
 
     def get_batch(self, batch_id: str) -> dict:
         return self._check(self.http.get(f"/v1/batches/{batch_id}"))
+
+    def set_batch_priority(self, batch_id: str, priority: str) -> dict:
+        return self._check(self.http.post(f"/v1/batches/{batch_id}/priority", json={"priority": priority}))
 
     def cancel_batch(self, batch_id: str) -> dict:
         return self._check(self.http.post(f"/v1/batches/{batch_id}/cancel"))

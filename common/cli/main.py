@@ -24,6 +24,7 @@ import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+from common.fair_share import PRIORITIES
 from common.settings import get_settings, reset_settings_cache
 
 
@@ -303,7 +304,7 @@ def cmd_batch_run(args) -> int:
     key = None if args.no_resume else (args.idempotency_key or _file_idempotency_key(path, args.skip_invalid))
     metadata = json.loads(args.metadata) if args.metadata else None
     batch, resumed = client.create_batch(path, idempotency_key=key, skip_invalid=args.skip_invalid,
-                                         metadata=metadata)
+                                         metadata=metadata, priority=args.priority)
     print(f"batch {batch['id']} {'resumed' if resumed else 'submitted'}: {batch['request_counts']['total']} items")
     if not args.wait:
         return 0
@@ -313,6 +314,12 @@ def cmd_batch_run(args) -> int:
         written, kept = client.download_batch(batch["id"], args.out)
         print(f"{written} image(s) written, {kept} already there, manifest.jsonl in {args.out}")
     return 0 if batch["status"] == "completed" and not batch["request_counts"]["failed"] else 1
+
+
+def cmd_batch_priority(args) -> int:
+    batch = _batch_client().set_batch_priority(args.id, args.priority)
+    print(f"batch {batch['id']} is {batch['priority']} priority")
+    return 0
 
 
 def cmd_batch_status(args) -> int:
@@ -505,6 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
     br.add_argument("--metadata", help="a JSON object stored on the batch")
     br.add_argument("--idempotency-key", help="default: derived from the file's bytes, so rerunning resumes")
     br.add_argument("--no-resume", action="store_true", help="always start a new batch")
+    br.add_argument("--priority", choices=PRIORITIES, default="normal",
+                    help="its lane: a high batch gets 4 turns to a low one's 1 (by default), neither starves")
     br.set_defaults(func=cmd_batch_run)
     bs = batch.add_parser("status", help="counts and status")
     bs.add_argument("id")
@@ -516,6 +525,10 @@ def build_parser() -> argparse.ArgumentParser:
         bc = batch.add_parser(name, help=text)
         bc.add_argument("id")
         bc.set_defaults(func=func)
+    bp = batch.add_parser("priority", help="move a running batch to another lane")
+    bp.add_argument("id")
+    bp.add_argument("priority", choices=PRIORITIES)
+    bp.set_defaults(func=cmd_batch_priority)
     us = sub.add_parser("usage", help="your GPU time and estimated cost (GET /v1/usage)")
     us.add_argument("--group-by", choices=["day", "batch", "preset"], default="day")
     us.add_argument("--from", dest="since", help="ISO 8601 (default: 30 days before --to)")

@@ -203,3 +203,37 @@ def test_other_tenants_batch_is_404_and_no_key_is_401(bclient, api_url):
     assert other.http.post(f"/v1/batches/{batch['id']}/cancel").status_code == 404
     assert other.http.get("/v1/batches/not-a-uuid").status_code == 404
     assert ApiClient(api_url, None).http.post("/v1/batches", json={"items": items(1)}).status_code == 401
+
+
+def test_a_batch_has_a_priority_lane_that_can_change_while_it_runs(bclient, api_url):
+    high = bclient.http.post("/v1/batches", json={"items": items(2, "hi"), "priority": "high"})
+    assert high.status_code == 202 and high.json()["priority"] == "high", high.text
+    plain = bclient.http.post("/v1/batches", json={"items": items(1, "plain")})
+    assert plain.json()["priority"] == "normal"
+    upload = bclient.http.post("/v1/batches", files={"file": ("p.jsonl", jsonl(items(1, "up")))},
+                               data={"priority": "low"})
+    assert upload.status_code == 202 and upload.json()["priority"] == "low", upload.text
+    for body in ({"items": items(1, "bad"), "priority": "urgent"}, {"items": items(1, "bad"), "priority": 1}):
+        bad = bclient.http.post("/v1/batches", json=body)
+        assert bad.status_code == 422 and bad.json()["error"]["field"] == "priority", bad.text
+
+    batch_id = high.json()["id"]
+    moved = bclient.http.post(f"/v1/batches/{batch_id}/priority", json={"priority": "low"})
+    assert moved.status_code == 200 and moved.json()["priority"] == "low", moved.text
+    assert bclient.http.get(f"/v1/batches/{batch_id}").json()["priority"] == "low"
+    refused = bclient.http.post(f"/v1/batches/{batch_id}/priority", json={"priority": "top"})
+    assert refused.status_code == 422 and refused.json()["error"]["field"] == "priority", refused.text
+
+    stranger = ApiClient(api_url, make_tenant().key)
+    foreign = stranger.http.post(f"/v1/batches/{batch_id}/priority", json={"priority": "high"})
+    assert foreign.status_code == 404, foreign.text
+    assert bclient.http.get(f"/v1/batches/{batch_id}").json()["priority"] == "low"  # unchanged by the stranger
+
+    assert bclient.http.post(f"/v1/batches/{batch_id}/cancel").status_code == 200
+    from common.db import session_scope
+    from common.models import Batch
+
+    with session_scope() as session:  # as the finalizer leaves it
+        session.get(Batch, uuid.UUID(batch_id)).status = "cancelled"
+    ended = bclient.http.post(f"/v1/batches/{batch_id}/priority", json={"priority": "high"})
+    assert ended.status_code == 409 and ended.json()["error"]["field"] == "status", ended.text

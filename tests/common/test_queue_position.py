@@ -51,12 +51,12 @@ def tenant(name: str) -> uuid.UUID:
         return get_or_create_tenant(s, name).id
 
 
-def batch(settings, tenant_id: uuid.UUID, n: int) -> list[uuid.UUID]:
+def batch(settings, tenant_id: uuid.UUID, n: int, priority: str = "normal") -> list[uuid.UUID]:
     """A batch of n items; their job ids in line order."""
     with session() as s:
         b = batches.create_batch(
             s, tenant_id=tenant_id, source=items_source([{**LINE, "custom_id": f"c{i}"} for i in range(n)]),
-            source_name="inline", options=BatchOptions(), idempotency_key=None, api=settings.api,
+            source_name="inline", options=BatchOptions(priority=priority), idempotency_key=None, api=settings.api,
             storage_prefix="images", max_attempts=3)
         return list(s.scalars(select(Job.id).where(Job.batch_id == b.id).order_by(Job.batch_line)))
 
@@ -221,6 +221,27 @@ def test_the_model_is_the_feeders_order_inside_a_tenant(db):
         batch(db, t, n)
     finish(feed(room=1))
     assert_predicts_the_feeder()
+
+
+def test_the_model_is_the_feeders_order_across_priority_lanes(db):
+    """Priority lanes (common.fair_share): weighted turns between tenants and between a tenant's batches, and a
+    tenant joining late. (The mixed tenant's high batch outlasts its low one: a tenant whose highest batch runs out
+    first drops to a lower weight, which the model does not foresee; the module doc says so.)"""
+    batch(db, tenant("low"), 9, priority="low")
+    t = tenant("mixed")
+    batch(db, t, 2, priority="low")
+    batch(db, t, 10, priority="high")
+    for _ in range(3):
+        finish(feed(room=1))
+    batch(db, tenant("late"), 5, priority="high")
+    assert_predicts_the_feeder()
+
+
+def test_a_high_batch_goes_four_turns_to_a_low_ones_one(db):
+    low = batch(db, tenant("first"), 20, priority="low")
+    high = batch(db, tenant("second"), 20, priority="high")
+    assert positions(low[:3]) == [0, 5, 10]  # the older tenant wins the first tie, then takes one turn in five
+    assert positions(high[:8]) == [1, 2, 3, 4, 6, 7, 8, 9]
 
 
 def assert_predicts_the_feeder():

@@ -61,7 +61,7 @@ def feeder(settings, depth=8, **kw):
     return Feeder(settings, BatchSettings(feed_depth=depth, **kw), send=sent), sent
 
 
-def make_batch(settings, n: int, tenant_name: str | None = None, lines=None):
+def make_batch(settings, n: int, tenant_name: str | None = None, lines=None, priority: str = "normal"):
     from common import batches
     from common.auth import get_or_create_tenant
     from common.db import session_scope
@@ -71,7 +71,7 @@ def make_batch(settings, n: int, tenant_name: str | None = None, lines=None):
         batch = batches.create_batch(
             session, tenant_id=tenant.id, source=items_source(lines or [{**LINE, "custom_id": f"c{i}", "seed": i}
                                                                         for i in range(n)]),
-            source_name="inline", options=BatchOptions(), idempotency_key=None, api=settings.api,
+            source_name="inline", options=BatchOptions(priority=priority), idempotency_key=None, api=settings.api,
             storage_prefix="images", max_attempts=3)
         return batch.id, tenant.id
 
@@ -129,6 +129,31 @@ def test_two_feeders_never_overfill_the_broker(env):
     assert reads[0] == 0 and len(sent_first.ids) == 8  # the stale read saw an empty queue; the other filled it
     assert result.fed == 0 and sent_second.ids == []
     assert r.llen("batch") == 8
+
+
+def test_a_high_priority_batch_overtakes_a_low_one_of_another_tenant(env):
+    """Over passes (each worker taking what was sent), a high batch submitted after a low one of another tenant
+    gets four turns to its one: it overtakes, the low one keeps moving. Raised to high, the low one shares evenly."""
+    from common import batches
+    from common.db import session_scope
+
+    settings, r = env
+    low, _ = make_batch(settings, 60, "tenant-low", priority="low")
+    high, _ = make_batch(settings, 60, "tenant-high", priority="high")
+    f, sent = feeder(settings, depth=4)
+    for _ in range(10):
+        f.feed()
+        r.delete("batch")  # the workers took them all
+    owners = batch_of(sent.ids)
+    assert (owners.count(high), owners.count(low)) == (32, 8)
+    assert all(low in owners[i:i + 5] for i in range(0, 40, 5))  # never starved: a turn in every five
+    with session_scope() as session:
+        batches.set_priority(session, batch=batches.get_batch(session, low), priority="high")
+    for _ in range(5):
+        f.feed()
+        r.delete("batch")
+    later = batch_of(sent.ids[40:])
+    assert (later.count(high), later.count(low)) == (10, 10)
 
 
 def test_tenants_share_first_then_their_batches(env):
