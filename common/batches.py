@@ -151,9 +151,10 @@ def parse_item(line: int, raw: Any, api: ApiSettings) -> BatchItem | list[LineEr
         body = raw["body"]
     else:
         body = {k: v for k, v in raw.items() if k != "custom_id"}
-    if "webhook_url" in body:
-        errors.append(LineError(line, "webhook_url is set on the batch, not per line", "webhook_url", custom_id))
-        body = {k: v for k, v in body.items() if k != "webhook_url"}
+    for per_batch in ("webhook_url", "priority"):
+        if per_batch in body:
+            errors.append(LineError(line, f"{per_batch} is set on the batch, not per line", per_batch, custom_id))
+            body = {k: v for k, v in body.items() if k != per_batch}
     try:
         request = JobRequest.model_validate(body)
         params = to_params(request, api)

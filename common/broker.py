@@ -17,9 +17,13 @@ from kombu import Queue
 from common.settings import Settings, get_settings
 
 GENERATE_TASK = "jobs.generate"
-INTERACTIVE_QUEUE = "interactive"  # POST /v1/jobs: sent at submit
+INTERACTIVE_QUEUE = "interactive"  # POST /v1/jobs: sent at submit (the normal-priority lane)
+# POST /v1/jobs with a priority: one list per lane, highest first (common.fair_share.PRIORITIES)
+INTERACTIVE_QUEUES = {"high": "interactive-high", "normal": INTERACTIVE_QUEUE, "low": "interactive-low"}
 BATCH_QUEUE = "batch"  # JSONL batch items: sent by the feeder (worker/feeder.py), a bounded window at a time
-QUEUES = (INTERACTIVE_QUEUE, BATCH_QUEUE)
+# Every list a GPU worker takes jobs from, in the order it serves them: strictly (kombu's `priority` queue order),
+# so a message waits for every message of the lists before its own, and batch work only for interactive work.
+QUEUES = (*INTERACTIVE_QUEUES.values(), BATCH_QUEUE)
 # Webhook deliveries: their own queue, consumed only by `letterpress webhooks-worker` (never a GPU worker). It is
 # left out of task_queues on purpose, so a worker started without -Q never consumes it.
 WEBHOOK_TASK = "webhooks.deliver"
@@ -38,11 +42,13 @@ def make_celery(settings: Settings) -> Celery:
             # a publish to a dead Redis fails at once (not after ~6 s of retries): the API answers and
             # maintenance re-enqueues what Postgres holds
             "max_retries": 0,
+            # serve the lists in QUEUES order, not in turn: priority lanes, interactive before batch
+            "queue_order_strategy": "priority",
         },
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,  # reconnect forever after a Redis restart
         task_queues=[Queue(q) for q in QUEUES],
-        task_default_queue="interactive",
+        task_default_queue=INTERACTIVE_QUEUE,
         task_ignore_result=True,
         task_serializer="json",
         accept_content=["json"],
@@ -82,6 +88,22 @@ def queue_depth(redis_url: str, queue: str) -> int | None:
         return int(_redis(redis_url).llen(queue))
     except redis_lib.RedisError:
         return None
+
+
+def interactive_depth(redis_url: str) -> int | None:
+    """Messages waiting in all interactive lanes; None when Redis cannot be asked."""
+    depths = [queue_depth(redis_url, queue) for queue in INTERACTIVE_QUEUES.values()]
+    return None if None in depths else sum(depths)
+
+
+def interactive_queue(priority: str) -> str:
+    """The broker list of a job sent with POST /v1/jobs at `priority`."""
+    return INTERACTIVE_QUEUES[priority]
+
+
+def priority_of(queue: str) -> str | None:
+    """The lane of an interactive list; None for the batch list (a batch item's lane is its batch's)."""
+    return next((p for p, q in INTERACTIVE_QUEUES.items() if q == queue), None)
 
 
 def queue_empty(redis_url: str, queue: str) -> bool | None:

@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Generic, Hashable, TypeVar
+from typing import Generic, Hashable, Literal, TypeVar
 
-PRIORITIES = ("high", "normal", "low")
+Priority = Literal["high", "normal", "low"]
+PRIORITIES: tuple[str, ...] = Priority.__args__  # highest first
 DEFAULT_PRIORITY = "normal"
 
 K = TypeVar("K", bound=Hashable)

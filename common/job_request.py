@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from common.captions import Caption
+from common.fair_share import Priority
 from common.image_files import DEFAULT_QUALITY, OutputFormat
 from common.input_limits import PlainText, StorableJson
 from common.presets import PRESETS, RENDERING_SPEED, get_preset
@@ -59,6 +60,8 @@ class JobRequest(BaseModel):
                                                                "at most a server-set few (default 3)")
     metadata: StorableJson | None = None
     webhook_url: PlainText | None = Field(None, max_length=2048)
+    priority: Priority = Field("normal", description="its lane: jobs of a higher lane start first; every lane "
+                                                     "goes before batch work (a batch has its own priority)")
 
     @field_validator("output_quality")
     @classmethod

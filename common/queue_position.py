@@ -65,7 +65,7 @@ from sqlalchemy import TextClause, text
 from sqlalchemy.orm import Session
 
 from common import fair_share
-from common.broker import BATCH_QUEUE, INTERACTIVE_QUEUE
+from common.broker import BATCH_QUEUE, INTERACTIVE_QUEUES
 from common.models import Job, JobStatus
 from common.settings import get_settings
 
@@ -81,6 +81,17 @@ class QueuePlace:
 
 
 EXACT_UPTO = 1000  # per batch, unfed items counted one by one; past them the count is extrapolated (module doc)
+
+
+# The interactive lanes, ranked in the order workers serve them (common.broker.QUEUES); anything else after them.
+_LANES = "(:lane_high, :lane_normal, :lane_low)"
+
+
+def _rank(queue: str) -> str:
+    return f"(CASE {queue} WHEN :lane_high THEN 0 WHEN :lane_normal THEN 1 WHEN :lane_low THEN 2 ELSE 3 END)"
+
+
+LANE_PARAMS = {f"lane_{priority}": queue for priority, queue in INTERACTIVE_QUEUES.items()}
 
 
 def _unfed(batch: str, *, below: str | None = None, cap: str | None = None) -> str:
@@ -133,8 +144,8 @@ WITH me AS (
     SELECT j.id, j.tenant_id, j.batch_id, j.batch_line, j.enqueued_at, j.created_at
     FROM jobs j WHERE j.id = :job_id AND j.status = 'queued'
 ),
-waiting AS (    -- W: interactive jobs waiting; the feeder sends no batch item while any does
-    SELECT count(*) AS n FROM jobs WHERE status = 'queued' AND queue = :interactive
+waiting AS (    -- W: interactive jobs waiting (every lane); the feeder sends no batch item while any does
+    SELECT count(*) AS n FROM jobs WHERE status = 'queued' AND queue IN {_LANES}
 ),
 sent AS (       -- F: batch items already in the broker (all of them, or those before me when I am one)
     SELECT count(*) AS n FROM jobs j, me
@@ -186,14 +197,14 @@ others AS (     -- sum over other tenants of min(its unfed items, its cap); each
         FROM caps c JOIN bpass b ON b.tenant_id = c.tenant_id
         GROUP BY c.tenant_id, c.cap) per
 )
-SELECT (CASE WHEN me.enqueued_at IS NOT NULL THEN s.n + least(w.n, s.n)
+SELECT (CASE WHEN me.enqueued_at IS NOT NULL THEN s.n + w.n
              ELSE w.n + s.n + r.k + o.n END)::bigint AS position
 FROM me, waiting w, sent s, rounds r, others o
 """)
 
-# Any other job: FIFO in its broker list (sent ones in send order, then unsent ones by age); on the interactive
-# list, batch items already sent take every other turn.
-FIFO_SQL = text("""
+# Any other job: FIFO in its broker list (sent ones in send order, then unsent ones by age), behind every job
+# waiting in the lanes served before its own.
+FIFO_SQL = text(f"""
 WITH me AS (
     SELECT id, queue, enqueued_at, created_at FROM jobs WHERE id = :job_id AND status = 'queued'
 ),
@@ -207,25 +218,25 @@ unsent AS (
     WHERE me.enqueued_at IS NULL AND j.status = 'queued' AND j.queue = me.queue AND j.enqueued_at IS NULL
       AND (j.created_at, j.id) < (me.created_at, me.id)
 ),
-batch_sent AS (
+higher AS (     -- jobs waiting in the lanes served before mine
     SELECT count(*) AS n FROM jobs j, me
-    WHERE me.queue = :interactive AND j.status = 'queued' AND j.queue = :batch AND j.enqueued_at IS NOT NULL
+    WHERE j.status = 'queued' AND j.queue IN {_LANES} AND {_rank("j.queue")} < {_rank("me.queue")}
 )
-SELECT s.n + u.n + least(b.n, s.n + u.n) AS position FROM me, sent s, unsent u, batch_sent b
+SELECT s.n + u.n + h.n AS position FROM me, sent s, unsent u, higher h
 """)
 
 # FIFO_SQL for many jobs of one broker list at once (a list page): the same count, as each job's rank in the list's
 # order (sent ones in send order, then unsent ones by age), in one statement instead of one per job.
-FIFO_MANY_SQL = text("""
+FIFO_MANY_SQL = text(f"""
 WITH ranked AS (
     SELECT id, row_number() OVER (ORDER BY enqueued_at NULLS LAST, created_at, id) - 1 AS k
     FROM jobs WHERE status = 'queued' AND queue = :queue
 ),
-batch_sent AS (
+higher AS (
     SELECT count(*) AS n FROM jobs
-    WHERE :queue = :interactive AND status = 'queued' AND queue = :batch AND enqueued_at IS NOT NULL
+    WHERE status = 'queued' AND queue IN {_LANES} AND {_rank("queue")} < {_rank(":queue")}
 )
-SELECT r.id, r.k + least(b.n, r.k) AS position FROM ranked r, batch_sent b WHERE r.id = ANY(:ids)
+SELECT r.id, r.k + h.n AS position FROM ranked r, higher h WHERE r.id = ANY(:ids)
 """)
 
 THROUGHPUT_SQL = text("""
@@ -241,7 +252,7 @@ def position_query(*, job_id: uuid.UUID, batch_item: bool, exact_upto: int = EXA
     exact_upto = max(2, exact_upto)
     weights = get_settings().batches.priority_weights
     return (BATCH_SQL if batch_item else FIFO_SQL), {
-        "job_id": job_id, "interactive": INTERACTIVE_QUEUE, "batch": BATCH_QUEUE,
+        "job_id": job_id, "batch": BATCH_QUEUE, **LANE_PARAMS,
         "exact": exact_upto, "half": (exact_upto + 1) // 2,  # half: the median's rank (percentile_disc(0.5))
         "w_high": weights["high"], "w_normal": weights["normal"], "w_low": weights["low"],
         "slack": fair_share.slack(weights)}
@@ -330,8 +341,7 @@ def queue_places(session: Session, jobs: Sequence[Job]) -> dict[uuid.UUID, Queue
         elif (p := position(session, job_id=job.id, batch_item=True)) is not None:
             found[job.id] = p
     for queue, ids in by_queue.items():
-        rows = session.execute(FIFO_MANY_SQL, {"queue": queue, "ids": ids, "interactive": INTERACTIVE_QUEUE,
-                                               "batch": BATCH_QUEUE})
+        rows = session.execute(FIFO_MANY_SQL, {"queue": queue, "ids": ids, **LANE_PARAMS})
         found.update({row.id: int(row.position) for row in rows})
     if not found:
         return {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from common.broker import priority_of
 from common.models import Batch, Job, JobImage
 
 REQUEST_FIELDS = ("prompt", "caption", "preset", "width", "height", "seed", "num_images", "steps", "guidance_scale",
@@ -23,6 +24,7 @@ def job_representation(job: Job, *, self_url: str, image_url: Callable[[JobImage
     total = job.progress_total or job.params["steps"]
     return {
         "id": str(job.id), "object": "job", "status": job.status, "queue": job.queue,
+        "priority": priority_of(job.queue),
         "request": {k: job.params[k] for k in REQUEST_FIELDS if job.params.get(k) is not None},
         "metadata": job.metadata_,
         "progress": {"step": job.progress_step, "total": total, "fraction": round(job.progress_step / total, 4)},

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 
+from common.broker import QUEUES
 from common.devstack.servers import free_port  # noqa: F401 - the tests' free port, re-exported here
 
 from common.cli.polling import wait_until  # noqa: F401 - the tests' wait loop, re-exported here
@@ -152,7 +153,7 @@ class Processes:
     def start_worker(self, name: str, extra_env: dict | None = None, wait: bool = True) -> subprocess.Popen:
         offset = len(self.log(name))
         cmd = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool", "solo",
-               "--concurrency", "1", "-Q", "interactive,batch", "-n", f"{name}@%h", "--loglevel", "INFO",
+               "--concurrency", "1", "-Q", ",".join(QUEUES), "-n", f"{name}@%h", "--loglevel", "INFO",
                "--without-gossip", "--without-mingle"]
         self.metrics_ports[name] = free_port()
         proc = self._spawn(name, cmd, {"LETTERPRESS_WORKER__METRICS_PORT": str(self.metrics_ports[name]),

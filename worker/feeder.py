@@ -9,10 +9,9 @@ common.fair_share, common.batches.feed_candidates). So:
 - Redis holds at most `feed_depth` batch messages whatever the batch size;
 - concurrent batches and tenants share the GPUs by their priorities' weights, since each top-up interleaves them
   and a shallow queue lets a new high-priority batch overtake within `feed_depth` items;
-- interactive jobs (enqueued directly on "interactive" at submit) never wait behind more than `feed_depth` batch
-  messages, and while any interactive message waits the feeder adds no batch work (`interactive_first`). This
-  matters because kombu's Redis transport rotates its queue order after every message (round robin between
-  -Q interactive,batch), so a deep batch queue would take every other worker slot from interactive traffic.
+- interactive jobs (sent to their lane's list at submit) never wait behind a batch message: workers serve the
+  lists strictly in order (common.broker.QUEUES), and while any interactive message waits the feeder adds no batch
+  work (`interactive_first`), so the batch list stays short and reflects the fair share of the moment.
 
 Lost messages: maintenance's lost-enqueue recovery skips batch items (common.job_states.lost_enqueues); the feeder
 owns them. Items fed long ago and still queued while the broker's batch list is empty lost their message (Redis
@@ -34,7 +33,7 @@ from typing import Callable
 from sqlalchemy import func, select
 
 from common import batches
-from common.broker import BATCH_QUEUE, INTERACTIVE_QUEUE, enqueue_generate, queue_depth
+from common.broker import BATCH_QUEUE, enqueue_generate, interactive_depth, queue_depth
 from common.db import session_scope
 from common.dispatch import dispatch
 from common.settings import BatchSettings, Settings
@@ -85,7 +84,7 @@ class Feeder:
             if result.depth is None:
                 return result  # Redis down: nothing can be sent; Postgres keeps the items
             room = self.cfg.feed_depth - result.depth
-            if self.cfg.interactive_first and (self.depth(INTERACTIVE_QUEUE) or 0) > 0:
+            if self.cfg.interactive_first and (interactive_depth(self.settings.redis.url) or 0) > 0:
                 room = 0
             stale_after = self.settings.worker.requeue_after_s
             if result.depth == 0 and time.monotonic() - self._last_stale_check >= stale_after / 2:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+from common.broker import QUEUES
 from common.settings import get_settings
 
 log = logging.getLogger("letterpress.worker")
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(prog="letterpress worker")
-    parser.add_argument("--queues", default="interactive,batch")
+    parser.add_argument("--queues", default=",".join(QUEUES), help="the lists to serve, in order")
     parser.add_argument("--cpu", action="store_true", help="one CPU worker even when GPUs are visible")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -8,7 +8,6 @@ import logging
 import os
 import socket
 import threading
-import time
 from datetime import datetime, timezone
 
 import redis as redis_lib

@@ -17,6 +17,7 @@ from api.schemas.jobs import JOB_EXAMPLES, JobList, JobOut, check_webhook_url
 from common import job_states, quotas
 from common.adapters import resolve_loras
 from common.auth import authenticate_hash
+from common.broker import interactive_queue
 from common.db import session_scope
 from common.dispatch import dispatch, send_in_order
 from common.errors import NotFound
@@ -63,8 +64,8 @@ async def create_job(body: Annotated[JobRequest, Body(openapi_examples=JOB_EXAMP
     of common.job_states (whose replay and race rules apply), adapters resolved by name inside the tenant."""
     params = to_params(body, settings.api)
     check_webhook_url(body.webhook_url, settings.webhooks)
-    submitted = dict(params=params, idempotency_key=idempotency_key, metadata=body.metadata,
-                     webhook_url=body.webhook_url, max_attempts=settings.worker.max_attempts)
+    submitted = dict(params=params, queue=interactive_queue(body.priority), idempotency_key=idempotency_key,
+                     metadata=body.metadata, webhook_url=body.webhook_url, max_attempts=settings.worker.max_attempts)
     if idempotency_key is not None or "loras" in params:
         job, created = await run_in_threadpool(_create_in_session, key_hash, submitted)
     else:

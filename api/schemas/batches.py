@@ -3,17 +3,15 @@ the batch object (an OpenAI-Batch-like `object: "batch"`)."""
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.pagination import ListPage
 from api.schemas.usage import UsageOut
-from common.fair_share import PRIORITIES
+from common.fair_share import PRIORITIES, Priority
 from common.input_limits import PlainText, StorableJson
 
-Priority = Literal["high", "normal", "low"]
-assert PRIORITIES == Priority.__args__  # one list of lanes
 PRIORITY_DOC = ("the batch's lane: high, normal or low. The feeder shares GPUs between tenants and between a "
                 "tenant's batches by weighted fair share (by default 4:2:1), so a high batch overtakes a low one "
                 "and neither starves; jobs sent with POST /v1/jobs go before every batch")

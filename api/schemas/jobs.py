@@ -49,14 +49,18 @@ class JobOut(BaseModel):
     id: str
     object: str = "job"
     status: str
-    queue: str
+    queue: str = Field(description="the broker list it waits in: interactive-high, interactive, interactive-low "
+                                   "(POST /v1/jobs by priority) or batch")
+    priority: str | None = Field(description="its lane, for a job sent with POST /v1/jobs; a batch item's lane is "
+                                             "its batch's `priority`")
     request: dict[str, Any]
     metadata: dict[str, Any] | None
     progress: Progress
     queue_position: int | None = Field(description=(
-        "Queued jobs only: how many jobs will start before this one (0 = next), fair share included: a batch item "
-        "is counted behind waiting interactive jobs and its tenant's own earlier items, and behind other tenants "
-        "only as far as round robin takes them first. An estimate; null unless queued."))
+        "Queued jobs only: how many jobs will start before this one (0 = next), lanes and fair share included: a "
+        "job waits for the jobs of higher lanes; a batch item is counted behind waiting interactive jobs and its "
+        "tenant's own earlier items, and behind other tenants only as far as the weighted fair share takes them "
+        "first. An estimate; null unless queued."))
     eta_s: float | None = Field(description=(
         "Queued jobs only: estimated seconds until the job starts, (queue_position + 1) / the fleet's recent "
         "throughput (jobs started per second over the last few minutes). Null unless queued, or when no job started "

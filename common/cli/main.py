@@ -42,7 +42,8 @@ def cmd_worker(args) -> int:
     from common.devstack.tiny_model import ensure_default_tiny_model
 
     ensure_default_tiny_model(get_settings(), cpu_only=args.cpu)
-    return _exec_module("worker.launcher", *(["--cpu"] if args.cpu else []), "--queues", args.queues)
+    queues = ["--queues", args.queues] if args.queues else []  # the launcher's default: every lane
+    return _exec_module("worker.launcher", *(["--cpu"] if args.cpu else []), *queues)
 
 
 def cmd_webhooks_worker(args) -> int:
@@ -411,7 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("worker", help="one Celery worker per visible GPU (or one CPU worker)")
     w.add_argument("--cpu", action="store_true")
-    w.add_argument("--queues", default="interactive,batch")
+    w.add_argument("--queues", help="the broker lists to serve, strictly in this order (default: every lane, "
+                                     "highest first, then batch)")
     w.set_defaults(func=cmd_worker)
 
     sub.add_parser("maintenance", help="requeue expired leases and lost enqueues").set_defaults(

@@ -213,6 +213,9 @@ def test_a_batch_has_a_priority_lane_that_can_change_while_it_runs(bclient, api_
     upload = bclient.http.post("/v1/batches", files={"file": ("p.jsonl", jsonl(items(1, "up")))},
                                data={"priority": "low"})
     assert upload.status_code == 202 and upload.json()["priority"] == "low", upload.text
+    per_line = bclient.http.post("/v1/batches", json={"items": [{**items(1, "line")[0], "priority": "high"}]})
+    assert per_line.status_code == 422, per_line.text
+    assert per_line.json()["error"]["errors"][0]["field"] == "priority"  # the batch has the lane, not its lines
     for body in ({"items": items(1, "bad"), "priority": "urgent"}, {"items": items(1, "bad"), "priority": 1}):
         bad = bclient.http.post("/v1/batches", json=body)
         assert bad.status_code == 422 and bad.json()["error"]["field"] == "priority", bad.text

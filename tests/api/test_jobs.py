@@ -33,6 +33,16 @@ def test_the_output_format_is_part_of_the_request(client):
         client.http.post(f"/v1/jobs/{j['id']}/cancel")
 
 
+def test_the_priority_picks_the_lane(client):
+    jobs = {p: client.submit({**PROMPT, "priority": p}).json() for p in ("high", "low")}
+    plain = client.submit(PROMPT).json()
+    assert [(j["priority"], j["queue"]) for j in (jobs["high"], plain, jobs["low"])] == [
+        ("high", "interactive-high"), ("normal", "interactive"), ("low", "interactive-low")]
+    assert "priority" not in plain["request"]  # a scheduling choice, not part of the recipe
+    for j in (*jobs.values(), plain):
+        client.http.post(f"/v1/jobs/{j['id']}/cancel")
+
+
 def test_defaults_preset_size_and_caption(client):
     job = client.submit({"caption": {
         "high_level_description": "a cafe menu board",
@@ -70,6 +80,8 @@ def test_defaults_preset_size_and_caption(client):
     ({"prompt": "x", "output_format": "jpeg", "output_quality": 0}, "output_quality"),
     ({"prompt": "x", "output_format": "webp", "output_quality": 101}, "output_quality"),
     ({"prompt": "x", "output_quality": 80}, "output_quality"),  # png is lossless: no quality
+    ({"prompt": "x", "priority": "urgent"}, "priority"),
+    ({"prompt": "x", "priority": 1}, "priority"),
 ])
 def test_validation_errors_are_422_naming_the_field(client, body, field):
     resp = client.submit(body)

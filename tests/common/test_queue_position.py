@@ -12,6 +12,7 @@ from sqlalchemy import event, func, select, text, update
 from common import batches, job_states
 from common import queue_position as qp
 from common.batches import BatchOptions, items_source
+from common.broker import interactive_queue
 from common.models import Batch, Job
 from tests.support import scratch_settings
 
@@ -75,12 +76,13 @@ def grow(job_id: uuid.UUID, n: int) -> None:
             WHERE j.id = :id"""), {"id": job_id, "n": n})
 
 
-def interactive(tenant_id: uuid.UUID, n: int) -> list[uuid.UUID]:
+def interactive(tenant_id: uuid.UUID, n: int, priority: str = "normal") -> list[uuid.UUID]:
     """n interactive jobs, each submitted and sent in its own transaction (as POST /v1/jobs does)."""
     ids = []
     for _ in range(n):
         with session() as s:
-            job, _ = job_states.create_job(s, tenant_id=tenant_id, params=PARAMS)
+            job, _ = job_states.create_job(s, tenant_id=tenant_id, params=PARAMS,
+                                           queue=interactive_queue(priority))
             ids.append(job.id)
         with session() as s:
             job_states.mark_enqueued(s, [ids[-1]])
@@ -173,17 +175,21 @@ def test_interactive_jobs_waiting_come_before_batch_items(db):
     assert positions(items) == [4, 5, 6]
 
 
-def test_sent_batch_items_come_first_and_share_turns_with_interactive_jobs(db):
+def test_lanes_are_served_in_order_and_every_interactive_job_before_batch_items(db):
     t = tenant("t")
     items = batch(db, t, 5)
     assert feed(room=2) == items[:2]
     assert positions(items) == [0, 1, 2, 3, 4]
     jobs = interactive(t, 3)
-    # the two lists are served in turn: a sent item waits for as many interactive jobs as sent items before it
-    assert positions(items[:2]) == [0, 1 + 1]
-    assert positions(jobs) == [0, 1 + 1, 2 + 2]
-    # an unsent item waits for everything in the broker
-    assert positions(items[2:]) == [3 + 2, 3 + 2 + 1, 3 + 2 + 2]
+    # workers serve the lists strictly in order: every waiting interactive job goes before a sent batch item
+    assert positions(jobs) == [0, 1, 2]
+    assert positions(items) == [3, 4, 5, 6, 7]
+    high, low = interactive(t, 2, priority="high"), interactive(t, 1, priority="low")
+    assert positions(high) == [0, 1]
+    assert positions(jobs) == [2, 3, 4]
+    assert positions(low) == [5]
+    assert positions(items) == [6, 7, 8, 9, 10]
+    assert places_of([*high, *jobs, *low]) == [0, 1, 2, 3, 4, 5]  # a list page: one statement per lane
 
 
 def test_the_position_reveals_no_more_than_the_rounds(db):
@@ -366,8 +372,8 @@ def test_a_list_page_shows_the_same_positions_in_fewer_statements(db):
     start([d])
     jobs = [a, b, c, d, *b1]
     assert places_of(jobs) == positions(jobs)
-    # the lists alternate: each interactive job waits for the ones before it and as many sent batch items (2 here)
-    assert places_of([a, b, c, d]) == [0, 2, 4, None]
+    # sent batch items never go before interactive jobs; c, unsent, stands behind the sent ones
+    assert places_of([a, b, c, d]) == [0, 1, 2, None]
 
     statements = []
     engine = get_engine()

@@ -77,8 +77,11 @@ def test_spot_gpu_workers_scale_from_zero_on_redis_and_postgres_and_drain_in_tim
     scaled = by_kind(objects, "ScaledObject")["letterpress-worker-gpu"]
     assert scaled["spec"]["scaleTargetRef"]["name"] == worker["metadata"]["name"]
     assert scaled["spec"]["minReplicaCount"] == 0 and scaled["spec"]["maxReplicaCount"] >= 1
+    from common.broker import INTERACTIVE_QUEUES
+
+    lists = [t["metadata"]["listName"] for t in scaled["spec"]["triggers"] if t["type"] == "redis"]
+    assert lists == list(INTERACTIVE_QUEUES.values())  # every interactive lane scales the workers
     triggers = {t["type"]: t for t in scaled["spec"]["triggers"]}
-    assert triggers["redis"]["metadata"]["listName"] == "interactive"
     assert "status = 'queued'" in triggers["postgresql"]["metadata"]["query"]
     auths = by_kind(objects, "TriggerAuthentication")
     assert {t["authenticationRef"]["name"] for t in triggers.values()} <= auths.keys()

@@ -56,3 +56,31 @@ def test_a_high_batch_of_one_tenant_overtakes_a_low_one_of_another_and_neither_s
     # By the weights, A's 10 items take 13 turns (B gets one in five): allow a turn or two of feeding slack.
     assert a_done_at <= 15, starts
     assert starts[:a_done_at].count(low) >= 2  # B was not starved while A ran
+
+
+def test_interactive_lanes_are_served_in_order_and_all_before_batch_work(stack):
+    client = stack.client()
+    batch = submit(client, 2, "high", "x")  # even a high batch waits for every interactive lane
+    jobs = {}
+    for priority in ("low", "normal", "high"):  # submitted lowest first
+        for i in range(2):
+            resp = client.submit({**ITEM, "seed": i, "priority": priority})
+            assert resp.status_code == 202 and resp.json()["priority"] == priority, resp.text
+            assert resp.json()["queue"] == {"high": "interactive-high", "normal": "interactive",
+                                            "low": "interactive-low"}[priority]
+            jobs[resp.json()["id"]] = priority
+    stack.start_worker({"LETTERPRESS_WORKER__CPU_THREADS": "1"})
+    try:
+        wait_until(lambda: client.http.get(f"/v1/batches/{batch}").json()["status"] == "completed", 300,
+                   what="the batch done")
+    finally:
+        stack.stop_workers()
+    with stack.engine.connect() as conn:
+        rows = conn.execute(text("SELECT id::text, batch_id, started_at FROM jobs WHERE tenant_id = "
+                                 "(SELECT tenant_id FROM batches WHERE id = :b)"), {"b": batch}).all()
+    lane = {r.id: ("batch" if r.batch_id else jobs[r.id]) for r in rows}
+    starts = {r.id: r.started_at for r in rows}
+    order = ["high", "normal", "low", "batch"]
+    for before, after in zip(order, order[1:]):
+        assert max(starts[j] for j in starts if lane[j] == before) <= min(
+            starts[j] for j in starts if lane[j] == after), (before, after, sorted(starts, key=starts.get))

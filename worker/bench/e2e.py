@@ -108,6 +108,7 @@ def worker_main(argv: list[str]) -> int:
 
 
 
+    from common.broker import QUEUES
     from common.storage import open_storage
     from worker import celery_app
     from worker.attempt import AttemptContext
@@ -118,7 +119,7 @@ def worker_main(argv: list[str]) -> int:
                                      drain=Drain(settings.worker.drain_grace_s),
                                      worker_id=f"{socket.gethostname()}:{os.getpid()}:bench",
                                      batching=CoBatchingPolicy.from_settings(settings.worker.batching))
-    celery_app.app.worker_main(["worker", "--pool", "solo", "--concurrency", "1", "-Q", "interactive,batch",
+    celery_app.app.worker_main(["worker", "--pool", "solo", "--concurrency", "1", "-Q", ",".join(QUEUES),
                                 "-n", "bench@%h", "--loglevel", "INFO", "--without-gossip", "--without-mingle"])
     return 0
 
