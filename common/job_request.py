@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import secrets
-from typing import Any, Literal
+import uuid
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -16,7 +17,7 @@ from common.captions import Caption
 from common.fair_share import Priority
 from common.image_files import DEFAULT_QUALITY, OutputFormat
 from common.input_limits import PlainText, StorableJson
-from common.presets import PRESETS, RENDERING_SPEED, get_preset
+from common.presets import PRESETS, RENDERING_SPEED, get_preset, remix_steps
 from common.prompt_tokens import tokens_over_limit
 from common.settings import AdapterSettings, ApiSettings, ModelSettings, get_settings
 
@@ -24,6 +25,20 @@ MAX_SEED = 2**32 - 1
 ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 PresetName = Literal["V4_QUALITY_48", "V4_HIGH_34", "V4_DEFAULT_20", "V4_FAST_16", "V4_TURBO_12", "V4_FAST_20",
                      "V4_INSTANT_8"]
+
+
+class ImageRef(BaseModel):
+    """A remix input that is one of the caller's own earlier images: its job and the image's index."""
+    model_config = ConfigDict(extra="forbid")
+
+    job_id: uuid.UUID
+    index: int = Field(0, ge=0, le=7, strict=True)
+
+
+# A remix input named by a string: an upload (POST /v1/uploads answers with this form), an s3:// object or an
+# https URL (common/input_images.py says which a request may use where)
+IMAGE_PATTERN = r"^(upload:[0-9a-f]{64}|s3://\S+|https://\S+)$"
+DEFAULT_STRENGTH = 0.8  # diffusers' img2img default: the last 80% of the schedule
 
 
 class LoraRequest(BaseModel):
@@ -58,6 +73,12 @@ class JobRequest(BaseModel):
                                        description=f"webp and jpeg only; default {DEFAULT_QUALITY}")
     loras: list[LoraRequest] | None = Field(None, description="registered adapters (LoRA) to apply, by name; "
                                                                "at most a server-set few (default 3)")
+    image: ImageRef | Annotated[str, Field(pattern=IMAGE_PATTERN, max_length=2048)] | None = Field(
+        None, description="remix: start from this image, `upload:<sha256>` (POST /v1/uploads), `s3://bucket/key` of "
+                          "your storage, an `https://` URL, or {job_id, index} of one of your images")
+    strength: float | None = Field(None, gt=0.0, le=1.0, strict=True, allow_inf_nan=False,
+                                   description="remix: how far from the image to go, the share of the schedule run "
+                                               "(default 0.8; 1.0 keeps only the image's layout of latents)")
     metadata: StorableJson | None = None
     webhook_url: PlainText | None = Field(None, max_length=2048)
     priority: Priority = Field("normal", description="its lane: jobs of a higher lane start first; every lane "
@@ -144,7 +165,20 @@ def to_params(req: JobRequest, api: ApiSettings, model: ModelSettings | None = N
         params["prompt_text"] = req.prompt
     _check_prompt_tokens("caption" if req.caption is not None else "prompt", params["prompt_text"],
                          model if model is not None else get_settings().model)
+    if req.image is not None or req.strength is not None:
+        params.update(_remix(req, steps))
     return params
+
+
+def _remix(req: JobRequest, steps: int) -> dict[str, Any]:
+    """`image` as given (the caller resolves it: common.input_images) and its `strength`."""
+    if req.image is None:
+        raise RequestError("strength", "strength is for a remix: give `image` too")
+    strength = req.strength if req.strength is not None else DEFAULT_STRENGTH
+    if remix_steps(steps, strength) < 1:
+        raise RequestError("strength", f"strength {strength} of {steps} steps runs no step: raise one of them")
+    image = req.image.model_dump(mode="json") if isinstance(req.image, ImageRef) else req.image
+    return {"image": image, "strength": strength}
 
 
 def _check_loras(loras: list[LoraRequest], adapters: AdapterSettings) -> list[dict[str, Any]]:

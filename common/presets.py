@@ -63,3 +63,9 @@ def get_preset(name: str) -> Preset:
         return PRESETS[name]
     except KeyError:
         raise KeyError(f"unknown preset {name!r}; one of {', '.join(PRESETS)}") from None
+
+
+def remix_steps(steps: int, strength: float) -> int:
+    """How many of a schedule's steps a remix runs: the last `strength` of them (diffusers' img2img rule): the input
+    image is noised to the sigma where they begin. 0 means too few steps for this strength."""
+    return min(int(steps * strength), steps)

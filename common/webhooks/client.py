@@ -18,13 +18,7 @@ import httpx
 
 from common.settings import WebhookSettings
 from common.webhooks.schedule import parse_retry_after
-from common.webhooks.ssrf import (
-    DEFAULT_PORTS,
-    ResolvedTarget,
-    Resolver,
-    UnsafeURLError,
-    resolve_safe,
-)
+from common.webhooks.ssrf import Resolver, UnsafeURLError, connect_url, host_header, resolve_safe
 
 EXCERPT_BYTES = 1024
 USER_AGENT = "Letterpress-Webhooks/1"
@@ -43,16 +37,6 @@ class DeliveryResult:
     @property
     def ok(self) -> bool:
         return self.status_code is not None and 200 <= self.status_code < 300
-
-
-def _host_header(target: ResolvedTarget) -> str:
-    host = f"[{target.host}]" if ":" in target.host else target.host
-    return host if target.port == DEFAULT_PORTS[target.scheme] else f"{host}:{target.port}"
-
-
-def _connect_url(target: ResolvedTarget) -> str:
-    ip = f"[{target.ip}]" if ":" in target.ip else target.ip
-    return f"{target.scheme}://{ip}:{target.port}{target.target}"
 
 
 def deliver(
@@ -81,14 +65,14 @@ def deliver(
     # identity: the excerpt is read raw, so a compressed body can never expand in memory.
     request_headers = httpx.Headers({"user-agent": USER_AGENT, "accept-encoding": "identity"})
     request_headers.update(headers)
-    request_headers["host"] = _host_header(target)
+    request_headers["host"] = host_header(target)
     extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
     try:
         with httpx.Client(
             timeout=settings.timeout_s, follow_redirects=False, trust_env=False,
             verify=ssl_context if ssl_context is not None else True,
         ) as client:
-            with client.stream("POST", _connect_url(target), content=body, headers=request_headers,
+            with client.stream("POST", connect_url(target), content=body, headers=request_headers,
                                extensions=extensions) as response:
                 excerpt = _read_excerpt(response, deadline=started + settings.timeout_s)
     except httpx.TimeoutException as exc:

@@ -239,3 +239,15 @@ def resolve_safe(url: str, *, allow_loopback: bool, resolver: Resolver | None = 
         scheme=parsed.scheme, host=parsed.host, port=parsed.port, target=parsed.target,
         ips=tuple(str(ip) for ip in ips), ip=str(ips[0]),
     )
+
+
+def host_header(target: ResolvedTarget) -> str:
+    """The Host header for a checked target (the name, not the address connected to)."""
+    host = f"[{target.host}]" if ":" in target.host else target.host
+    return host if target.port == DEFAULT_PORTS[target.scheme] else f"{host}:{target.port}"
+
+
+def connect_url(target: ResolvedTarget) -> str:
+    """The URL to connect to: the checked address in place of the name, so the name is never resolved again."""
+    ip = f"[{target.ip}]" if ":" in target.ip else target.ip
+    return f"{target.scheme}://{ip}:{target.port}{target.target}"

@@ -26,6 +26,9 @@ JOB = {"prompt": "a poster that says HELLO", "width": 256, "height": 256, "prese
 HOOK = "http://127.0.0.1:9/hook"  # nothing listens; nothing consumes the delivery queue in the fast tier either
 PATH_PARAMETERS = frozenset({"job_id", "batch_id", "event_id", "delivery_id", "index", "name", "key_id",
                              "tenant_id"})
+# A valid body for each id route that needs one ("METHOD path" as the OpenAPI document spells it), so the walker's
+# call reaches the ownership check instead of stopping at validation
+REQUEST_BODIES = {"POST /v1/batches/{batch_id}/priority": {"priority": "low"}}
 
 
 @functools.cache

@@ -12,7 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.main import create_app
-from tests.api.tenant_objects import PATH_PARAMETERS, cancel_everything, make_objects
+from tests.api.tenant_objects import PATH_PARAMETERS, REQUEST_BODIES, cancel_everything, make_objects
 from tests.support import make_tenant
 
 METHODS = ("get", "put", "post", "delete", "patch", "head", "options", "trace")
@@ -74,9 +74,13 @@ def test_every_id_route_is_a_404_for_another_tenants_ids(app, http, alice, bob):
     assert not unknown, (f"the walker cannot fill these path parameters: {unknown}; make an object for each in "
                          "tests/api/tenant_objects.py (make_objects, PATH_PARAMETERS)")
 
+    needs_body = {f"{method} {path}" for method, path, _, op in walked if "requestBody" in op}
+    assert needs_body <= REQUEST_BODIES.keys(), (
+        f"give the walker a valid body for {needs_body - REQUEST_BODIES.keys()} in tests/api/tenant_objects.py")
     for method, path, _, _ in walked:
         url = path.format(**ids)
-        resp = http.request(method, url, headers={"Authorization": f"Bearer {bob.key}"})
+        resp = http.request(method, url, json=REQUEST_BODIES.get(f"{method} {path}"),
+                            headers={"Authorization": f"Bearer {bob.key}"})
         assert resp.status_code == 404, f"{method} {url} as another tenant: {resp.status_code} {resp.text[:500]}"
         assert resp.headers["content-type"].startswith("application/json"), (method, url)
         assert resp.json()["error"]["type"] == "not_found", (method, url, resp.text)
@@ -90,7 +94,8 @@ def test_every_id_route_is_a_404_for_another_tenants_ids(app, http, alice, bob):
     # its GET).
     for method, path, _, _ in walked:
         url = path.format(**ids)
-        resp = http.request(method, url, headers={"Authorization": f"Bearer {alice.key}"})
+        resp = http.request(method, url, json=REQUEST_BODIES.get(f"{method} {path}"),
+                            headers={"Authorization": f"Bearer {alice.key}"})
         assert resp.status_code in (200, 202, 204, 307, 409), f"{method} {url} as its owner: {resp.status_code} {resp.text}"
 
 

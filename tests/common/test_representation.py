@@ -114,7 +114,8 @@ def test_the_webhook_serialization_of_a_job_is_plain_json():
 def test_a_batch():
     batch = Batch(id=uuid.uuid4(), tenant_id=uuid.uuid4(), status="in_progress", input_source="inline",
                   metadata_={"project": "x"}, webhook_url="https://hooks.test/b", invalid={"count": 1, "lines": [3]},
-                  manifest_key="manifests/b.jsonl", created_at=T0, in_progress_at=T0 + timedelta(seconds=1))
+                  manifest_key="manifests/b.jsonl", created_at=T0, in_progress_at=T0 + timedelta(seconds=1),
+                  priority="high")
     counts = RequestCounts(total=10, queued=4, running=1, succeeded=3, failed=1, canceled=1)
     url = f"http://api.test/v1/batches/{batch.id}"
     usage = Usage(currency="EUR")
@@ -126,9 +127,9 @@ def test_a_batch():
                                       "canceled": 1}
     assert body["invalid"] == {"count": 1, "lines": [3]} and body["metadata"] == {"project": "x"}
     assert body["webhook_url"] == "https://hooks.test/b" and body["manifest_key"] == "manifests/b.jsonl"
-    assert body["results_url"] == url + "/results"
+    assert body["results_url"] == url + "/results" and body["priority"] == "high"
     assert body["urls"] == {"self": url, "cancel": url + "/cancel", "retry": url + "/retry",
-                            "results": url + "/results"}
+                            "priority": url + "/priority", "results": url + "/results"}
     assert body["in_progress_at"] == T0 + timedelta(seconds=1) and body["completed_at"] is None
     assert body["usage"] == {"gpu_seconds": 7200.0, "images": 3, "attempts": 4, "estimated_cost": 6.0,
                              "currency": "EUR", "unpriced_gpu_seconds": 0.0,

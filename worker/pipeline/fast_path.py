@@ -75,6 +75,7 @@ from diffusers.pipelines.ideogram4.pipeline_ideogram4 import (
 
 from common.presets import UNGUIDED, needs_unconditional
 from common.prompt_tokens import chat_messages
+from worker.pipeline import remix
 from worker.pipeline.adapters import adapters_of
 from worker.pipeline.spec import (
     MAX_SEQUENCE_LENGTH,
@@ -363,7 +364,7 @@ def generate_batch(
     if len(keys) > 1:
         raise ValueError("specs in one batch must share size, steps, mu, std, guidance schedule and adapters")
     first = specs[0]
-    control = StepControl(first.steps, on_step, should_stop)
+    control = StepControl(first.steps_run, on_step, should_stop)
     control.check(0)
     adapters_of(loaded).activate(first.loras)  # before the text: a LoRA may wrap the text projection too
     texts = [text for spec in specs for text in [encode_text(loaded, spec.prompt_text)] * len(spec.seeds)]
@@ -396,7 +397,12 @@ def _denoise_and_decode(loaded: LoadedPipeline, spec: GenerationSpec, texts: lis
         batch_size=batch, num_image_tokens=grid_h * grid_w, latent_dim=pipe.transformer.config.in_channels,
         dtype=torch.float32, device=device, generator=seed_generators(loaded.device, seeds),
     )
-    for i, t in enumerate(scheduler.timesteps):
+    start = spec.steps - spec.steps_run  # a remix runs the schedule's last steps only (worker.pipeline.remix)
+    if spec.init_image is not None:
+        image = remix.encode_image(pipe, remix.input_pixels(spec.init_image.data), spec.width, spec.height)
+        latents = remix.noised(image, latents, scheduler.sigmas[start].to(device))
+        scheduler.set_begin_index(start)
+    for i, t in enumerate(scheduler.timesteps[start:], start=start):
         t_model = (1.0 - (t.float() / num_train_timesteps)).expand(batch).to(pipe.transformer.dtype)
         pos_v = _transformer_pass(pipe.transformer, latents, t_model, cond.cond_rotary, cond.text_block,
                                   cond.attention_mask)
@@ -407,7 +413,7 @@ def _denoise_and_decode(loaded: LoadedPipeline, spec: GenerationSpec, texts: lis
             neg_v = _transformer_pass(pipe.unconditional_transformer, latents, t_model, cond.uncond_rotary)
             velocity = weight * pos_v + (1.0 - weight) * neg_v
         latents = scheduler.step(-velocity, t, latents, return_dict=False)[0]
-        control.step_done(i + 1)
+        control.step_done(i + 1 - start)
     return decode_latents(pipe, latents, grid_h, grid_w)
 
 

@@ -35,6 +35,8 @@ def generate(
     """Generate one image per seed of `spec`, in seed order. Same spec, seeds and model: same pixels."""
     if fast:
         return generate_batch(loaded, [spec], on_step=on_step, should_stop=should_stop)[0]
+    if spec.init_image is not None:
+        raise UnsupportedRequest("a remix (`image`) runs on the fast path only (LETTERPRESS_MODEL__FAST_PATH=true)")
     if loaded.pipe.unconditional_transformer is None:
         raise UnsupportedRequest("the stock diffusers call needs an unconditional_transformer, which this distilled "
                                  "checkpoint has not: run it on the fast path (LETTERPRESS_MODEL__FAST_PATH=true)")

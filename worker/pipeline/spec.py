@@ -3,10 +3,11 @@ one denoising pass, per-image seed generators, and cooperative progress/stop at 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from common.presets import remix_steps
 from common.settings import ModelSettings
 from worker.pipeline.adapters import LoraUse
 
@@ -18,6 +19,16 @@ SIDE_MULTIPLE = 16
 
 StepCallback = Callable[[int, int], None]
 StopCheck = Callable[[], bool]
+
+
+@dataclass(frozen=True)
+class InitImage:
+    """A remix's input image: its sha256 and strength decide the pixels (and compare specs); `data` is the stored
+    file's bytes, verified against the sha256 by whoever read it (empty in specs that only serve to compare)."""
+
+    sha256: str
+    strength: float  # 0 < strength <= 1: the share of the schedule run from the noised image
+    data: bytes = field(default=b"", compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -33,6 +44,7 @@ class GenerationSpec:
     guidance_schedule: tuple[float, ...]  # length == steps
     seeds: tuple[int, ...]  # one image per seed, in order
     loras: tuple[LoraUse, ...] = ()  # adapters applied, in order (worker.pipeline.adapters)
+    init_image: InitImage | None = None  # a remix: start from this image, noised (worker.pipeline.remix)
 
     def __post_init__(self) -> None:
         # Accept lists from JSON params but keep the spec hashable and immutable.
@@ -48,6 +60,13 @@ class GenerationSpec:
         for name, side in (("width", self.width), ("height", self.height)):
             if side <= 0 or side % SIDE_MULTIPLE:
                 raise ValueError(f"{name} must be a positive multiple of {SIDE_MULTIPLE}, got {side}")
+        if self.init_image is not None and self.steps_run < 1:
+            raise ValueError(f"strength {self.init_image.strength} of {self.steps} steps runs no step")
+
+    @property
+    def steps_run(self) -> int:
+        """The denoising steps this spec runs: all of them, or a remix's last ones (common.presets.remix_steps)."""
+        return self.steps if self.init_image is None else remix_steps(self.steps, self.init_image.strength)
 
 
 class UnsupportedRequest(ValueError):
@@ -90,7 +109,8 @@ def seed_generators(device: str, seeds: tuple[int, ...]) -> list[torch.Generator
 
 
 def co_batch_key(spec: GenerationSpec) -> tuple:
-    """Specs with equal keys may run as one denoising pass (same size, schedule, guidance and adapters; prompts
-    and seeds differ): the worker's co-batching (worker.co_batching) and the fast path's batches both group by it."""
+    """Specs with equal keys may run as one denoising pass (same size, schedule, guidance, adapters and remix
+    input; prompts and seeds differ): the worker's co-batching (worker.co_batching) and the fast path's batches
+    both group by it."""
     return (spec.width, spec.height, spec.steps, spec.mu, spec.std, tuple(spec.guidance_schedule),
-            tuple(lora.identity for lora in spec.loras))
+            tuple(lora.identity for lora in spec.loras), spec.init_image)
