@@ -66,6 +66,8 @@ def body_limit(method: str, path: str, content_type: str, settings: Settings) ->
     api = settings.api
     if method == "POST" and path.rstrip("/") == "/v1/adapters" and content_type.startswith("multipart/form-data"):
         return settings.adapters.max_file_bytes + MULTIPART_OVERHEAD
+    if method == "POST" and path.rstrip("/") == "/v1/uploads":
+        return api.input_image_max_bytes + MULTIPART_OVERHEAD
     if method == "POST" and path.rstrip("/") == "/v1/batches":
         if content_type.startswith("multipart/form-data"):
             return api.max_batch_upload_bytes

@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from api import limits, metrics
 from api.errors import install_error_handlers
 from api.job_store import JobStore
-from api.routers import adapters, admin, batches, health, jobs, usage, webhooks
+from api.routers import adapters, admin, batches, health, jobs, uploads, usage, webhooks
 from common.prompt_tokens import prompt_tokenizer
 from common.settings import get_settings
 from common.storage import shared_storage
@@ -45,6 +45,7 @@ def create_app() -> FastAPI:
     app.include_router(usage.router)
     app.include_router(adapters.router)
     app.include_router(admin.router)
+    app.include_router(uploads.router)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return app
 

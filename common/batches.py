@@ -28,7 +28,7 @@ from sqlalchemy import BigInteger, Double, and_, cast, column, exists, func, or_
 from sqlalchemy.dialects.postgresql import UUID
 from sqlalchemy.orm import Session
 
-from common import fair_share, job_states, quotas
+from common import fair_share, input_images, job_states, quotas
 from common.adapters import TenantAdapters
 from common.batch_counts import RequestCounts, request_counts
 from common.broker import BATCH_QUEUE
@@ -36,7 +36,9 @@ from common.db import get_owned
 from common.errors import Conflict, InvalidRequest
 from common.job_request import JobRequest, RequestError, to_params
 from common.models import Batch, BatchStatus, Job, JobImage, JobStatus, Tenant
+from common.presets import steps_run
 from common.settings import ApiSettings, BatchSettings, get_settings
+from common.storage import Storage
 from common.webhooks import outbox
 
 B, S = BatchStatus, JobStatus
@@ -176,6 +178,37 @@ def _with_adapters(item: BatchItem, adapters: TenantAdapters) -> BatchItem | lis
     return replace(item, params={**item.params, "loras": loras})
 
 
+def _with_image(item: BatchItem, resolve: Callable[[Any], dict[str, Any]]) -> BatchItem | list[LineError]:
+    """The item with its remix image resolved inside the tenant (common.input_images), or the line's error."""
+    try:
+        image = resolve(item.params["image"])
+    except InvalidRequest as exc:
+        return [LineError(item.line, exc.message, exc.field, item.custom_id)]
+    return replace(item, params={**item.params, "image": image})
+
+
+def _image_resolver(session: Session, tenant_id: uuid.UUID, storage: Storage | None) -> Callable[[Any], dict]:
+    """Resolves a line's `image` once per distinct reference of the batch (a sweep over one upload reads it once);
+    only the forms that need no download (common.input_images)."""
+    seen: dict[str, dict[str, Any] | InvalidRequest] = {}
+
+    def resolve(ref: Any) -> dict[str, Any]:
+        if storage is None:
+            raise InvalidRequest("remix lines are not taken here", field="image")
+        key = json.dumps(ref, sort_keys=True)
+        if key not in seen:
+            try:
+                seen[key] = input_images.resolve_image(ref, session=session, tenant_id=tenant_id, storage=storage,
+                                                       settings=get_settings(), downloads=False)
+            except InvalidRequest as exc:
+                seen[key] = exc
+        found = seen[key]
+        if isinstance(found, InvalidRequest):
+            raise found
+        return found
+    return resolve
+
+
 class InvalidBatch(InvalidRequest):
     """422 with line-numbered errors (`errors`), at most `max_errors_reported` of `invalid_count`."""
     type = "invalid_batch"
@@ -205,7 +238,7 @@ def _job_row(batch: Batch, item: BatchItem, max_attempts: int) -> tuple:
     return (uuid.uuid4(), batch.tenant_id, BATCH_QUEUE, S.QUEUED, json.dumps(item.params, separators=(",", ":")),
             job_states.request_hash(item.params, item.metadata, None),
             json.dumps(item.metadata) if item.metadata is not None else None, batch.id, item.custom_id, item.line,
-            0, max_attempts, 0, False, 0, item.params["steps"], adapter_group(item.params))
+            0, max_attempts, 0, False, 0, steps_run(item.params), adapter_group(item.params))
 
 
 def adapter_group(params: dict[str, Any]) -> str | None:
@@ -218,7 +251,7 @@ def adapter_group(params: dict[str, Any]) -> str | None:
 
 def create_batch(session: Session, *, tenant_id: uuid.UUID, source: LineSource, source_name: str,
                  options: BatchOptions, idempotency_key: str | None, api: ApiSettings, storage_prefix: str,
-                 max_attempts: int, settings: BatchSettings | None = None) -> Batch:
+                 max_attempts: int, settings: BatchSettings | None = None, storage: Storage | None = None) -> Batch:
     """Validate every line and insert one queued job per valid line, in one pass and the caller's transaction.
     Raises InvalidBatch (line-numbered) when a line is invalid and `skip_invalid` is off, when no line is valid,
     or past `max_lines`; the caller's rollback then leaves nothing behind."""
@@ -236,6 +269,7 @@ def create_batch(session: Session, *, tenant_id: uuid.UUID, source: LineSource, 
     first_line_of: dict[str, int] = {}
     rows: list[tuple] = []
     adapters = TenantAdapters(session, tenant_id)
+    images = _image_resolver(session, tenant_id, storage)
     for line, raw in source():
         digest.update(hashlib.sha256(_canonical(raw)).digest())
         if valid + invalid_count >= settings.max_lines:
@@ -246,6 +280,8 @@ def create_batch(session: Session, *, tenant_id: uuid.UUID, source: LineSource, 
                                 "custom_id", parsed.custom_id)]
         if isinstance(parsed, BatchItem) and "loras" in parsed.params:
             parsed = _with_adapters(parsed, adapters)
+        if isinstance(parsed, BatchItem) and "image" in parsed.params:
+            parsed = _with_image(parsed, images)
         if isinstance(parsed, list):
             invalid_count += 1
             if len(errors) < settings.max_errors_reported:

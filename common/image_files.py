@@ -59,6 +59,8 @@ def recipe(params: dict[str, Any], *, seed: int, model_id: str, revision: str | 
     if params.get("loras"):  # adapters by sha256 (what reproduces) with the name and scale used
         body["loras"] = [{"name": lora["name"], "sha256": lora["sha256"], "scale": lora["scale"]}
                          for lora in params["loras"]]
+    if params.get("image"):  # a remix: its input by sha256 (what reproduces) and how far from it
+        body.update(image_sha256=params["image"]["sha256"], strength=params["strength"])
     fmt = params.get("output_format", "png")
     if fmt != "png":  # a PNG's recipe stays what it always was (same bytes as before formats existed)
         body.update(output_format=fmt, output_quality=params.get("output_quality") or DEFAULT_QUALITY)

@@ -79,6 +79,8 @@ class JobRequest(BaseModel):
     strength: float | None = Field(None, gt=0.0, le=1.0, strict=True, allow_inf_nan=False,
                                    description="remix: how far from the image to go, the share of the schedule run "
                                                "(default 0.8; 1.0 keeps only the image's layout of latents)")
+    cache: bool = Field(True, strict=True, description="answer from an identical earlier image of yours when there "
+                                                        "is one (an explicit seed only); false: always generate")
     metadata: StorableJson | None = None
     webhook_url: PlainText | None = Field(None, max_length=2048)
     priority: Priority = Field("normal", description="its lane: jobs of a higher lane start first; every lane "
@@ -167,6 +169,8 @@ def to_params(req: JobRequest, api: ApiSettings, model: ModelSettings | None = N
                          model if model is not None else get_settings().model)
     if req.image is not None or req.strength is not None:
         params.update(_remix(req, steps))
+    if not req.cache:  # absent when true: the params (and request hash) of a cached job stay what they were
+        params["cache"] = False
     return params
 
 

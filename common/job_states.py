@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session, joinedload
 from common.db import get_owned
 from common.errors import Conflict, LeaseLost
 from common.models import Job, JobImage, JobStatus
+from common.presets import steps_run
 from common.webhooks import outbox
 
 S = JobStatus
@@ -52,7 +53,7 @@ def new_job_values(*, params: dict[str, Any], queue: str = "interactive", idempo
     return dict(queue=queue, status=S.QUEUED, params=params, request_hash=request_hash(params, metadata, webhook_url),
                 idempotency_key=idempotency_key, metadata_=metadata, webhook_url=webhook_url, attempts=0,
                 max_attempts=max_attempts, preemptions=0, cancel_requested=False, progress_step=0,
-                progress_total=params["steps"])
+                progress_total=steps_run(params))
 
 
 def create_job(session: Session, *, tenant_id: uuid.UUID, params: dict[str, Any], queue: str = "interactive",

@@ -69,3 +69,10 @@ def remix_steps(steps: int, strength: float) -> int:
     """How many of a schedule's steps a remix runs: the last `strength` of them (diffusers' img2img rule): the input
     image is noised to the sigma where they begin. 0 means too few steps for this strength."""
     return min(int(steps * strength), steps)
+
+
+def steps_run(params: dict) -> int:
+    """The denoising steps a job's stored params run: all of them, or a remix's last ones."""
+    if params.get("image"):
+        return remix_steps(params["steps"], params["strength"])
+    return params["steps"]

@@ -14,7 +14,7 @@ from common.broker import priority_of
 from common.models import Batch, Job, JobImage
 
 REQUEST_FIELDS = ("prompt", "caption", "preset", "width", "height", "seed", "num_images", "steps", "guidance_scale",
-                  "output_format", "output_quality", "loras")
+                  "output_format", "output_quality", "loras", "image", "strength")
 
 
 def job_representation(job: Job, *, self_url: str, image_url: Callable[[JobImage], str],

@@ -30,11 +30,13 @@ _PIXEL_PARAMS = ("prompt_text", "width", "height", "steps", "mu", "std", "guidan
 
 def cache_key(*, tenant_id: uuid.UUID, params: dict[str, Any], model_id: str, revision: str | None,
               worker_config: str) -> str | None:
-    """The entry's key, or None when the request must not be cached (a server-chosen seed)."""
-    if params.get("seed_generated", True):
+    """The entry's key, or None when the request must not be cached (a server-chosen seed, or `cache: false`)."""
+    if params.get("seed_generated", True) or params.get("cache") is False:
         return None
     body = {"tenant": str(tenant_id), "model": model_id, "revision": revision, "worker": worker_config,
             "params": {k: params.get(k) for k in _PIXEL_PARAMS}}
+    if params.get("image"):  # a remix: its input by content (where it is stored does not change the pixels)
+        body["remix"] = {"image_sha256": params["image"]["sha256"], "strength": params["strength"]}
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 

@@ -90,6 +90,10 @@ class ApiSettings(BaseModel):
     max_body_bytes: int = Field(64 * 1024, ge=1024)  # every route but the batch upload
     max_batch_json_bytes: int = Field(32 * 1024 * 1024, ge=1024)  # POST /v1/batches as JSON {"items": [...]}
     max_batch_upload_bytes: int = Field(1024 * 1024 * 1024, ge=1024)  # POST /v1/batches multipart (spooled to disk)
+    # Remix inputs (common/input_images.py): POST /v1/uploads and images read or fetched at submit
+    input_image_max_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    input_image_max_pixels: int = Field(4096 * 4096, ge=64 * 64)
+    input_image_fetch_timeout_s: float = Field(15.0, gt=0)
     # Requests in flight at once in one API process (admission control, api/limits.py); one more is a 503 with
     # Retry-After at once, so an overload sheds load instead of queueing work whose callers have given up
     max_in_flight: int = Field(32, ge=1)

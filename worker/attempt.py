@@ -42,7 +42,7 @@ from worker import metrics
 from worker.heartbeat import AttemptMonitor
 from worker.adapter_files import AdapterFiles
 from worker.pipeline.adapters import LoraUse
-from worker.pipeline.spec import GenerationInterrupted, GenerationSpec
+from worker.pipeline.spec import GenerationInterrupted, GenerationSpec, InitImage
 
 log = logging.getLogger(__name__)
 
@@ -66,21 +66,39 @@ class AttemptContext:
                                               self.settings.adapters.cache_bytes)
         return self.adapter_files.path(tenant_id=tenant_id, sha256=lora["sha256"], name=lora["name"])
 
+    def input_image(self, image: dict) -> bytes:
+        """A remix's input file (`params["image"]`), checked against the sha256 the job names."""
+        try:
+            data = self.storage.get(image["key"])
+        except NotFound:
+            raise InputImageError(f"the remix input {image['sha256']} is no longer in storage") from None
+        if sha256_hex(data) != image["sha256"]:
+            raise InputImageError(f"the remix input at {image['key']} no longer has sha256 {image['sha256']}")
+        return data
+
     def device_time(self, seconds: float) -> DeviceTime:
         """What one job of an attempt used, for its usage record (common.usage)."""
         return DeviceTime(gpu_kind=getattr(self.runner, "gpu_kind", "") or "unknown",
                           capacity=self.settings.worker.capacity, seconds=max(seconds, 0.0))
 
 
-def spec_from_params(params: dict, locate: Callable[[dict], Path] | None = None):
-    """The job's generation spec; `locate` finds each adapter's local file (without it the spec only serves to
-    compare jobs for co-batching)."""
+class InputImageError(ValueError):
+    """A remix's input is gone or changed in storage: the job fails with this message."""
+
+
+def spec_from_params(params: dict, locate: Callable[[dict], Path] | None = None,
+                     read_image: Callable[[dict], bytes] | None = None):
+    """The job's generation spec; `locate` finds each adapter's local file and `read_image` reads a remix's input
+    (without them the spec only serves to compare jobs for co-batching)."""
     loras = tuple(LoraUse(sha256=lora["sha256"], scale=float(lora["scale"]), path=locate(lora) if locate else None)
                   for lora in params.get("loras", ()))
+    image = params.get("image")
+    init_image = None if image is None else InitImage(
+        sha256=image["sha256"], strength=float(params["strength"]), data=read_image(image) if read_image else b"")
     return GenerationSpec(prompt_text=params["prompt_text"], width=params["width"], height=params["height"],
                           steps=params["steps"], mu=params["mu"], std=params["std"],
                           guidance_schedule=tuple(params["guidance_schedule"]), seeds=tuple(image_seeds(params)),
-                          loras=loras)
+                          loras=loras, init_image=init_image)
 
 
 def requeue(job_id: uuid.UUID, queue: str) -> None:
@@ -248,8 +266,8 @@ def _generate_and_record(members: list[Member], ctx: AttemptContext, t0: float) 
             m.monitor.report(done, total)
 
     try:
-        specs = [spec_from_params(m.claim.params, lambda lora, m=m: ctx.adapter_path(m.claim.tenant_id, lora))
-                 for m in members]
+        specs = [spec_from_params(m.claim.params, lambda lora, m=m: ctx.adapter_path(m.claim.tenant_id, lora),
+                                  ctx.input_image) for m in members]
         if len(members) == 1:
             images = [ctx.runner.run(specs[0], on_step=on_step, should_stop=should_stop)]
         else:

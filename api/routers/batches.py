@@ -191,7 +191,7 @@ def _create_or_resume(session, tenant_id: uuid.UUID, settings: Settings, storage
             batch = batches.create_batch(
                 session, tenant_id=tenant_id, source=source, source_name=name, options=options,
                 idempotency_key=idempotency_key, api=settings.api, storage_prefix=storage.prefix,
-                max_attempts=settings.worker.max_attempts)
+                max_attempts=settings.worker.max_attempts, storage=storage)
         except IntegrityError:
             session.rollback()
             continue

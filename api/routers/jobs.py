@@ -22,10 +22,12 @@ from common.db import session_scope
 from common.dispatch import dispatch, send_in_order
 from common.errors import NotFound
 from common.image_files import FORMATS, content_type_of
+from common.input_images import resolve_image
 from common.job_request import JobRequest, to_params
 from common.models import Job, JobStatus
 from common.queue_position import QueuePlace, queue_place, queue_places
 from common.representation import job_representation
+from common.settings import Settings
 from common.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -66,8 +68,8 @@ async def create_job(body: Annotated[JobRequest, Body(openapi_examples=JOB_EXAMP
     check_webhook_url(body.webhook_url, settings.webhooks)
     submitted = dict(params=params, queue=interactive_queue(body.priority), idempotency_key=idempotency_key,
                      metadata=body.metadata, webhook_url=body.webhook_url, max_attempts=settings.worker.max_attempts)
-    if idempotency_key is not None or "loras" in params:
-        job, created = await run_in_threadpool(_create_in_session, key_hash, submitted)
+    if idempotency_key is not None or "loras" in params or "image" in params:
+        job, created = await run_in_threadpool(_create_in_session, key_hash, submitted, storage, settings)
     else:
         job, created = await store.insert(key_hash, job_states.new_job_values(**submitted)), True
         # after the commit: if Redis is down the job stays queued, unsent, and maintenance sends it later
@@ -81,16 +83,19 @@ async def create_job(body: Annotated[JobRequest, Body(openapi_examples=JOB_EXAMP
     return job_out(request, storage, job, await store.queue_place(job))
 
 
-def _create_in_session(key_hash: str, submitted: dict) -> tuple[Job, bool]:
-    """The ORM path: an Idempotency-Key's replay rules, and adapter names resolved inside the tenant (the job
-    stores each adapter's sha256, common.adapters)."""
+def _create_in_session(key_hash: str, submitted: dict, storage: Storage, settings: Settings) -> tuple[Job, bool]:
+    """The ORM path: an Idempotency-Key's replay rules, adapter names resolved inside the tenant (the job stores
+    each adapter's sha256, common.adapters), a remix's image read, checked and stored (common.input_images)."""
     with session_scope() as session:
         tenant = authenticate_hash(session, key_hash, "submit")
         params = submitted["params"]
         quotas.check_limits(session, tenant, params["num_images"])
         if "loras" in params:
-            loras = resolve_loras(session, tenant_id=tenant.id, loras=params["loras"])
-            submitted = {**submitted, "params": {**params, "loras": loras}}
+            params = {**params, "loras": resolve_loras(session, tenant_id=tenant.id, loras=params["loras"])}
+        if "image" in params:
+            params = {**params, "image": resolve_image(params["image"], session=session, tenant_id=tenant.id,
+                                                        storage=storage, settings=settings)}
+        submitted = {**submitted, "params": params}
         job, created = job_states.create_job(session, tenant_id=tenant.id, **submitted)
         session.commit()
         if created:
