@@ -7,11 +7,12 @@ chosen by the server when omitted, so the stored job alone reproduces its images
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from common.captions import Caption
 from common.fair_share import Priority
@@ -73,7 +74,7 @@ class JobRequest(BaseModel):
                                        description=f"webp and jpeg only; default {DEFAULT_QUALITY}")
     loras: list[LoraRequest] | None = Field(None, description="registered adapters (LoRA) to apply, by name; "
                                                                "at most a server-set few (default 3)")
-    image: ImageRef | Annotated[str, Field(pattern=IMAGE_PATTERN, max_length=2048)] | None = Field(
+    image: ImageRef | str | None = Field(
         None, description="remix: start from this image, `upload:<sha256>` (POST /v1/uploads), `s3://bucket/key` of "
                           "your storage, an `https://` URL, or {job_id, index} of one of your images")
     strength: float | None = Field(None, gt=0.0, le=1.0, strict=True, allow_inf_nan=False,
@@ -85,6 +86,21 @@ class JobRequest(BaseModel):
     webhook_url: PlainText | None = Field(None, max_length=2048)
     priority: Priority = Field("normal", description="its lane: jobs of a higher lane start first; every lane "
                                                      "goes before batch work (a batch has its own priority)")
+
+    @field_validator("image", mode="before")
+    @classmethod
+    def _an_image_reference(cls, v: Any) -> Any:
+        """One error naming `image` for any bad form (not one per member of the union)."""
+        if v is None or isinstance(v, ImageRef):
+            return v
+        if isinstance(v, dict):
+            try:
+                return ImageRef.model_validate(v)
+            except ValidationError as exc:
+                raise ValueError(f"an earlier image is {{job_id, index}}: {exc.errors()[0]['msg']}") from None
+        if isinstance(v, str) and len(v) <= 2048 and re.match(IMAGE_PATTERN, v):
+            return v
+        raise ValueError("image must be upload:<sha256>, s3://bucket/key, an https:// URL or {job_id, index}")
 
     @field_validator("output_quality")
     @classmethod
