@@ -33,6 +33,10 @@ change keeps the result (see `Ideogram4Transformer2DModel.forward`):
    (adding 0 * a finite value is exact), so that pass is skipped and the step costs one transformer instead of
    two. A checkpoint without an `unconditional_transformer` (distilled) runs only such schedules.
 
+Beyond the stock call: **remix** (`GenerationSpec.init_image`, worker.pipeline.remix) starts from an encoded input
+image noised to the sigma where its last `remix_steps` steps begin, and runs only those; the stock call has no
+image-to-image mode, so a remix runs here only.
+
 Equivalence (tested in `tests/worker/pipeline/test_fast_path.py`; float32, CPU, tiny model):
 
 - **Bit-identical at equal text length.** Against the stock call run with `max_sequence_length` equal to the
