@@ -216,6 +216,8 @@ class UsageRecord(Base):
     capacity: Mapped[str] = mapped_column(String(16))  # on_demand | spot (worker.capacity)
     gpu_seconds: Mapped[float] = mapped_column(Double)
     images: Mapped[int] = mapped_column(Integer)  # images stored by this attempt (0 unless it succeeded)
+    # answered from the result cache: copies of an earlier run, no generation (migration 0013)
+    cached: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
     recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 

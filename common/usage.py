@@ -38,14 +38,15 @@ class DeviceTime:
 
 
 def record_attempt(session: Session, *, job_id: uuid.UUID, attempt: int, outcome: str, worker_id: str,
-                   used: DeviceTime, images: int = 0) -> None:
-    """One ledger row; tenant, batch and preset are copied from the job in the same statement."""
+                   used: DeviceTime, images: int = 0, cached: bool = False) -> None:
+    """One ledger row; tenant, batch and preset are copied from the job in the same statement. `cached`: the
+    attempt was answered from the result cache."""
     session.execute(insert(UsageRecord).from_select(
         ["tenant_id", "job_id", "batch_id", "preset", "attempt", "outcome", "worker_id", "gpu_kind", "capacity",
-         "gpu_seconds", "images"],
+         "gpu_seconds", "images", "cached"],
         select(Job.tenant_id, Job.id, Job.batch_id, Job.params["preset"].astext, literal(attempt), literal(outcome),
                literal(worker_id), literal(used.gpu_kind), literal(used.capacity), literal(float(used.seconds)),
-               literal(images)).where(Job.id == job_id)))
+               literal(images), literal(cached)).where(Job.id == job_id)))
 
 
 def price_per_hour(pricing: PricingSettings, gpu_kind: str, capacity: str) -> float | None:
@@ -69,12 +70,14 @@ class Usage:
     unpriced_gpu_seconds: float = 0.0  # seconds of a kind no price matches: never counted as free
     by_kind: dict[str, float] = field(default_factory=dict)  # gpu seconds per "kind (capacity)"
     currency: str = "USD"
+    cache_hits: int = 0  # jobs answered from the result cache (their attempts ran no generation)
 
-    def add(self, *, gpu_kind: str, capacity: str, seconds: float, images: int, attempts: int,
+    def add(self, *, gpu_kind: str, capacity: str, seconds: float, images: int, attempts: int, cache_hits: int,
             pricing: PricingSettings) -> None:
         self.gpu_seconds += seconds
         self.images += images
-        self.attempts += attempts
+        self.attempts += attempts - cache_hits
+        self.cache_hits += cache_hits
         label = f"{gpu_kind} ({capacity})"
         self.by_kind[label] = self.by_kind.get(label, 0.0) + seconds
         price = price_per_hour(pricing, gpu_kind, capacity)
@@ -87,6 +90,7 @@ class Usage:
         self.gpu_seconds += other.gpu_seconds
         self.images += other.images
         self.attempts += other.attempts
+        self.cache_hits += other.cache_hits
         self.estimated_cost += other.estimated_cost
         self.unpriced_gpu_seconds += other.unpriced_gpu_seconds
         for label, seconds in other.by_kind.items():
@@ -96,21 +100,23 @@ class Usage:
         return {"gpu_seconds": round(self.gpu_seconds, 3), "images": self.images, "attempts": self.attempts,
                 "estimated_cost": round(self.estimated_cost, COST_DIGITS), "currency": self.currency,
                 "unpriced_gpu_seconds": round(self.unpriced_gpu_seconds, 3),
-                "gpu_seconds_by_kind": {k: round(v, 3) for k, v in sorted(self.by_kind.items())}}
+                "gpu_seconds_by_kind": {k: round(v, 3) for k, v in sorted(self.by_kind.items())},
+                "cache_hits": self.cache_hits}
 
 
 def _priced(rows, pricing: PricingSettings) -> dict[Any, Usage]:
-    """Fold (key, gpu_kind, capacity, seconds, images, attempts) rows into one priced `Usage` per key."""
+    """Fold (key, gpu_kind, capacity, seconds, images, rows, cached rows) into one priced `Usage` per key."""
     out: dict[Any, Usage] = defaultdict(lambda: Usage(currency=pricing.currency))
-    for key, gpu_kind, capacity, seconds, images, attempts in rows:
+    for key, gpu_kind, capacity, seconds, images, attempts, cache_hits in rows:
         out[key].add(gpu_kind=gpu_kind, capacity=capacity, seconds=seconds, images=images, attempts=attempts,
-                     pricing=pricing)
+                     cache_hits=cache_hits, pricing=pricing)
     return out
 
 
 def _sums():
     R = UsageRecord
-    return (R.gpu_kind, R.capacity, func.sum(R.gpu_seconds), func.sum(R.images), func.count())
+    return (R.gpu_kind, R.capacity, func.sum(R.gpu_seconds), func.sum(R.images), func.count(),
+            func.count().filter(R.cached))
 
 
 def batch_usage(session: Session, batch_ids: list[uuid.UUID], pricing: PricingSettings) -> dict[uuid.UUID, Usage]:

@@ -209,6 +209,7 @@ def _complete_from_cache(m: Member, ctx: AttemptContext) -> str | None:
     key = _cache_key(claim, ctx)
     if key is None or m.wants_stop:
         return None
+    metrics.RESULT_CACHE_LOOKUPS.inc()
     with session_scope() as session:
         entry = result_cache.find(session, key)
         source = (entry.job_id, list(entry.images)) if entry is not None else None
@@ -229,7 +230,7 @@ def _complete_from_cache(m: Member, ctx: AttemptContext) -> str | None:
                    "gpu_seconds": 0.0, "gpu_kind": used.gpu_kind, "worker": ctx.worker_id, "attempt": claim.attempt}
         with session_scope() as session:
             job_states.complete(session, job_id=claim.job_id, token=claim.token, images=stored, timings=timings)
-            _record_usage(session, claim, ctx, used, "succeeded", images=len(stored))
+            _record_usage(session, claim, ctx, used, "succeeded", images=len(stored), cached=True)
     except LeaseLost:
         metrics.JOBS.labels(outcome="lease_lost").inc()
         return "lease_lost"
@@ -381,10 +382,10 @@ def _store_and_complete(m: Member, ctx: AttemptContext, images: list, used: Devi
 
 
 def _record_usage(session, claim: job_states.Claim, ctx: AttemptContext, used: DeviceTime, outcome: str,
-                  images: int = 0) -> None:
+                  images: int = 0, cached: bool = False) -> None:
     """The attempt's usage row, in the transaction of its (fenced) outcome: both land or neither."""
     record_attempt(session, job_id=claim.job_id, attempt=claim.attempt, outcome=outcome, worker_id=ctx.worker_id,
-                   used=used, images=images)
+                   used=used, images=images, cached=cached)
     # counted as written: a transaction that then fails to commit leaves the counter one attempt high
     metrics.DEVICE_SECONDS.labels(gpu_kind=used.gpu_kind, capacity=used.capacity).inc(used.seconds)
 

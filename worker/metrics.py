@@ -45,6 +45,9 @@ DEVICE_SECONDS = Counter("letterpress_worker_gpu_seconds_total",
                          "Generation seconds billed to jobs (the usage ledger, common.usage), by device kind and "
                          "capacity", ["gpu_kind", "capacity"])
 IMAGES = Counter("letterpress_worker_images_total", "Images stored by this worker")
+RESULT_CACHE_LOOKUPS = Counter("letterpress_worker_result_cache_lookups_total",
+                               "Jobs that could be answered from the result cache (an explicit seed, cache on), "
+                               "looked up; hits / lookups is the hit rate")
 RESULT_CACHE_HITS = Counter("letterpress_worker_result_cache_hits_total",
                             "Jobs completed with copies of an earlier identical run's images, without generating "
                             "(common/result_cache.py)")

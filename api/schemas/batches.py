@@ -92,6 +92,8 @@ class BatchOut(BaseModel):
     input_source: str | None
     request_counts: RequestCountsOut
     usage: UsageOut = Field(description="device time and estimated cost so far: the sum of the items' usage records")
+    cache_hit_rate: float | None = Field(description="the share of succeeded items answered from the result cache "
+                                                     "(usage.cache_hits / succeeded); null before any succeeded")
     invalid: dict[str, Any] | None = Field(None, description="lines skipped with skip_invalid: {count, lines}")
     metadata: dict[str, Any] | None
     webhook_url: str | None

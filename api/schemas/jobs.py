@@ -71,6 +71,8 @@ class JobOut(BaseModel):
     error: dict[str, Any] | None
     images: list[ImageOut]
     timings: dict[str, Any] | None
+    cache_hit: bool = Field(description="answered from the result cache: copies of an identical earlier run of "
+                                        "yours (timings.cache_source_job), no device time")
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None

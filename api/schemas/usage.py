@@ -17,6 +17,8 @@ class UsageOut(BaseModel):
     unpriced_gpu_seconds: float = Field(description="seconds on a GPU kind no configured price matches: not in "
                                                     "estimated_cost")
     gpu_seconds_by_kind: dict[str, float] = Field(description='seconds per "GPU kind (capacity)"')
+    cache_hits: int = Field(description="jobs answered from the result cache: copies of an identical earlier run, "
+                                        "no device time (not counted in attempts)")
 
 
 class UsageGroupOut(UsageOut):

@@ -119,7 +119,7 @@ def test_a_batch():
     counts = RequestCounts(total=10, queued=4, running=1, succeeded=3, failed=1, canceled=1)
     url = f"http://api.test/v1/batches/{batch.id}"
     usage = Usage(currency="EUR")
-    usage.add(gpu_kind="NVIDIA H200", capacity="spot", seconds=7200.0, images=3, attempts=4,
+    usage.add(gpu_kind="NVIDIA H200", capacity="spot", seconds=7200.0, images=3, attempts=5, cache_hits=1,
               pricing=PricingSettings(currency="EUR", spot_per_gpu_hour={"H200": 3.0}))
     body = batch_representation(batch, counts, usage, self_url=url)
     assert body["id"] == str(batch.id) and body["object"] == "batch" and body["status"] == "in_progress"
@@ -133,5 +133,6 @@ def test_a_batch():
     assert body["in_progress_at"] == T0 + timedelta(seconds=1) and body["completed_at"] is None
     assert body["usage"] == {"gpu_seconds": 7200.0, "images": 3, "attempts": 4, "estimated_cost": 6.0,
                              "currency": "EUR", "unpriced_gpu_seconds": 0.0,
-                             "gpu_seconds_by_kind": {"NVIDIA H200 (spot)": 7200.0}}
+                             "gpu_seconds_by_kind": {"NVIDIA H200 (spot)": 7200.0}, "cache_hits": 1}
+    assert body["cache_hit_rate"] == round(1 / 3, 4)  # of the 3 succeeded items, one was a cache hit
     assert BatchOut.model_validate(body).request_counts.succeeded == 3

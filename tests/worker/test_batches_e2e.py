@@ -269,3 +269,14 @@ def test_cli_batch_run_wait_out_then_rerun_resumes_and_skips_files(client, small
     refused = subprocess.run([sys.executable, "-m", "common.cli.main", "batch", "run", str(bad)], env=env,
                              capture_output=True, text=True, timeout=60)
     assert refused.returncode == 1 and "line 2" in refused.stderr
+
+
+def test_a_batch_run_again_is_answered_from_the_result_cache(client, worker):
+    """The same lines (explicit seeds) in a second batch: every item is a cache hit, shown in the batch object."""
+    items = [{**line, "seed": 900 + i} for i, line in enumerate(lines(3, "cache"))]
+    first = wait_batch(client, client.http.post("/v1/batches", json={"items": items}).json()["id"])
+    assert first["status"] == "completed" and first["usage"]["cache_hits"] == 0 and first["cache_hit_rate"] == 0
+    again = wait_batch(client, client.http.post("/v1/batches", json={"items": items}).json()["id"])
+    assert again["status"] == "completed" and again["request_counts"]["succeeded"] == 3
+    assert again["usage"]["cache_hits"] == 3 and again["cache_hit_rate"] == 1.0
+    assert again["usage"]["gpu_seconds"] == 0 and again["usage"]["attempts"] == 0

@@ -80,14 +80,16 @@ def test_the_same_request_again_is_served_from_the_result_cache(client, worker, 
     again = client.wait(client.submit({**body, "metadata": {"run": 2}}).json()["id"])
     assert first["status"] == again["status"] == "succeeded"
     assert again["timings"]["cached"] is True and again["timings"]["cache_source_job"] == first["id"]
+    assert again["cache_hit"] is True and first["cache_hit"] is False
     assert again["timings"]["gpu_seconds"] == 0 and "generate_s" not in again["timings"]
     image, copy = first["images"][0], again["images"][0]
     assert copy["key"] == f"images/{tenant.id}/{again['id']}/0.png" != image["key"]
     assert copy["sha256"] == image["sha256"] and s3_get(services, copy["key"]) == s3_get(services, image["key"])
     assert usage_rows(again["id"]) == [("succeeded", 1, "cpu", "on_demand", 0.0, 1)]
-    for fresh in ({**body, "seed": 4322}, {k: v for k, v in body.items() if k != "seed"}):
+    for fresh in ({**body, "seed": 4322}, {k: v for k, v in body.items() if k != "seed"}, {**body, "cache": False}):
         done = client.wait(client.submit(fresh).json()["id"])
-        assert done["status"] == "succeeded" and not done["timings"].get("cached"), done["timings"]
+        assert done["status"] == "succeeded" and not done["cache_hit"], done["timings"]
+        assert done["timings"]["gpu_seconds"] > 0
 
 
 def test_generation_error_fails_the_job_and_worker_keeps_serving(client, worker):
