@@ -43,3 +43,24 @@ class Caption(BaseModel):
         """The exact string the text encoder sees (stable key order, no whitespace, so it caches and
         reproduces byte for byte)."""
         return json.dumps(self.model_dump(exclude_none=True), separators=(",", ":"), ensure_ascii=False)
+
+
+def enhancer_messages(prompt: str, width: int, height: int) -> list[dict]:
+    """The chat the prompt enhancer answers with a caption (magic prompt): diffusers' own instructions and user
+    turn, with the image's aspect ratio (worker/pipeline/magic_prompt.py; the tiny model's head is trained on it)."""
+    import math
+
+    from diffusers.pipelines.ideogram4.prompt_enhancer import CAPTION_SYSTEM_MESSAGE, CAPTION_USER_TEMPLATE
+
+    divisor = math.gcd(width, height) or 1
+    return [{"role": "system", "content": CAPTION_SYSTEM_MESSAGE},
+            {"role": "user", "content": CAPTION_USER_TEMPLATE.format(aspect_ratio=f"{width // divisor}:"
+                                                                                  f"{height // divisor}",
+                                                                     original_prompt=prompt)}]
+
+
+def enhancer_chat_ids(tokenizer, prompt: str, width: int, height: int) -> list[int]:
+    """The token ids of that chat, ready for the enhancer's answer (`tokenizer`: the model's own)."""
+    ids = tokenizer.apply_chat_template(enhancer_messages(prompt, width, height), add_generation_prompt=True,
+                                        tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)

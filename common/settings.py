@@ -177,6 +177,21 @@ class BatchSettings(BaseModel):
         return weights
 
 
+class MagicPromptSettings(BaseModel):
+    """Magic prompt (worker/pipeline/magic_prompt.py), `LETTERPRESS_MAGIC_PROMPT__*`. Without an endpoint the
+    worker's own model answers, when it has a `prompt_enhancer_head`."""
+
+    # An OpenAI-compatible server (`http://vllm:8000/v1`) hosting the same Qwen3-VL model with its LM head, for
+    # fleets that keep a separate LLM pool; empty: the worker's own enhancer
+    endpoint: str = ""
+    model: str = ""  # the model name that server knows
+    api_key: SecretStr = SecretStr("")
+    timeout_s: float = Field(60.0, gt=0)
+    temperature: float = Field(1.0, ge=0)  # diffusers' PROMPT_UPSAMPLE_TEMPERATURE
+    max_new_tokens: int = Field(1024, ge=16)
+    cache_entries: int = Field(4096, ge=0)  # per worker process: (prompt, size, temperature, seed, model) -> caption
+
+
 class AdapterSettings(BaseModel):
     """LoRA adapters (common/adapters.py, worker/pipeline/adapters.py), `LETTERPRESS_ADAPTERS__*`."""
 
@@ -267,6 +282,7 @@ class Settings(BaseSettings):
     batches: BatchSettings = BatchSettings()
     webhooks: WebhookSettings = WebhookSettings()
     adapters: AdapterSettings = AdapterSettings()
+    magic_prompt: MagicPromptSettings = MagicPromptSettings()
     limits: LimitsSettings = LimitsSettings()
     pricing: PricingSettings = PricingSettings()
     # LETTERPRESS_API_URL: the API's public base URL (webhook payloads' links, the CLI's target); default

@@ -134,7 +134,7 @@ def test_letterpress_status_shows_the_worker_the_queues_and_recent_images(client
     (me,) = [w for w in status["workers"] if w["worker_id"] == done["timings"]["worker"]]
     assert me["state"] == "ready" and me["gpu_kind"] == "cpu" and me["capacity"] == "on_demand"
     assert me["variant"] and me["model"] and me["images_per_min"] > 0  # the image above, in the last 5 minutes
-    assert set(status["queues"]) == {"interactive", "batch"}
+    assert set(status["queues"]) == {"interactive-high", "interactive", "interactive-low", "batch"}
     assert all({"waiting", "running", "in_broker", "oldest_waiting_s"} <= set(q) for q in status["queues"].values())
     table = subprocess.run(cmd, env={**os.environ, **stack_env}, capture_output=True, text=True, timeout=60)
     assert table.returncode == 0 and me["worker_id"] in table.stdout and "Batches in progress" in table.stdout
