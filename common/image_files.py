@@ -59,6 +59,8 @@ def recipe(params: dict[str, Any], *, seed: int, model_id: str, revision: str | 
     if params.get("loras"):  # adapters by sha256 (what reproduces) with the name and scale used
         body["loras"] = [{"name": lora["name"], "sha256": lora["sha256"], "scale": lora["scale"]}
                          for lora in params["loras"]]
+    if isinstance(params.get("magic_prompt"), dict):  # the prompt the caption was written from, and how
+        body["magic_prompt"] = {k: params["magic_prompt"][k] for k in ("mode", "prompt", "enhanced")}
     if params.get("image"):  # a remix: its input by sha256 (what reproduces) and how far from it
         body.update(image_sha256=params["image"]["sha256"], strength=params["strength"])
     fmt = params.get("output_format", "png")

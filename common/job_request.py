@@ -18,6 +18,7 @@ from common.captions import Caption
 from common.fair_share import Priority
 from common.image_files import DEFAULT_QUALITY, OutputFormat
 from common.input_limits import PlainText, StorableJson
+from common.model_files import has_component
 from common.presets import PRESETS, RENDERING_SPEED, get_preset, remix_steps
 from common.prompt_tokens import tokens_over_limit
 from common.settings import AdapterSettings, ApiSettings, ModelSettings, get_settings
@@ -67,7 +68,10 @@ class JobRequest(BaseModel):
     num_images: int = Field(1, ge=1, le=8, strict=True)
     steps: int | None = Field(None, ge=1, le=200, strict=True)
     guidance_scale: float | None = Field(None, ge=0.0, le=30.0, strict=True)  # strict float still takes 4 as 4.0
-    magic_prompt: bool = Field(False, strict=True)
+    magic_prompt: bool | Literal["AUTO", "ON", "OFF"] = Field(
+        False, description="rewrite the text prompt into a structured caption with the model's prompt enhancer: "
+                           "true or ON (fail the job when the enhancer gives no valid caption), AUTO (keep the text "
+                           "prompt then), false or OFF. The caption is stored on the job and in the image's recipe")
     output_format: OutputFormat = Field("png", description="png (lossless), webp or jpeg; the recipe is inside "
                                                           "every format")
     output_quality: int | None = Field(None, ge=1, le=100, strict=True,
@@ -86,6 +90,13 @@ class JobRequest(BaseModel):
     webhook_url: PlainText | None = Field(None, max_length=2048)
     priority: Priority = Field("normal", description="its lane: jobs of a higher lane start first; every lane "
                                                      "goes before batch work (a batch has its own priority)")
+
+    @field_validator("magic_prompt", mode="before")
+    @classmethod
+    def _a_magic_prompt_mode(cls, v: Any) -> Any:
+        if v is True or v is False or v in ("AUTO", "ON", "OFF"):
+            return v
+        raise ValueError("magic_prompt must be true, false, \"AUTO\", \"ON\" or \"OFF\"")
 
     @field_validator("image", mode="before")
     @classmethod
@@ -124,8 +135,6 @@ class JobRequest(BaseModel):
             raise ValueError("give `preset` or `rendering_speed`, not both")
         if self.resolution and (self.width or self.height):
             raise ValueError("give `resolution` or `width`/`height`, not both")
-        if self.magic_prompt:
-            raise ValueError("magic_prompt is not available on this server (no prompt_enhancer_head loaded)")
         return self
 
 
@@ -185,9 +194,26 @@ def to_params(req: JobRequest, api: ApiSettings, model: ModelSettings | None = N
                          model if model is not None else get_settings().model)
     if req.image is not None or req.strength is not None:
         params.update(_remix(req, steps))
+    magic = MAGIC_MODES[req.magic_prompt]
+    if magic != "OFF":
+        params["magic_prompt"] = _check_magic(magic, req, model if model is not None else get_settings().model)
     if not req.cache:  # absent when true: the params (and request hash) of a cached job stay what they were
         params["cache"] = False
     return params
+
+
+MAGIC_MODES = {True: "ON", False: "OFF", "ON": "ON", "AUTO": "AUTO", "OFF": "OFF"}
+
+
+def _check_magic(mode: str, req: JobRequest, model: ModelSettings) -> str:
+    """A magic prompt the server can honour: a text prompt, and an enhancer (the model's prompt_enhancer_head, or
+    LETTERPRESS_MAGIC_PROMPT__ENDPOINT)."""
+    if req.caption is not None:
+        raise RequestError("magic_prompt", "magic_prompt rewrites a text prompt; this request gives a caption")
+    if not (get_settings().magic_prompt.endpoint or has_component(model, "prompt_enhancer_head")):
+        raise RequestError("magic_prompt", "magic_prompt is not available on this server: the model has no "
+                                           "prompt_enhancer_head and no LETTERPRESS_MAGIC_PROMPT__ENDPOINT is set")
+    return mode
 
 
 def _remix(req: JobRequest, steps: int) -> dict[str, Any]:

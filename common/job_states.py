@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, cast, func, or_, select, update
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, joinedload
 
@@ -176,6 +177,15 @@ def heartbeat(session: Session, *, job_id: uuid.UUID, token: uuid.UUID, ttl_s: f
     if row is None:
         raise LeaseLost(f"job {job_id}: lease lost")
     return bool(row.cancel_requested)
+
+
+def patch_params(session: Session, *, job_id: uuid.UUID, token: uuid.UUID, patch: dict[str, Any]) -> None:
+    """Merge `patch` into the running job's params (what the worker decided for it before generating, e.g. its
+    magic prompt's caption), fenced by the lease. Raises LeaseLost when the token no longer owns the job."""
+    row = session.execute(_fenced(job_id, token).values(params=Job.params.op("||")(
+        cast(patch, JSONB))).returning(Job.id)).one_or_none()
+    if row is None:
+        raise LeaseLost(f"job {job_id}: lease lost")
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,11 @@ def cache_key(*, tenant_id: uuid.UUID, params: dict[str, Any], model_id: str, re
         return None
     body = {"tenant": str(tenant_id), "model": model_id, "revision": revision, "worker": worker_config,
             "params": {k: params.get(k) for k in _PIXEL_PARAMS}}
+    magic = params.get("magic_prompt")
+    if magic:  # the request, not the enhancer's answer: the same key before and after its caption is stored
+        mode, prompt = (magic, params.get("prompt")) if isinstance(magic, str) else (magic["mode"], magic["prompt"])
+        body["params"].update(prompt=prompt, caption=None, prompt_text=None)
+        body["magic_prompt"] = mode
     if params.get("image"):  # a remix: its input by content (where it is stored does not change the pixels)
         body["remix"] = {"image_sha256": params["image"]["sha256"], "strength": params["strength"]}
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

@@ -113,6 +113,8 @@ def stack_env(services, tiny_model, tmp_path_factory) -> Iterator[dict[str, str]
         # a frozen (SIGSTOPped) process's open transaction is ended soon, as in production after 60 s
         "LETTERPRESS_DATABASE__IDLE_IN_TRANSACTION_TIMEOUT_S": "10",
         "LETTERPRESS_WEBHOOKS__ALLOW_LOOPBACK": "true",
+        # the tiny model's random enhancer head rarely ends its answer: keep its samples short
+        "LETTERPRESS_MAGIC_PROMPT__MAX_NEW_TOKENS": "16",
         # every test's client is 127.0.0.1 and most tenants are new, like good clients behind one NAT with a guesser:
         # the wrong-key guard is tested with its own limit (tests/api/test_wrong_keys.py), not the suite's traffic
         "LETTERPRESS_API__WRONG_KEYS_PER_MINUTE": "10000",

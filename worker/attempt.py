@@ -22,7 +22,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -42,6 +42,7 @@ from worker import metrics
 from worker.heartbeat import AttemptMonitor
 from worker.adapter_files import AdapterFiles
 from worker.pipeline.adapters import LoraUse
+from worker.pipeline.magic_prompt import EnhanceRequest, MagicPrompt, MagicPromptUnavailable
 from worker.pipeline.spec import GenerationInterrupted, GenerationSpec, InitImage
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class AttemptContext:
     batching: CoBatchingPolicy = field(default_factory=CoBatchingPolicy)  # off unless configured
     current_job: uuid.UUID | None = None  # the job generating now (worker.presence shows it)
     adapter_files: AdapterFiles | None = None  # made on the first job with adapters
+    magic: MagicPrompt | None = None  # made on the first job with a magic prompt
 
     def adapter_path(self, tenant_id: uuid.UUID, lora: dict) -> Path:
         """The local, verified file of one of a job's adapters (`params["loras"][i]`)."""
@@ -65,6 +67,14 @@ class AttemptContext:
             self.adapter_files = AdapterFiles(self.storage, self.settings.adapter_cache_dir,
                                               self.settings.adapters.cache_bytes)
         return self.adapter_files.path(tenant_id=tenant_id, sha256=lora["sha256"], name=lora["name"])
+
+    def magic_prompt(self) -> MagicPrompt:
+        """The prompt enhancer of this worker's pipeline (or of the configured endpoint)."""
+        if self.magic is None:
+            if self.runner.loaded is None:
+                self.runner.load()
+            self.magic = MagicPrompt(self.runner.loaded, self.settings.magic_prompt)
+        return self.magic
 
     def input_image(self, image: dict) -> bytes:
         """A remix's input file (`params["image"]`), checked against the sha256 the job names."""
@@ -256,9 +266,61 @@ def _spec_or_none(params: dict):
         return None
 
 
+class MagicPromptFailed(ValueError):
+    """A magic prompt `ON` got no valid caption from the enhancer: the job fails with this message."""
+
+
+def _enhance_prompts(members: list[Member], ctx: AttemptContext) -> dict[uuid.UUID, str]:
+    """Members whose request asks for a magic prompt not yet answered (`params.magic_prompt` still "ON"/"AUTO"):
+    the enhancer's captions for all of them in one call (worker.pipeline.magic_prompt), each stored on its job,
+    fenced by its lease, before anything is generated; so a re-run after a preemption, and the recipe, never
+    depend on sampling the enhancer again. An `ON` request without a valid caption fails; `AUTO` keeps its text
+    prompt (stored as such). Returns the outcomes of the members that will not generate."""
+    wanting = [m for m in members if isinstance(m.claim.params.get("magic_prompt"), str)]
+    if not wanting:
+        return {}
+    try:
+        magic = ctx.magic_prompt()
+        captions = magic.captions([EnhanceRequest(p["prompt"], p["width"], p["height"], p["seed"])
+                                   for p in (m.claim.params for m in wanting)]) if magic.available else None
+    except MagicPromptUnavailable:
+        captions = None
+    if captions is None:
+        log.warning("magic prompt requested but this worker has no prompt enhancer (no prompt_enhancer_head, no "
+                    "LETTERPRESS_MAGIC_PROMPT__ENDPOINT)")
+        captions = [None] * len(wanting)
+    done: dict[uuid.UUID, str] = {}
+    for m, caption in zip(wanting, captions):
+        params = m.claim.params
+        metrics.MAGIC_PROMPTS.labels(outcome="enhanced" if caption else "invalid").inc()
+        if caption is None and params["magic_prompt"] == "ON":
+            exc = MagicPromptFailed("magic prompt: the prompt enhancer gave no valid caption in two samples; "
+                                    "submit with magic_prompt \"AUTO\" to fall back to the text prompt, or send a "
+                                    "caption")
+            done[m.claim.job_id] = _record_failure(m.claim, ctx, exc, ctx.device_time(0.0), retryable=False)
+            continue
+        patch: dict = {"magic_prompt": {"mode": params["magic_prompt"], "prompt": params["prompt"],
+                                        "enhanced": caption is not None}}
+        if caption is not None:
+            patch.update(caption=caption.model_dump(exclude_none=True), prompt_text=caption.to_prompt_text())
+        try:
+            with session_scope() as session:
+                job_states.patch_params(session, job_id=m.claim.job_id, token=m.claim.token, patch=patch)
+        except LeaseLost:
+            done[m.claim.job_id] = "lease_lost"
+            continue
+        m.claim = replace(m.claim, params={**params, **patch})
+    return done
+
+
 def _generate_and_record(members: list[Member], ctx: AttemptContext, t0: float) -> str:
     """Generate every member's images in one call, then record each member's outcome. Returns the first
     member's outcome (the job Celery delivered); the others' are logged."""
+    settled = _enhance_prompts(members, ctx)
+    if settled:
+        rest = [m for m in members if m.claim.job_id not in settled]
+        outcome = _generate_and_record(rest, ctx, t0) if rest else None
+        return settled.get(members[0].claim.job_id) or outcome
     def should_stop() -> bool:  # a batch stops for a drain, or when no member wants its images any more
         return ctx.drain.expired() or all(m.wants_stop for m in members)
 

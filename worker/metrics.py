@@ -45,6 +45,9 @@ DEVICE_SECONDS = Counter("letterpress_worker_gpu_seconds_total",
                          "Generation seconds billed to jobs (the usage ledger, common.usage), by device kind and "
                          "capacity", ["gpu_kind", "capacity"])
 IMAGES = Counter("letterpress_worker_images_total", "Images stored by this worker")
+MAGIC_PROMPTS = Counter("letterpress_worker_magic_prompts_total",
+                        "Magic prompts answered by the prompt enhancer: enhanced (a valid caption) or invalid "
+                        "(none in two samples: the job failed, or kept its text prompt under AUTO)", ["outcome"])
 RESULT_CACHE_LOOKUPS = Counter("letterpress_worker_result_cache_lookups_total",
                                "Jobs that could be answered from the result cache (an explicit seed, cache on), "
                                "looked up; hits / lookups is the hit rate")

@@ -123,6 +123,7 @@ def _build_components(seed: int) -> dict:
     from diffusers import (
         AutoencoderKLFlux2,
         FlowMatchEulerDiscreteScheduler,
+        Ideogram4PromptEnhancerHead,
         Ideogram4Transformer2DModel,
     )
     from transformers import Qwen3VLConfig, Qwen3VLModel
@@ -167,7 +168,11 @@ def _build_components(seed: int) -> dict:
             latent_channels=_VAE_LATENT_CHANNELS,
             norm_num_groups=8,
         )
+        # magic prompt's LM head over the text encoder: random, so the tiny enhancer answers with text that is not a
+        # caption (the invalid-output paths run for real; a valid caption needs a trained model)
+        prompt_enhancer_head = Ideogram4PromptEnhancerHead(hidden_size=_TEXT_HIDDEN, vocab_size=_TOKENIZER_VOCAB)
     return {
+        "prompt_enhancer_head": prompt_enhancer_head.float().eval(),
         "scheduler": FlowMatchEulerDiscreteScheduler(),
         "vae": vae.float().eval(),
         "text_encoder": text_encoder.float().eval(),

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from common.captions import Caption
 from common.job_request import MAX_SEED, JobRequest, RequestError, image_seeds, to_params
 from common.presets import PRESETS
-from common.settings import ApiSettings
+from common.settings import ApiSettings, ModelSettings
 
 API = ApiSettings()
 CAPTION = {"high_level_description": "a vintage travel poster",
@@ -59,7 +59,26 @@ def test_unknown_fields_and_bad_caption_are_refused_by_name():
 def test_conflicting_choices_are_refused():
     assert "not both" in str(refused(prompt="a", preset="V4_TURBO_12", rendering_speed="TURBO"))
     assert "not both" in str(refused(prompt="a", resolution="512x512", width=512))
-    assert "magic_prompt" in str(refused(prompt="a", magic_prompt=True))
+
+
+def test_magic_prompt_needs_an_enhancer_and_a_text_prompt(tmp_path):
+    without = ModelSettings(id=str(tmp_path))  # a model directory whose model_index.json names no enhancer head
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "Ideogram4Pipeline",
+                                                          "prompt_enhancer_head": [None, None]}))
+    for mode in (True, "ON", "AUTO"):
+        with pytest.raises(RequestError, match="not available") as e:
+            to_params(JobRequest(prompt="a", magic_prompt=mode), API, model=without)
+        assert e.value.field == "magic_prompt"
+    assert "magic_prompt" not in to_params(JobRequest(prompt="a", magic_prompt="OFF"), API, model=without)
+    head = tmp_path / "with"
+    head.mkdir()
+    (head / "model_index.json").write_text(json.dumps({"prompt_enhancer_head": ["diffusers",
+                                                                                "Ideogram4PromptEnhancerHead"]}))
+    with_head = ModelSettings(id=str(head))
+    assert to_params(JobRequest(prompt="a", magic_prompt=True), API, model=with_head)["magic_prompt"] == "ON"
+    assert to_params(JobRequest(prompt="a", magic_prompt="AUTO"), API, model=with_head)["magic_prompt"] == "AUTO"
+    with pytest.raises(RequestError, match="rewrites a text prompt"):
+        to_params(JobRequest(caption=CAPTION, magic_prompt=True), API, model=with_head)
 
 
 # ------------------------------------------------------------------------------------- strict numbers
@@ -67,7 +86,7 @@ def test_conflicting_choices_are_refused():
 @pytest.mark.parametrize("field, value", [
     ("width", "256"), ("height", 256.0), ("seed", True), ("seed", "7"), ("steps", 2.5), ("num_images", "2"),
     ("num_images", False), ("guidance_scale", "4.5"), ("guidance_scale", True), ("magic_prompt", "false"),
-    ("magic_prompt", 0),
+    ("magic_prompt", 0), ("magic_prompt", "on"),
 ])
 def test_numbers_and_flags_are_strict_json_types(field, value):
     """As the OpenAPI document says: a JSON integer, a JSON number for guidance_scale, a boolean for magic_prompt.
