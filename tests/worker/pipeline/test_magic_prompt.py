@@ -49,5 +49,6 @@ def test_invalid_answers_are_retried_once_then_none_and_cached(loaded):
 def test_a_valid_answer_is_a_caption_and_anything_else_is_not():
     caption = parse_caption(VALID)
     assert isinstance(caption, Caption) and caption.compositional_deconstruction.elements[0].text == "HI"
-    for text in ("", "not json", '{"high_level_description": "only"}', VALID[:-1], VALID.replace('"type":"text"', '"type":"txt"')):
+    broken = VALID.replace('"type":"text"', '"type":"txt"')
+    for text in ("", "not json", '{"high_level_description": "only"}', VALID[:-1], broken):
         assert parse_caption(text) is None
