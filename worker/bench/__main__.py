@@ -4,13 +4,14 @@
     python -m worker.bench profile [options]      # where one step's time goes (worker.bench.profile)
     python -m worker.bench e2e-worker [options]   # the worker process `--e2e` starts (worker.bench.e2e)
     python -m worker.bench adapters [options]     # what a LoRA adapter costs (worker.bench.adapters)
+    python -m worker.bench magic-prompt [options] # what the prompt enhancer costs (worker.bench.magic_prompt)
 """
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
 
-from worker.bench import adapters, e2e, paths, profile
+from worker.bench import adapters, e2e, magic_prompt, paths, profile
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -19,6 +20,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e2e.worker_main(argv[1:])
     if argv[:1] == ["adapters"]:  # `letterpress bench adapters ...`: LoRA step cost and switch times
         return adapters.main(argv[1:])
+    if argv[:1] == ["magic-prompt"]:  # `letterpress bench magic-prompt ...`: enhancer seconds and tokens/s
+        return magic_prompt.main(argv[1:])
     if argv[:1] == ["profile"]:  # `letterpress bench profile ...`: where a step's time goes
         return profile.main(argv[1:])
     return paths.main(argv)

@@ -31,6 +31,13 @@ DEFAULT_PROMPT = (
 )
 
 
+# The text model of Qwen3-VL-8B, Ideogram 4's text encoder (and, with a head, its prompt enhancer)
+QWEN3_VL_8B_TEXT = {"hidden_size": 4096, "num_hidden_layers": 36, "intermediate_size": 12288,
+                    "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936,
+                    "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0,
+                                        "mrope_section": [24, 20, 20], "mrope_interleaved": True}}
+
+
 def build_random_real(device: str):
     """The real Ideogram 4 architecture (DESIGN.md sizes) with random weights, built on `device` in bf16.
 
@@ -48,10 +55,7 @@ def build_random_real(device: str):
     )
     from transformers import Qwen3VLConfig, Qwen3VLModel
 
-    text_config = {"hidden_size": 4096, "num_hidden_layers": 36, "intermediate_size": 12288,
-                   "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936,
-                   "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0,
-                                       "mrope_section": [24, 20, 20], "mrope_interleaved": True}}
+    text_config = QWEN3_VL_8B_TEXT
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
