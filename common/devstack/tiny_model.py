@@ -23,6 +23,9 @@ from common.settings import Settings
 
 log = logging.getLogger(__name__)
 TINY_MARKER = "letterpress_tiny.json"
+# What the builder makes: 2 added the prompt enhancer head (magic prompt). An older tiny model in the default place
+# is rebuilt when a worker starts (ensure_default_tiny_model); one a setting names is used as it is.
+TINY_VERSION = 2
 
 # Tokens of the Qwen chat format; `<|endoftext|>` doubles as the pad token, as in Qwen's own tokenizer.
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -84,7 +87,7 @@ def build_tiny_model(path: str | Path, seed: int = 0, *, distilled: bool = False
             index = json.loads((staging / "model_index.json").read_text())
             index.pop("unconditional_transformer", None)
             (staging / "model_index.json").write_text(json.dumps(index, indent=2))
-        (staging / TINY_MARKER).write_text(json.dumps({"tiny": True, "seed": seed}))
+        (staging / TINY_MARKER).write_text(json.dumps({"tiny": True, "seed": seed, "version": TINY_VERSION}))
         _move_into_place(staging, path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -101,7 +104,14 @@ def ensure_default_tiny_model(settings: Settings, *, cpu_only: bool = False) -> 
     if not (path / "model_index.json").is_file():
         log.info("no model configured and no GPU: building the tiny random-weight model at %s", path)
         build_tiny_model(path)
+    elif is_tiny_model(path) and _built_version(path) < TINY_VERSION:
+        log.info("the tiny model at %s predates this version's (no prompt enhancer head): rebuilding it", path)
+        build_tiny_model(path)
     return path
+
+
+def _built_version(path: Path) -> int:
+    return int(json.loads((path / TINY_MARKER).read_text()).get("version", 1))
 
 
 def is_tiny_model(path: str | Path) -> bool:

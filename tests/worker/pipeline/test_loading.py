@@ -156,6 +156,17 @@ def test_default_model_without_gpu_is_the_tiny_model_which_the_worker_never_buil
     assert built == settings.tiny_model_dir == (tmp_path / "home" / "models" / "tiny").resolve()
     assert Path(default_model_id(settings, CPU)) == built
     assert is_tiny_model(built)
+    # a tiny model built by an older version (no prompt enhancer head) is rebuilt; the current one is kept
+    marker = built / "letterpress_tiny.json"
+    marker.write_text(json.dumps({"tiny": True, "seed": 0}))
+    index = json.loads((built / "model_index.json").read_text())
+    (built / "model_index.json").write_text(json.dumps({k: v for k, v in index.items()
+                                                        if k != "prompt_enhancer_head"}))
+    ensure_default_tiny_model(settings, cpu_only=True)
+    assert "prompt_enhancer_head" in json.loads((built / "model_index.json").read_text())
+    stamp = marker.stat().st_mtime_ns
+    ensure_default_tiny_model(settings, cpu_only=True)
+    assert marker.stat().st_mtime_ns == stamp
     explicit = Settings(home=tmp_path / "other", model=ModelSettings(id="me/my-finetune"))
     assert ensure_default_tiny_model(explicit, cpu_only=True) is None
 
