@@ -188,6 +188,26 @@ def patch_params(session: Session, *, job_id: uuid.UUID, token: uuid.UUID, patch
         raise LeaseLost(f"job {job_id}: lease lost")
 
 
+_MAGIC_PENDING = (Job.status == S.QUEUED, func.jsonb_typeof(Job.params["magic_prompt"]) == "string")
+
+
+def waiting_magic_prompts(session: Session, *, limit: int,
+                          exclude: list[uuid.UUID]) -> list[tuple[uuid.UUID, uuid.UUID, dict]]:
+    """Queued jobs whose magic prompt is not answered yet, oldest first (ix_jobs_magic_pending): (id, tenant,
+    params)."""
+    query = select(Job.id, Job.tenant_id, Job.params).where(*_MAGIC_PENDING)
+    if exclude:
+        query = query.where(Job.id.not_in(exclude))
+    return [(r.id, r.tenant_id, r.params) for r in session.execute(query.order_by(Job.created_at).limit(limit))]
+
+
+def answer_waiting_magic_prompt(session: Session, *, job_id: uuid.UUID, patch: dict[str, Any]) -> bool:
+    """Store a queued job's magic prompt answer ahead of its run (see patch_params), only while it is still queued
+    and unanswered: a job claimed meanwhile answers its own. Returns whether it was stored."""
+    return session.execute(update(Job).where(Job.id == job_id, *_MAGIC_PENDING).values(
+        params=Job.params.op("||")(cast(patch, JSONB)))).rowcount == 1
+
+
 @dataclass(frozen=True)
 class StoredImage:
     index: int

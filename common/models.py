@@ -134,6 +134,9 @@ class Job(Base):
         # Quotas (migration 0010, common/quotas.py): a tenant's active jobs, counted up to its limit.
         Index("ix_jobs_tenant_active", "tenant_id",
               postgresql_where=text("status IN ('queued', 'running') AND (batch_id IS NULL OR enqueued_at IS NOT NULL)")),
+        # Magic prompt (migration 0014, worker/attempt.py): queued jobs whose magic prompt is not answered yet.
+        Index("ix_jobs_magic_pending", "created_at",
+              postgresql_where=text("status = 'queued' AND jsonb_typeof(params -> 'magic_prompt') = 'string'")),
         # Adapter-aware feeding (migration 0008): a batch's unfed items one adapter group after another.
         Index("ix_jobs_batch_unfed_group", "batch_id", "adapter_group", "batch_line",
               postgresql_where=text("batch_id IS NOT NULL AND status = 'queued' AND enqueued_at IS NULL")),

@@ -189,7 +189,10 @@ class MagicPromptSettings(BaseModel):
     timeout_s: float = Field(60.0, gt=0)
     temperature: float = Field(1.0, ge=0)  # diffusers' PROMPT_UPSAMPLE_TEMPERATURE
     max_new_tokens: int = Field(1024, ge=16)
-    cache_entries: int = Field(4096, ge=0)  # per worker process: (prompt, size, temperature, seed, model) -> caption
+    cache_entries: int = Field(4096, ge=0)  # per worker process: (tenant, prompt, size, seed, ...) -> caption
+    # Prompts one enhancer call answers: those of the jobs the worker runs, then queued jobs' still unanswered ones
+    # (oldest first), whose captions are stored for when they run; 1: only the running jobs'
+    batch: int = Field(16, ge=1)
 
 
 class AdapterSettings(BaseModel):

@@ -274,21 +274,33 @@ def _enhance_prompts(members: list[Member], ctx: AttemptContext) -> dict[uuid.UU
     """Members whose request asks for a magic prompt not yet answered (`params.magic_prompt` still "ON"/"AUTO"):
     the enhancer's captions for all of them in one call (worker.pipeline.magic_prompt), each stored on its job,
     fenced by its lease, before anything is generated; so a re-run after a preemption, and the recipe, never
-    depend on sampling the enhancer again. An `ON` request without a valid caption fails; `AUTO` keeps its text
+    depend on sampling the enhancer again. The same call also answers queued jobs' magic prompts, oldest first,
+    up to `magic_prompt.batch` prompts (their answers are stored for when they run: the enhancer is far cheaper per
+    prompt in a batch, docs/PERFORMANCE.md). An `ON` request without a valid caption fails; `AUTO` keeps its text
     prompt (stored as such). Returns the outcomes of the members that will not generate."""
     wanting = [m for m in members if isinstance(m.claim.params.get("magic_prompt"), str)]
     if not wanting:
         return {}
+    waiting: list[tuple[uuid.UUID, uuid.UUID, dict]] = []
+    room = ctx.settings.magic_prompt.batch - len(wanting)
+    if room > 0:
+        with session_scope() as session:
+            waiting = job_states.waiting_magic_prompts(session, limit=room, exclude=[m.claim.job_id for m in members])
+    asks = [(m.claim.tenant_id, m.claim.params) for m in wanting] + [(t, p) for _, t, p in waiting]
     try:
         magic = ctx.magic_prompt()
-        captions = magic.captions([EnhanceRequest(p["prompt"], p["width"], p["height"], p["seed"])
-                                   for p in (m.claim.params for m in wanting)]) if magic.available else None
+        captions = magic.captions([EnhanceRequest(p["prompt"], p["width"], p["height"], p["seed"], str(t))
+                                   for t, p in asks]) if magic.available else None
     except MagicPromptUnavailable:
         captions = None
     if captions is None:
         log.warning("magic prompt requested but this worker has no prompt enhancer (no prompt_enhancer_head, no "
                     "LETTERPRESS_MAGIC_PROMPT__ENDPOINT)")
-        captions = [None] * len(wanting)
+        captions = [None] * len(asks)
+    for (job_id, _, params), caption in zip(waiting, captions[len(wanting):]):
+        if caption is not None or params["magic_prompt"] == "AUTO":  # an ON without one fails when it runs
+            with session_scope() as session:
+                job_states.answer_waiting_magic_prompt(session, job_id=job_id, patch=_magic_patch(params, caption))
     done: dict[uuid.UUID, str] = {}
     for m, caption in zip(wanting, captions):
         params = m.claim.params
@@ -299,10 +311,7 @@ def _enhance_prompts(members: list[Member], ctx: AttemptContext) -> dict[uuid.UU
                                     "caption")
             done[m.claim.job_id] = _record_failure(m.claim, ctx, exc, ctx.device_time(0.0), retryable=False)
             continue
-        patch: dict = {"magic_prompt": {"mode": params["magic_prompt"], "prompt": params["prompt"],
-                                        "enhanced": caption is not None}}
-        if caption is not None:
-            patch.update(caption=caption.model_dump(exclude_none=True), prompt_text=caption.to_prompt_text())
+        patch = _magic_patch(params, caption)
         try:
             with session_scope() as session:
                 job_states.patch_params(session, job_id=m.claim.job_id, token=m.claim.token, patch=patch)
@@ -311,6 +320,16 @@ def _enhance_prompts(members: list[Member], ctx: AttemptContext) -> dict[uuid.UU
             continue
         m.claim = replace(m.claim, params={**params, **patch})
     return done
+
+
+def _magic_patch(params: dict, caption) -> dict:
+    """What a magic prompt's answer adds to the job's params: the caption the image is generated from (when there
+    is one) and what was asked."""
+    patch: dict = {"magic_prompt": {"mode": params["magic_prompt"], "prompt": params["prompt"],
+                                    "enhanced": caption is not None}}
+    if caption is not None:
+        patch.update(caption=caption.model_dump(exclude_none=True), prompt_text=caption.to_prompt_text())
+    return patch
 
 
 def _generate_and_record(members: list[Member], ctx: AttemptContext, t0: float) -> str:

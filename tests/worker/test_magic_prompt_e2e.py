@@ -13,7 +13,9 @@ import http.server
 import io
 import json
 import threading
+import time
 import uuid
+from datetime import datetime
 
 import httpx
 import pytest
@@ -39,6 +41,7 @@ class ChatServer:
 
     def __init__(self):
         self.asked: list[str] = []
+        self.asked_at: list[float] = []
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -46,6 +49,7 @@ class ChatServer:
                 body = json.loads(self.rfile.read(int(self.headers["content-length"])))
                 user = body["messages"][-1]["content"]
                 server.asked.append(user)
+                server.asked_at.append(time.time())
                 if "FAIL" in user or ("RETRY" in user and sum("RETRY" in a for a in server.asked) == 1):
                     content = "Sure! Here is a caption: a poster"
                 else:
@@ -127,3 +131,22 @@ def test_an_endpoint_answer_that_is_not_a_caption_is_retried_once_then_fails_or_
     assert failed["status"] == "failed" and "no valid caption" in failed["error"]["message"]
     kept = client.wait(client.submit({**JOB, "prompt": "FAIL me too", "magic_prompt": "AUTO"}).json()["id"])
     assert kept["status"] == "succeeded" and "caption" not in kept["request"]
+
+
+def test_one_enhancer_call_also_answers_the_queued_jobs_magic_prompts(stack, chat):
+    """Three magic-prompt jobs wait while no worker runs; the first job's enhancer call answers all three (the
+    others' captions are stored while they are still queued), so no later job asks again."""
+    client = stack.client()
+    stack.stop_workers()
+    stack.workers.clear()
+    before = len(chat.asked)
+    ids = [client.submit({**JOB, "prompt": f"a poster that says MAGIC number {i}", "magic_prompt": "ON"}).json()["id"]
+           for i in range(3)]
+    stack.start_worker({"LETTERPRESS_WORKER__CPU_THREADS": "1"})
+    done = [client.wait(i) for i in ids]
+    assert [d["status"] for d in done] == ["succeeded"] * 3, done
+    assert all(d["request"]["caption"] == CAPTION for d in done)
+    asked = chat.asked_at[before:]
+    assert len(asked) == 3  # each prompt once
+    starts = sorted(datetime.fromisoformat(d["started_at"]).timestamp() for d in done)
+    assert max(asked) < starts[1]  # all three were asked before the second job started: one call

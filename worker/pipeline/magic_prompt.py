@@ -12,8 +12,8 @@ whatever text came out):
 - **Validated**: the text must parse as a `common.captions.Caption` (the schema the API takes); an invalid output is
   sampled once more (the next seed), then reported as None: the caller fails the job (`ON`) or keeps the text
   prompt (`AUTO`).
-- **Cached** per worker process by (prompt, size, temperature, seed, model and revision): the same request does not
-  sample the enhancer twice. Sampling is seeded from the requests of the call, so a call is reproducible; a job
+- **Cached** per worker process by (tenant, prompt, size, temperature, seed, model and revision): the same request
+  does not sample the enhancer twice, and one tenant never gets another's answer (its speed would tell). Sampling is seeded from the requests of the call, so a call is reproducible; a job
   does not depend on it afterwards, since its caption is stored on the job (worker/attempt.py) before generating.
 - **Or remote**: with `LETTERPRESS_MAGIC_PROMPT__ENDPOINT` set, the same chat goes to an OpenAI-compatible server
   (vLLM or SGLang hosting the same Qwen3-VL model with the head, for fleets that keep a separate LLM pool), one
@@ -51,6 +51,7 @@ class EnhanceRequest:
     width: int
     height: int
     seed: int
+    tenant: str = ""  # never sent to the model: keeps one tenant's cached answers from another (a timing tell)
 
 
 def available(loaded: LoadedPipeline) -> bool:
@@ -157,7 +158,8 @@ class MagicPrompt:
         return self.remote is not None or available(self.loaded)
 
     def _key(self, r: EnhanceRequest) -> tuple:
-        return (r.prompt, r.width, r.height, self.temperature, r.seed, self.loaded.model_id, self.loaded.revision)
+        return (r.tenant, r.prompt, r.width, r.height, self.temperature, r.seed, self.loaded.model_id,
+                self.loaded.revision)
 
     def captions(self, requests: list[EnhanceRequest]) -> list[Caption | None]:
         """A caption for each request, or None where the enhancer gave no valid caption in two samples."""
