@@ -344,6 +344,8 @@ class Bench:
             props = torch.cuda.get_device_properties(torch.device(self.device))
             meta.update(device=props.name, gpu_memory_gb=round(props.total_memory / 2**30, 1),
                         capability=f"{props.major}.{props.minor}", cuda=torch.version.cuda)
+        price, currency = gpu_hour_price(self.args, meta["device"])
+        meta.update(price_per_gpu_hour=price, currency=currency, capacity=self.args.capacity)
         return meta
 
     def save(self) -> None:
@@ -381,6 +383,7 @@ class Bench:
                        useful_tflops=useful / row["s_step"] / 1e12)
             row["img_per_min"] = {p: 60.0 * batch / (row["fixed_s"] + PRESETS[p].steps * row["s_step"])
                                   for p in self.presets}
+            row.update(cost_columns(row["img_per_min"], self.result["meta"].get("price_per_gpu_hour")))
             row["image"] = images[0]
         except Exception as exc:  # noqa: BLE001 - a failing path is a result, not the end of the run
             row["error"] = f"{type(exc).__name__}: {exc}"[:600]
@@ -567,6 +570,44 @@ def _path_label(path: str) -> str:
 # Report
 
 
+def cost_columns(img_per_min: dict[str, float], price_per_gpu_hour: float | None) -> dict[str, Any]:
+    """Images per GPU-hour and the cost of 1,000 images at `price_per_gpu_hour` (None: unpriced), per preset."""
+    per_hour = {p: 60.0 * ipm for p, ipm in img_per_min.items()}
+    cost = None if price_per_gpu_hour is None else {p: 1000.0 * price_per_gpu_hour / n for p, n in per_hour.items()}
+    return {"img_per_gpu_hour": per_hour, "cost_per_1000": cost}
+
+
+def gpu_hour_price(args, device_name: str) -> tuple[float | None, str]:
+    """`--price-per-gpu-hour`, else the configured price of this GPU kind (LETTERPRESS_PRICING__*, as usage is
+    priced: common.usage.price_per_hour), at `--capacity`; and the currency."""
+    from common.settings import get_settings
+    from common.usage import price_per_hour
+
+    pricing = get_settings().pricing
+    if args.price_per_gpu_hour is not None:
+        return args.price_per_gpu_hour, pricing.currency
+    return price_per_hour(pricing, device_name, args.capacity), pricing.currency
+
+
+def _cost_table(result: dict[str, Any], presets: list[str]) -> list[str]:
+    meta = result["meta"]
+    price = meta.get("price_per_gpu_hour")
+    priced = f"at {price} {meta.get('currency')} per GPU-hour ({meta.get('capacity')})" if price is not None else (
+        "unpriced: no --price-per-gpu-hour and no configured price for this GPU kind")
+    head = ["variant", "size", "batch"] + [f"img/GPU-h {p.removeprefix('V4_')}" for p in presets]
+    if price is not None:
+        head += [f"per 1k {p.removeprefix('V4_')}" for p in presets]
+    lines = ["", f"Cost per image {priced}:", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in result["rows"]:
+        if "error" in r or "img_per_gpu_hour" not in r:
+            continue
+        cells = [r["name"], f"{r['size']}²", str(r["batch"])] + [f"{r['img_per_gpu_hour'][p]:.0f}" for p in presets]
+        if price is not None:
+            cells += [f"{r['cost_per_1000'][p]:.2f}" for p in presets]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def render_markdown(result: dict[str, Any]) -> str:
     meta = result["meta"]
     presets = list(next((r["img_per_min"] for r in result["rows"] if "img_per_min" in r), {}).keys())
@@ -599,6 +640,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         cells += [ratio, f"{r.get('peak_gb', 0):.1f}", _num(r["tflops"]), _num(r["useful_tflops"]),
                   f"{diff['mean']:.2f} / {diff['max']}" if diff else ""]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += _cost_table(result, presets)
     if result.get("equivalence"):
         lines += ["", "Equivalence at a full preset (same seed and weights; uint8 levels):", "",
                   "| weights | path | size | steps | vs stock mean / max / fraction differing | vs stock-tight |",
@@ -666,6 +708,11 @@ def parse_args(argv: Sequence[str] | None):
     p.add_argument("--e2e-compile", action=argparse.BooleanOptionalAction, default=None,
                    help="compile the e2e worker's blocks (default: on CUDA)")
     p.add_argument("--out", default=os.environ.get("OUT") or "bench-out")
+    p.add_argument("--price-per-gpu-hour", type=float, default=None,
+                   help="price the rows per 1,000 images (default: the configured LETTERPRESS_PRICING__* price of "
+                        "this GPU kind)")
+    p.add_argument("--capacity", choices=("on_demand", "spot"), default="on_demand",
+                   help="which configured price applies")
     args = p.parse_args(argv)
     args.argv = argv
     tiny = args.size == "tiny" and not args.model

@@ -26,8 +26,9 @@ def run_bench(out: Path, *args: str, timeout: int = 900) -> dict:
 def test_tiny_bench_writes_every_row_with_sane_fields(tmp_path):
     result = run_bench(tmp_path, "--sizes", "32", "--steps", "3", "--paths", "stock,stock-tight,fast",
                        "--batch-sizes", "1,2", "--batch-res", "32", "--equiv-steps", "3",
-                       "--presets", "V4_QUALITY_48,V4_TURBO_12", "--cfg-free")
+                       "--presets", "V4_QUALITY_48,V4_TURBO_12", "--cfg-free", "--price-per-gpu-hour", "2.5")
     meta = result["meta"]
+    assert meta["price_per_gpu_hour"] == 2.5 and meta["capacity"] == "on_demand"
     assert meta["device"] == "cpu" and meta["size"] == "tiny" and meta["torch"] and meta["diffusers"]
     assert meta["prompt_tokens"] > 50
     rows = result["rows"]
@@ -37,11 +38,15 @@ def test_tiny_bench_writes_every_row_with_sane_fields(tmp_path):
                      ("fp32 fast", 1), ("fp32 fast", 2)]
     for r in rows:
         assert r["s_step"] > 0 and r["fixed_s"] >= 0 and r["steps_timed"] == 3
+        for preset, ipm in r["img_per_min"].items():  # the cost columns follow from the measured rate
+            assert r["img_per_gpu_hour"][preset] == pytest.approx(60 * ipm)
+            assert r["cost_per_1000"][preset] == pytest.approx(1000 * 2.5 / (60 * ipm))
         assert r["tflops"] > 0 and r["useful_tflops"] > 0
         for name, rate in r["img_per_min"].items():
             expected = 60 * r["batch"] / (r["fixed_s"] + PRESETS[name].steps * r["s_step"])
             assert rate == pytest.approx(expected)
         assert r["img_per_min"]["V4_TURBO_12"] > r["img_per_min"]["V4_QUALITY_48"]
+    assert "Cost per image at 2.5" in (tmp_path / "bench.md").read_text()
     stock, tight, fast = rows[0], rows[1], rows[2]
     assert stock["text_tokens"] == 2048 and tight["text_tokens"] == fast["text_tokens"] == meta["prompt_tokens"]
     assert stock["tflop_step"] > fast["tflop_step"]  # the stock call computes the padding too
