@@ -581,11 +581,12 @@ def gpu_hour_price(args, device_name: str) -> tuple[float | None, str]:
     """`--price-per-gpu-hour`, else the configured price of this GPU kind (LETTERPRESS_PRICING__*, as usage is
     priced: common.usage.price_per_hour), at `--capacity`; and the currency."""
     from common.settings import get_settings
-    from common.usage import price_per_hour
 
     pricing = get_settings().pricing
     if args.price_per_gpu_hour is not None:
         return args.price_per_gpu_hour, pricing.currency
+    from common.usage import price_per_hour  # here: it needs the database libraries, which a GPU box may lack
+
     return price_per_hour(pricing, device_name, args.capacity), pricing.currency
 
 
