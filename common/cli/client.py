@@ -49,6 +49,11 @@ class Client:
     def get(self, job_id: str) -> dict:
         return self._check(self.http.get(f"/v1/jobs/{job_id}"))
 
+    def upload(self, path: Path) -> dict:
+        """Upload an image to remix from (POST /v1/uploads); its `image` is what a job's `image` takes."""
+        with path.open("rb") as f:
+            return self._check(self.http.post("/v1/uploads", files={"file": (path.name, f)}))
+
     def add_adapter(self, name: str, source: str, *, replace: bool = False) -> dict:
         """Register a LoRA: a local .safetensors file is uploaded; an s3:// or file:// URI is read by the server."""
         fields = {"name": name, "replace": "true" if replace else "false"}

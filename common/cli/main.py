@@ -204,7 +204,15 @@ def cmd_submit(args) -> int:
             body[field] = getattr(args, field)
     if args.lora:
         body["loras"] = args.lora
+    for field in ("strength", "magic_prompt", "priority"):
+        if getattr(args, field) is not None:
+            body[field] = getattr(args, field)
+    if args.no_cache:
+        body["cache"] = False
     client = Client(api_url(settings), api_key(settings))
+    if args.image:
+        local = Path(args.image)
+        body["image"] = client.upload(local)["image"] if local.is_file() else args.image
     job = client.submit(body, idempotency_key=args.idempotency_key)
     print(f"job {job['id']} {job['status']}")
     if not args.wait:
@@ -484,6 +492,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quality", dest="output_quality", type=int, help="webp and jpeg: 1-100 (default 90)")
     s.add_argument("--lora", action="append", type=lora_argument, metavar="NAME[:SCALE]",
                    help="apply a registered adapter (repeatable), e.g. --lora brand-look:0.8")
+    s.add_argument("--image", help="remix: a local image file (uploaded first), upload:<sha256>, s3://... or "
+                                   "https://...")
+    s.add_argument("--strength", type=float, help="remix: how far from the image, 0-1 (default 0.8)")
+    s.add_argument("--magic-prompt", choices=["ON", "AUTO", "OFF"], help="rewrite the prompt into a caption")
+    s.add_argument("--priority", choices=PRIORITIES, help="the job's lane (default normal)")
+    s.add_argument("--no-cache", action="store_true", help="always generate, even for a repeated request")
     s.add_argument("--idempotency-key")
     s.add_argument("--wait", action="store_true", help="show progress and download the images")
     s.add_argument("--out", default="out")

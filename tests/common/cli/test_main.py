@@ -51,6 +51,19 @@ def test_submit_webp_then_read_its_recipe_back(stack_env, api_url, worker, tenan
     assert refused.returncode == 1 and "not an image" in refused.stderr
 
 
+def test_submit_remixes_a_local_image_with_a_priority(stack_env, api_url, worker, tenant, tmp_path):
+    source = tmp_path / "sketch.png"
+    Image.new("RGB", (96, 64), (200, 40, 40)).save(source)
+    result = letterpress("submit", "a poster that says REMIX", "--preset", "V4_TURBO_12", "--width", "256",
+                         "--height", "256", "--seed", "5", "--steps", "4", "--image", str(source), "--strength", "0.5",
+                         "--priority", "high", "--no-cache", "--wait", "--out", str(tmp_path / "out"),
+                         env={"LETTERPRESS_API_URL": api_url, "LETTERPRESS_API_KEY": tenant.key})
+    assert result.returncode == 0, result.stderr
+    (path,) = [line for line in result.stdout.splitlines() if line.endswith(".png")]
+    recipe = json.loads(letterpress("recipe", path).stdout)
+    assert recipe["strength"] == 0.5 and len(recipe["image_sha256"]) == 64
+
+
 def test_submit_reports_validation_errors(stack_env, api_url, tenant):
     result = letterpress("submit", "x", "--width", "1000",
                          env={"LETTERPRESS_API_URL": api_url, "LETTERPRESS_API_KEY": tenant.key})
