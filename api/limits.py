@@ -96,7 +96,8 @@ class AdmissionControl:
         self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self.EXEMPT:
+        if scope["type"] != "http" or scope["path"] in self.EXEMPT or scope["path"].endswith("/events"):
+            # event streams are long on purpose: bounded by their own count (api/job_events.py)
             return await self.app(scope, receive, send)
         if self.in_flight >= get_settings().api.max_in_flight:
             body = json.dumps({"error": {"type": "overloaded",

@@ -97,6 +97,13 @@ class ApiSettings(BaseModel):
     # Requests in flight at once in one API process (admission control, api/limits.py); one more is a 503 with
     # Retry-After at once, so an overload sheds load instead of queueing work whose callers have given up
     max_in_flight: int = Field(32, ge=1)
+    # Server-Sent Events (api/job_events.py): how often a stream reads its job, the keep-alive comment's period
+    # when nothing changes, the longest a stream lasts (the client reconnects with Last-Event-ID), and the streams
+    # one API process keeps open at once (one more: 429)
+    events_poll_s: float = Field(0.5, gt=0)
+    events_heartbeat_s: float = Field(15.0, gt=0)
+    events_max_s: float = Field(600.0, gt=0)
+    events_max_streams: int = Field(512, ge=1)
     # uvicorn worker processes of `letterpress api`; each has two database pools (the ORM's and api/job_store's,
     # database.pool_size + max_overflow connections each), so Postgres sees up to workers x 2 x that
     # (docs/PERFORMANCE.md, "Front door under load")

@@ -4,11 +4,13 @@ from __future__ import annotations
 import logging
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Query, Request, Response
+from fastapi import APIRouter, Body, Header, Query, Request, Response
+from fastapi.encoders import jsonable_encoder
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, RedirectResponse
+from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
 from sqlalchemy import select
 
+from api import job_events as events
 from api import metrics
 from api.deps import CurrentTenant, IdempotencyKey, JobStoreDep, KeyHash, SessionDep, SettingsDep, StorageDep
 from api.pagination import newest_first
@@ -108,6 +110,32 @@ async def get_job(job_id: str, request: Request, store: JobStoreDep, key_hash: K
                   storage: StorageDep) -> JobOut:
     job = await store.read(key_hash, job_id)
     return job_out(request, storage, job, await store.queue_place(job))
+
+
+@router.get("/{job_id}/events", response_class=StreamingResponse, responses={
+    200: {"description": "Server-Sent Events: `progress` ({status, step, total, queue_position, eta_s}) on each "
+                         "change, then `done` (the job object) and the end; a `: keep-alive` comment while nothing "
+                         "changes; `timeout` when the stream reached its longest (reconnect with Last-Event-ID)",
+          "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+    **error_responses(404, 422, 429)})
+async def job_events(job_id: str, request: Request, store: JobStoreDep, key_hash: KeyHash, storage: StorageDep,
+                     settings: SettingsDep,
+                     last_event_id: Annotated[str | None, Header(max_length=200)] = None) -> StreamingResponse:
+    """Live progress of the job until it ends (api/job_events.py); `Last-Event-ID` resumes without repeats."""
+    first = await store.read(key_hash, job_id)  # 404 before any stream starts
+    events.check_room(settings.api)
+    state = {"job": first}
+
+    async def read():
+        job = state.pop("job", None) or await store.read(key_hash, job_id)
+        return job, await store.queue_place(job)
+
+    def render(job, place):
+        return jsonable_encoder(job_out(request, storage, job, place))
+
+    return StreamingResponse(events.job_events(read, render, settings.api, last_event_id),
+                             media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut, responses=error_responses(404, 409, 413, 422))
