@@ -116,7 +116,11 @@ async def get_job(job_id: str, request: Request, store: JobStoreDep, key_hash: K
     200: {"description": "Server-Sent Events: `progress` ({status, step, total, queue_position, eta_s}) on each "
                          "change, then `done` (the job object) and the end; a `: keep-alive` comment while nothing "
                          "changes; `timeout` when the stream reached its longest (reconnect with Last-Event-ID)",
-          "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+          "content": {"text/event-stream": {"schema": {
+              "type": "object", "required": ["event", "data"],
+              "properties": {"event": {"type": "string", "enum": ["progress", "done", "timeout"]},
+                             "id": {"type": "string"},
+                             "data": {"type": "string", "contentMediaType": "application/json"}}}}}},
     **error_responses(404, 422, 429)})
 async def job_events(job_id: str, request: Request, store: JobStoreDep, key_hash: KeyHash, storage: StorageDep,
                      settings: SettingsDep,

@@ -57,7 +57,7 @@ def test_tiny_model_is_deterministic_per_seed(tiny_dir, tmp_path):
     other = build_tiny_model(tmp_path / "other", seed=1)
     assert _weights(again) == _weights(tiny_dir)
     assert _weights(other).keys() == _weights(tiny_dir).keys() and _weights(other) != _weights(tiny_dir)
-    assert json.loads((tiny_dir / TINY_MARKER).read_text()) == {"tiny": True, "seed": 0}
+    assert json.loads((tiny_dir / TINY_MARKER).read_text()) == {"tiny": True, "seed": 0, "version": 2}
     assert is_tiny_model(tiny_dir) and not is_tiny_model(tmp_path)
 
 
