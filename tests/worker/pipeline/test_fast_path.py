@@ -226,6 +226,7 @@ def test_the_limit_is_the_loaded_pipelines_setting(loaded):
 
 def test_prepare_compiled_warms_up_and_keeps_the_images(tmp_path_factory, loaded):
     compiled = load_tiny(tmp_path_factory.mktemp("compiled-model"))
+    torch._dynamo.reset()  # other tests in this process compiled the same block code (inductor): no stale entries
     # The eager backend exercises the regional-compile wiring (dynamo, guards, recompiles) without a C++ toolchain.
     prepare_compiled(compiled, warmup_sizes=[(32, 32)], warmup_steps=1, backend="eager")
     prepare_compiled(compiled, warmup_sizes=[], backend="eager")  # idempotent
