@@ -259,7 +259,8 @@ def create_batch(session: Session, *, tenant_id: uuid.UUID, source: LineSource, 
     batch_id = uuid.uuid4()
     batch = Batch(id=batch_id, tenant_id=tenant_id, status=B.VALIDATING, request_hash="", total=0,
                   idempotency_key=idempotency_key, input_source=source_name, metadata_=options.metadata,
-                  webhook_url=options.webhook_url, priority=options.priority, manifest_key=manifest_key(storage_prefix, tenant_id, batch_id))
+                  webhook_url=options.webhook_url, priority=options.priority,
+                  manifest_key=manifest_key(storage_prefix, tenant_id, batch_id))
     session.add(batch)
     session.flush()  # the jobs' foreign key needs the row; an Idempotency-Key race fails here (IntegrityError)
 

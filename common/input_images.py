@@ -1,6 +1,6 @@
 """Remix inputs: the image a job starts from (`image`), checked, stored by content inside the tenant's prefix, and
-named in the job's params as `{"sha256", "key", "width", "height"}` (the worker reads the key and checks the
-sha256, worker/attempt.py).
+named in the job's params as `{"sha256", "key"}` (the worker reads the key and checks the sha256,
+worker/attempt.py).
 
 What a request may name (common.job_request.IMAGE_PATTERN / ImageRef), always inside the caller's tenant:
 - `upload:<sha256>`: an image it uploaded (POST /v1/uploads), stored at `{prefix}/{tenant}/inputs/{sha256}`;
@@ -95,10 +95,6 @@ def store_input(storage: Storage, tenant_id: uuid.UUID, data: bytes, settings: S
     return checked
 
 
-def _params(checked: CheckedImage, key: str) -> dict[str, Any]:
-    return {"sha256": checked.sha256, "key": key, "width": checked.width, "height": checked.height}
-
-
 def resolve_image(ref: str | dict, *, session: Session, tenant_id: uuid.UUID, storage: Storage, settings: Settings,
                   downloads: bool = True) -> dict[str, Any]:
     """The job params' `image` for what the request named (module doc); InvalidRequest naming `image` otherwise.
@@ -108,18 +104,15 @@ def resolve_image(ref: str | dict, *, session: Session, tenant_id: uuid.UUID, st
     if ref.startswith(UPLOAD):
         sha = ref[len(UPLOAD):]
         key = input_key(storage.prefix, tenant_id, sha)
-        try:
-            data = storage.get(key)
-        except Exception:  # noqa: BLE001 - missing (or unreadable): the same answer, nothing of the store's error
-            raise InvalidRequest(f"no upload {sha} of yours: upload it with POST /v1/uploads", field=FIELD) from None
-        return _params(check_image(data, max_bytes=settings.api.input_image_max_bytes,
-                                   max_pixels=settings.api.input_image_max_pixels), key)
+        if not storage.exists(key):  # only checked images are stored there (store_input): no need to read it again
+            raise InvalidRequest(f"no upload {sha} of yours: upload it with POST /v1/uploads", field=FIELD)
+        return {"sha256": sha, "key": key}
     if not downloads:
         raise InvalidRequest("a batch line names its image as upload:<sha256> (POST /v1/uploads) or "
                              "{job_id, index}", field=FIELD)
     data = _download_s3(ref, tenant_id, storage, settings) if ref.startswith("s3://") else _fetch_https(ref, settings)
     checked = store_input(storage, tenant_id, data, settings)
-    return _params(checked, input_key(storage.prefix, tenant_id, checked.sha256))
+    return {"sha256": checked.sha256, "key": input_key(storage.prefix, tenant_id, checked.sha256)}
 
 
 def _earlier_image(session: Session, tenant_id: uuid.UUID, ref: dict) -> dict[str, Any]:
@@ -128,7 +121,7 @@ def _earlier_image(session: Session, tenant_id: uuid.UUID, ref: dict) -> dict[st
         JobImage.index == int(ref.get("index", 0)))).scalar_one_or_none()
     if row is None:
         raise InvalidRequest(f"no image {ref.get('index', 0)} of job {ref['job_id']} of yours", field=FIELD)
-    return {"sha256": row.sha256, "key": row.key, "width": row.width, "height": row.height}
+    return {"sha256": row.sha256, "key": row.key}
 
 
 def _download_s3(url: str, tenant_id: uuid.UUID, storage: Storage, settings: Settings) -> bytes:

@@ -36,9 +36,9 @@ come more slowly than the model says; co-batching, retries, cancels, priority ch
 adapter group after another (`batches.group_by_adapter`), while `r` below still counts the items before this one
 in line order: for such a batch the position is the line-order estimate, not yet the grouped order (a known gap).
 
-What it reveals: a single number. Another tenant's backlog enters only as `min(backlog, its turns before ours)`,
-i.e. no more than the fair share itself implies (whether that tenant has more than our turns to go); per-tenant or per-batch
-figures are never returned, and a tenant's own jobs are counted exactly.
+What it reveals: a single number. Another tenant's backlog enters only as `min(backlog, its turns before
+ours)`, i.e. no more than the fair share itself implies (whether that tenant has more than our turns to go);
+per-tenant or per-batch figures are never returned, and a tenant's own jobs are counted exactly.
 
 Cost: every count walks an index range (`ix_jobs_batch_unfed` of migration 0002, `ix_jobs_queued_sent` of 0004,
 `ix_jobs_status_queue_created` of 0001). A batch's unfed items are counted one by one up to EXACT_UPTO (and no

@@ -42,7 +42,7 @@ from worker import metrics
 from worker.heartbeat import AttemptMonitor
 from worker.adapter_files import AdapterFiles
 from worker.pipeline.adapters import LoraUse
-from worker.pipeline.magic_prompt import EnhanceRequest, MagicPrompt, MagicPromptUnavailable
+from worker.pipeline.magic_prompt import EnhanceRequest, MagicPrompt
 from worker.pipeline.spec import GenerationInterrupted, GenerationSpec, InitImage
 
 log = logging.getLogger(__name__)
@@ -281,6 +281,12 @@ def _enhance_prompts(members: list[Member], ctx: AttemptContext) -> dict[uuid.UU
     wanting = [m for m in members if isinstance(m.claim.params.get("magic_prompt"), str)]
     if not wanting:
         return {}
+    magic = ctx.magic_prompt()
+    if not magic.available:  # the API checked its own model; this worker has neither a head nor an endpoint
+        log.warning("magic prompt requested but this worker has no prompt enhancer (no prompt_enhancer_head, no "
+                    "LETTERPRESS_MAGIC_PROMPT__ENDPOINT)")
+        return _answer_members(wanting, [None] * len(wanting), ctx,
+                               "this worker has no prompt enhancer (no prompt_enhancer_head, no endpoint)")
     waiting: list[tuple[uuid.UUID, uuid.UUID, dict]] = []
     room = ctx.settings.magic_prompt.batch - len(wanting)
     if room > 0:
@@ -288,27 +294,30 @@ def _enhance_prompts(members: list[Member], ctx: AttemptContext) -> dict[uuid.UU
             waiting = job_states.waiting_magic_prompts(session, limit=room, exclude=[m.claim.job_id for m in members])
     asks = [(m.claim.tenant_id, m.claim.params) for m in wanting] + [(t, p) for _, t, p in waiting]
     try:
-        magic = ctx.magic_prompt()
         captions = magic.captions([EnhanceRequest(p["prompt"], p["width"], p["height"], p["seed"], str(t))
-                                   for t, p in asks]) if magic.available else None
-    except MagicPromptUnavailable:
-        captions = None
-    if captions is None:
-        log.warning("magic prompt requested but this worker has no prompt enhancer (no prompt_enhancer_head, no "
-                    "LETTERPRESS_MAGIC_PROMPT__ENDPOINT)")
-        captions = [None] * len(asks)
+                                   for t, p in asks])
+    except Exception as exc:  # noqa: BLE001 - the enhancer itself broke (e.g. out of memory): retried, not lost
+        log.exception("magic prompt: the enhancer failed")
+        return {m.claim.job_id: _record_failure(m.claim, ctx, exc, ctx.device_time(0.0), retryable=True)
+                for m in wanting}
     for (job_id, _, params), caption in zip(waiting, captions[len(wanting):]):
         if caption is not None or params["magic_prompt"] == "AUTO":  # an ON without one fails when it runs
             with session_scope() as session:
                 job_states.answer_waiting_magic_prompt(session, job_id=job_id, patch=_magic_patch(params, caption))
+    return _answer_members(wanting, captions, ctx, "the prompt enhancer gave no valid caption in two samples")
+
+
+def _answer_members(wanting: list[Member], captions: list, ctx: AttemptContext,
+                    why_none: str) -> dict[uuid.UUID, str]:
+    """Store each member's magic prompt answer on its job (fenced); an `ON` without a caption fails saying
+    `why_none`. Returns the outcomes of the members that will not generate."""
     done: dict[uuid.UUID, str] = {}
     for m, caption in zip(wanting, captions):
         params = m.claim.params
         metrics.MAGIC_PROMPTS.labels(outcome="enhanced" if caption else "invalid").inc()
         if caption is None and params["magic_prompt"] == "ON":
-            exc = MagicPromptFailed("magic prompt: the prompt enhancer gave no valid caption in two samples; "
-                                    "submit with magic_prompt \"AUTO\" to fall back to the text prompt, or send a "
-                                    "caption")
+            exc = MagicPromptFailed(f"magic prompt: {why_none}; submit with magic_prompt \"AUTO\" to fall back to "
+                                    "the text prompt, or send a caption")
             done[m.claim.job_id] = _record_failure(m.claim, ctx, exc, ctx.device_time(0.0), retryable=False)
             continue
         patch = _magic_patch(params, caption)

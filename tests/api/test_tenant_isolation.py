@@ -96,7 +96,8 @@ def test_every_id_route_is_a_404_for_another_tenants_ids(app, http, alice, bob):
         url = path.format(**ids)
         resp = http.request(method, url, json=REQUEST_BODIES.get(f"{method} {path}"),
                             headers={"Authorization": f"Bearer {alice.key}"})
-        assert resp.status_code in (200, 202, 204, 307, 409), f"{method} {url} as its owner: {resp.status_code} {resp.text}"
+        assert resp.status_code in (200, 202, 204, 307, 409), (f"{method} {url} as its owner: {resp.status_code} "
+                                                                f"{resp.text}")
 
 
 def test_list_routes_show_nothing_of_another_tenant(app, http, alice, bob):

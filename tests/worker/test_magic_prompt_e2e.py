@@ -79,7 +79,8 @@ def chat():
 @pytest.fixture(scope="module")
 def stack(services, stack_env, tmp_path_factory, chat):
     stack = make_own_stack(services, stack_env, tmp_path_factory, bucket=f"magic-{uuid.uuid4().hex[:6]}",
-                           LETTERPRESS_MAGIC_PROMPT__ENDPOINT=chat.url, LETTERPRESS_MAGIC_PROMPT__MODEL="ideogram4-enhancer")
+                           LETTERPRESS_MAGIC_PROMPT__ENDPOINT=chat.url,
+                           LETTERPRESS_MAGIC_PROMPT__MODEL="ideogram4-enhancer")
     stack.start_worker({"LETTERPRESS_WORKER__CPU_THREADS": "1"})
     yield stack
     stack.procs.stop_all()

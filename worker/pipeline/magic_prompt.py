@@ -13,8 +13,9 @@ whatever text came out):
   sampled once more (the next seed), then reported as None: the caller fails the job (`ON`) or keeps the text
   prompt (`AUTO`).
 - **Cached** per worker process by (tenant, prompt, size, temperature, seed, model and revision): the same request
-  does not sample the enhancer twice, and one tenant never gets another's answer (its speed would tell). Sampling is seeded from the requests of the call, so a call is reproducible; a job
-  does not depend on it afterwards, since its caption is stored on the job (worker/attempt.py) before generating.
+  does not sample the enhancer twice, and one tenant never gets another's answer (its speed would tell).
+  Sampling is seeded from the requests of the call, so a call is reproducible; a job does not depend on it
+  afterwards, since its caption is stored on the job (worker/attempt.py) before generating.
 - **Or remote**: with `LETTERPRESS_MAGIC_PROMPT__ENDPOINT` set, the same chat goes to an OpenAI-compatible server
   (vLLM or SGLang hosting the same Qwen3-VL model with the head, for fleets that keep a separate LLM pool), one
   request per prompt, sent together; the validation, retry and cache are the same.
