@@ -9,41 +9,35 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 import uuid
-from typing import IO, Annotated, Any, Iterator
+from typing import Annotated, Any, Iterator
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from api import metrics
+from api.batch_submission import submit_batch
 from api.deps import CurrentTenant, IdempotencyKey, SessionDep, SettingsDep, StorageDep
 from api.errors import error_response
 from api.limits import ingest_slots
 from api.pagination import newest_first
 from api.schemas.batches import BATCH_REQUEST_BODY, BatchCreate, BatchList, BatchOut, BatchPriority
 from api.schemas.errors import error_responses
-from api.schemas.jobs import check_webhook_url
 from common import batches
 from common.batch_counts import request_counts
-from common.batches import BatchOptions, InvalidBatch
+from common.batches import InvalidBatch
 from common.db import session_factory
 from common.errors import Conflict, InvalidRequest
 from common.models import Batch, BatchStatus, JobStatus
-from common.references import download_tenant_object, resolve_tenant_object
 from common.representation import batch_representation
-from common.settings import Settings, get_settings
-from common.storage import S3Storage, Storage
+from common.settings import get_settings
 from common.usage import batch_usage
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
-SPOOL_BYTES = 8 * 1024 * 1024
 RESULTS_CHUNK = 64 * 1024
 _LOCATION = {"Location": {"description": "the batch's URL", "schema": {"type": "string"}}}
 
@@ -109,28 +103,6 @@ async def _read_request(request: Request) -> tuple[BatchCreate, UploadFile | Non
     return options, upload
 
 
-def _fetch_s3(url: str, tenant_id: uuid.UUID, settings: Settings, storage: Storage) -> IO[bytes]:
-    """Download the caller's s3:// JSONL into a spooled temporary file, only when common.references lets this
-    tenant name that object (its own prefix or an allow-listed one); refusals and read errors are generic 422s."""
-    bucket, key = resolve_tenant_object(url, tenant_id=tenant_id, storage_settings=settings.storage,
-                                        allow=settings.api.input_url_allow, field="input_url")
-    spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)
-    try:
-        download_tenant_object(bucket, key, spool, storage_settings=settings.storage, field="input_url",
-                               client=storage.client if isinstance(storage, S3Storage) else None)
-    except BaseException:
-        spool.close()
-        raise
-    return spool
-
-
-def _rewinding(file: IO[bytes]):
-    def open_binary():
-        file.seek(0)
-        return iter(file)
-    return open_binary
-
-
 # ------------------------------------------------------------------------------------------------- routes
 
 @router.post("", status_code=202, response_model=BatchOut, openapi_extra={"requestBody": BATCH_REQUEST_BODY},
@@ -148,59 +120,15 @@ async def create_batch(request: Request, response: Response, session: SessionDep
     other input; 422 with line-numbered `errors` for invalid lines (unless skip_invalid)."""
     with ingest_slots.take(tenant.id, settings.api):  # 429 at once past the concurrent-ingest bounds
         body, upload = await _read_request(request)
-        check_webhook_url(body.webhook_url, settings.webhooks)
-        options = BatchOptions(skip_invalid=body.skip_invalid, metadata=body.metadata, webhook_url=body.webhook_url,
-                               priority=body.priority)
-        if body.items is not None:
-            source, name, spool = batches.items_source(body.items), "inline", None
-        elif upload is not None:
-            spool = upload.file
-            source, name = batches.jsonl_source(_rewinding(spool)), f"upload:{upload.filename or 'input.jsonl'}"
-        else:
-            spool = await run_in_threadpool(_fetch_s3, body.input_url, tenant.id, settings, storage)
-            source, name = batches.jsonl_source(_rewinding(spool)), body.input_url
         try:
-            batch, created = await run_in_threadpool(_create_or_resume, session, tenant.id, settings, storage, source,
-                                                     name, options, idempotency_key)
+            batch, created = await submit_batch(body, upload, session=session, tenant_id=tenant.id, settings=settings,
+                                                storage=storage, idempotency_key=idempotency_key)
         except InvalidBatch as exc:
             return invalid_batch_response(exc)
-        finally:
-            if spool is not None:
-                spool.close()
     if not created:
         response.status_code = 200
     response.headers["Location"] = str(request.url_for("get_batch", batch_id=str(batch.id)))
     return _out(request, session, batch)
-
-
-def _create_or_resume(session, tenant_id: uuid.UUID, settings: Settings, storage: Storage, source, name: str,
-                      options: BatchOptions, idempotency_key: str | None) -> tuple[Batch, bool]:
-    for _ in range(2):  # a second round when a concurrent request with the same key won the insert
-        if idempotency_key is not None:
-            existing = batches.find_by_idempotency_key(session, tenant_id=tenant_id, key=idempotency_key)
-            if existing is not None:
-                if existing.request_hash != batches.input_hash(source, options):
-                    raise Conflict("Idempotency-Key was already used with a different batch input",
-                                   field="Idempotency-Key")
-                requeued = batches.rerun(session, batch=existing, statuses=(JobStatus.FAILED, JobStatus.CANCELED))
-                session.commit()
-                batches.refresh_statistics(session, rows_changed=requeued)
-                log.info("batch %s resumed: %d item(s) queued again", existing.id, requeued)
-                return existing, False
-        try:
-            batch = batches.create_batch(
-                session, tenant_id=tenant_id, source=source, source_name=name, options=options,
-                idempotency_key=idempotency_key, api=settings.api, storage_prefix=storage.prefix,
-                max_attempts=settings.worker.max_attempts, storage=storage)
-        except IntegrityError:
-            session.rollback()
-            continue
-        session.commit()
-        batches.refresh_statistics(session, rows_changed=batch.total)
-        log.info("batch %s created: %d items from %s", batch.id, batch.total, name)
-        metrics.BATCH_ITEMS_ACCEPTED.inc(batch.total)
-        return batch, True
-    raise Conflict("a concurrent request with the same Idempotency-Key is in flight", field="Idempotency-Key")
 
 
 @router.get("/{batch_id}", response_model=BatchOut, name="get_batch",

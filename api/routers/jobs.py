@@ -6,30 +6,22 @@ from typing import Annotated
 
 from fastapi import APIRouter, Body, Header, Query, Request, Response
 from fastapi.encoders import jsonable_encoder
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
 from sqlalchemy import select
 
 from api import job_events as events
-from api import metrics
 from api.deps import CurrentTenant, IdempotencyKey, JobStoreDep, KeyHash, SessionDep, SettingsDep, StorageDep
+from api.job_submission import submit_job
 from api.pagination import newest_first
 from api.schemas.errors import error_responses
-from api.schemas.jobs import JOB_EXAMPLES, JobList, JobOut, check_webhook_url
-from common import job_states, quotas
-from common.adapters import resolve_loras
-from common.auth import authenticate_hash
-from common.broker import interactive_queue
-from common.db import session_scope
-from common.dispatch import dispatch, send_in_order
+from api.schemas.jobs import JOB_EXAMPLES, JobList, JobOut
+from common import job_states
 from common.errors import NotFound
 from common.image_files import FORMATS, content_type_of
-from common.input_images import resolve_image
-from common.job_request import JobRequest, to_params
+from common.job_request import JobRequest
 from common.models import Job, JobStatus
 from common.queue_position import QueuePlace, queue_place, queue_places
 from common.representation import job_representation
-from common.settings import Settings
 from common.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -63,46 +55,14 @@ def _job_out_sync(request: Request, session, storage: Storage, job: Job) -> JobO
 async def create_job(body: Annotated[JobRequest, Body(openapi_examples=JOB_EXAMPLES)], request: Request,
                      response: Response, store: JobStoreDep, key_hash: KeyHash, settings: SettingsDep,
                      storage: StorageDep, idempotency_key: IdempotencyKey = None) -> JobOut:
-    """Without an Idempotency-Key or adapters: one statement inserts the job for the key's tenant
-    (api/job_store.py), the message is sent off the event loop, and the send is marked. With either: the ORM path
-    of common.job_states (whose replay and race rules apply), adapters resolved by name inside the tenant."""
-    params = to_params(body, settings.api)
-    check_webhook_url(body.webhook_url, settings.webhooks)
-    submitted = dict(params=params, queue=interactive_queue(body.priority), idempotency_key=idempotency_key,
-                     metadata=body.metadata, webhook_url=body.webhook_url, max_attempts=settings.worker.max_attempts)
-    if idempotency_key is not None or "loras" in params or "image" in params:
-        job, created = await run_in_threadpool(_create_in_session, key_hash, submitted, storage, settings)
-    else:
-        job, created = await store.insert(key_hash, job_states.new_job_values(**submitted)), True
-        # after the commit: if Redis is down the job stays queued, unsent, and maintenance sends it later
-        if await run_in_threadpool(send_in_order, [(job.id, job.queue)]):
-            await store.mark_enqueued(job.id)
-    if created:
-        metrics.JOBS_ACCEPTED.inc()
-    else:
+    """202 with the new job (api/job_submission.py: validation, quotas, adapters, remix input, the send); 200 with
+    the job created before under the same Idempotency-Key and request."""
+    job, created = await submit_job(body, key_hash=key_hash, store=store, settings=settings, storage=storage,
+                                    idempotency_key=idempotency_key)
+    if not created:
         response.status_code = 200
     response.headers["Location"] = str(request.url_for("get_job", job_id=str(job.id)))
     return job_out(request, storage, job, await store.queue_place(job))
-
-
-def _create_in_session(key_hash: str, submitted: dict, storage: Storage, settings: Settings) -> tuple[Job, bool]:
-    """The ORM path: an Idempotency-Key's replay rules, adapter names resolved inside the tenant (the job stores
-    each adapter's sha256, common.adapters), a remix's image read, checked and stored (common.input_images)."""
-    with session_scope() as session:
-        tenant = authenticate_hash(session, key_hash, "submit")
-        params = submitted["params"]
-        quotas.check_limits(session, tenant, params["num_images"])
-        if "loras" in params:
-            params = {**params, "loras": resolve_loras(session, tenant_id=tenant.id, loras=params["loras"])}
-        if "image" in params:
-            params = {**params, "image": resolve_image(params["image"], session=session, tenant_id=tenant.id,
-                                                        storage=storage, settings=settings)}
-        submitted = {**submitted, "params": params}
-        job, created = job_states.create_job(session, tenant_id=tenant.id, **submitted)
-        session.commit()
-        if created:
-            dispatch([(job.id, job.queue)], session=session)
-    return job, created
 
 
 @router.get("/{job_id}", response_model=JobOut, name="get_job", responses=error_responses(404, 422))

@@ -1,0 +1,63 @@
+"""Submitting one job, for every front end that takes one (`POST /v1/jobs` and the console's form): the same
+validation, quota, adapter and remix rules, and the same two paths.
+
+- Without an Idempotency-Key, adapters or an input image: one statement inserts the job for the key's tenant
+  (api/job_store.py), the message is sent off the event loop, and the send is marked.
+- With any of them: the ORM path of common.job_states (whose replay and race rules apply), adapters resolved by
+  name inside the tenant, a remix's image read, checked and stored (common.input_images).
+"""
+from __future__ import annotations
+
+from fastapi.concurrency import run_in_threadpool
+
+from api import metrics
+from api.job_store import JobStore
+from api.schemas.jobs import check_webhook_url
+from common import job_states, quotas
+from common.adapters import resolve_loras
+from common.auth import authenticate_hash
+from common.broker import interactive_queue
+from common.db import session_scope
+from common.dispatch import dispatch, send_in_order
+from common.input_images import resolve_image
+from common.job_request import JobRequest, to_params
+from common.models import Job
+from common.settings import Settings
+from common.storage import Storage
+
+
+async def submit_job(body: JobRequest, *, key_hash: str, store: JobStore, settings: Settings, storage: Storage,
+                     idempotency_key: str | None = None) -> tuple[Job, bool]:
+    """The job and whether it was created now (False: the same request replayed under its Idempotency-Key)."""
+    params = to_params(body, settings.api)
+    check_webhook_url(body.webhook_url, settings.webhooks)
+    submitted = dict(params=params, queue=interactive_queue(body.priority), idempotency_key=idempotency_key,
+                     metadata=body.metadata, webhook_url=body.webhook_url, max_attempts=settings.worker.max_attempts)
+    if idempotency_key is not None or "loras" in params or "image" in params:
+        job, created = await run_in_threadpool(_create_in_session, key_hash, submitted, storage, settings)
+    else:
+        job, created = await store.insert(key_hash, job_states.new_job_values(**submitted)), True
+        # after the commit: if Redis is down the job stays queued, unsent, and maintenance sends it later
+        if await run_in_threadpool(send_in_order, [(job.id, job.queue)]):
+            await store.mark_enqueued(job.id)
+    if created:
+        metrics.JOBS_ACCEPTED.inc()
+    return job, created
+
+
+def _create_in_session(key_hash: str, submitted: dict, storage: Storage, settings: Settings) -> tuple[Job, bool]:
+    with session_scope() as session:
+        tenant = authenticate_hash(session, key_hash, "submit")
+        params = submitted["params"]
+        quotas.check_limits(session, tenant, params["num_images"])
+        if "loras" in params:
+            params = {**params, "loras": resolve_loras(session, tenant_id=tenant.id, loras=params["loras"])}
+        if "image" in params:
+            params = {**params, "image": resolve_image(params["image"], session=session, tenant_id=tenant.id,
+                                                        storage=storage, settings=settings)}
+        submitted = {**submitted, "params": params}
+        job, created = job_states.create_job(session, tenant_id=tenant.id, **submitted)
+        session.commit()
+        if created:
+            dispatch([(job.id, job.queue)], session=session)
+    return job, created
