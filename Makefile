@@ -17,12 +17,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# What the tests run besides Python: the Prometheus server and promtool (a Debian package, not on PyPI), and
+# What the tests run besides Python: the Prometheus server and promtool, and Chromium for the console's browser
+# tests (Debian packages, driven by Playwright for Python with the system browser: nothing is downloaded), and
 # KEDA's CRD schemas and the Compose Specification's schema for the deploy checks (npm, tests/deploy/schemas).
 # kubectl (kustomize) comes with the machine.
 server-deps: tests/deploy/schemas/node_modules
-	@command -v prometheus >/dev/null || { $(SUDO) apt-get update -q && \
-	  $(SUDO) apt-get install -y -q --no-install-recommends prometheus; }
+	@command -v prometheus >/dev/null && command -v chromium >/dev/null || { $(SUDO) apt-get update -q && \
+	  $(SUDO) apt-get install -y -q --no-install-recommends prometheus chromium; }
 
 tests/deploy/schemas/node_modules: tests/deploy/schemas/package-lock.json
 	cd tests/deploy/schemas && npm ci --no-audit --no-fund -q

@@ -9,7 +9,8 @@ Before any handler runs (a pure ASGI middleware):
 
 Limits (common.settings.ApiSettings): `max_body_bytes` for every route, except POST /v1/batches:
 `max_batch_json_bytes` for a JSON body, `max_batch_upload_bytes` for a multipart upload (Starlette spools the
-file part to disk); a multipart POST /v1/adapters takes `adapters.max_file_bytes` (plus the form's own bytes).
+file part to disk) and for the console's upload form; a multipart POST /v1/adapters takes
+`adapters.max_file_bytes` (plus the form's own bytes).
 
 At most `max_in_flight` requests are served at once per process (`AdmissionControl`); past that a request is a
 503 with `Retry-After: 1` at once, and the probes (/healthz, /readyz) and the scrape (/metrics) are never held back.
@@ -68,6 +69,8 @@ def body_limit(method: str, path: str, content_type: str, settings: Settings) ->
         return settings.adapters.max_file_bytes + MULTIPART_OVERHEAD
     if method == "POST" and path.rstrip("/") == "/v1/uploads":
         return api.input_image_max_bytes + MULTIPART_OVERHEAD
+    if method == "POST" and path.rstrip("/") == "/ui/batches":  # the console's upload form (api/console/batches.py)
+        return api.max_batch_upload_bytes
     if method == "POST" and path.rstrip("/") == "/v1/batches":
         if content_type.startswith("multipart/form-data"):
             return api.max_batch_upload_bytes

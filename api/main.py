@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from api import limits, metrics
+from api import console, limits, metrics
 from api.errors import install_error_handlers
 from api.job_store import JobStore
 from api.routers import adapters, admin, batches, health, jobs, uploads, usage, webhooks
@@ -46,6 +46,8 @@ def create_app() -> FastAPI:
     app.include_router(adapters.router)
     app.include_router(admin.router)
     app.include_router(uploads.router)
+    if settings.console.enabled:
+        console.install(app)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return app
 

@@ -101,3 +101,21 @@ async def _too_many(send, retry_after_s: int) -> None:
                 "headers": [(b"content-type", b"application/json"), (b"retry-after", str(retry_after_s).encode()),
                             (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
+
+
+async def sign_in_failures(address: str, *, add: bool) -> int:
+    """The wrong keys `address` presented this minute (the counter the guard above keeps for /v1), after adding
+    one when `add`: the console's sign-in form (api/console/auth.py) counts and is refused by the same rule, so
+    guessing through the form is no cheaper than through the API. 0 when Redis cannot tell."""
+    counter = f"{COUNTER_PREFIX}{address}:{int(time.time() // 60)}"
+    try:
+        if add:
+            return await _count_in_redis(counter, get_settings().redis.url)
+        client = aioredis.Redis.from_url(get_settings().redis.url, socket_connect_timeout=0.5, socket_timeout=0.5)
+        try:
+            return int(await client.get(counter) or 0)
+        finally:
+            await client.aclose()
+    except (aioredis.RedisError, OSError) as exc:
+        log.warning("wrong-key counter: Redis unavailable (%s)", exc)
+        return 0

@@ -149,13 +149,18 @@ def authenticate(session: Session, key: str | None, scope: str | None = None) ->
     return authenticate_hash(session, key_hash_of(key), scope)
 
 
-def authenticate_hash(session: Session, key_hash: str, scope: str | None = None) -> Tenant:
-    """The key's tenant; 401 for a key that does not authenticate, 403 for one without `scope`."""
+def key_holder(session: Session, key_hash: str) -> tuple[Tenant, list[str]]:
+    """The tenant of a key that authenticates, and the key's scopes; 401 for one that does not."""
     found = session.execute(select(Tenant, ApiKey.scopes).join(ApiKey, ApiKey.tenant_id == Tenant.id)
                             .where(usable_key(key_hash))).first()
     if found is None:
         raise AuthenticationError("invalid API key")
-    tenant, scopes = found
+    return found[0], found[1]
+
+
+def authenticate_hash(session: Session, key_hash: str, scope: str | None = None) -> Tenant:
+    """The key's tenant; 401 for a key that does not authenticate, 403 for one without `scope`."""
+    tenant, scopes = key_holder(session, key_hash)
     if scope is not None and scope not in scopes:
         raise Forbidden(f"this API key lacks the `{scope}` scope (it has: {', '.join(scopes)})", field="Authorization")
     return tenant

@@ -205,12 +205,17 @@ def to_params(req: JobRequest, api: ApiSettings, model: ModelSettings | None = N
 MAGIC_MODES = {True: "ON", False: "OFF", "ON": "ON", "AUTO": "AUTO", "OFF": "OFF"}
 
 
+def magic_prompt_available(model: ModelSettings) -> bool:
+    """Whether this server can rewrite prompts: the model has a prompt_enhancer_head, or an endpoint is set."""
+    return bool(get_settings().magic_prompt.endpoint or has_component(model, "prompt_enhancer_head"))
+
+
 def _check_magic(mode: str, req: JobRequest, model: ModelSettings) -> str:
     """A magic prompt the server can honour: a text prompt, and an enhancer (the model's prompt_enhancer_head, or
     LETTERPRESS_MAGIC_PROMPT__ENDPOINT)."""
     if req.caption is not None:
         raise RequestError("magic_prompt", "magic_prompt rewrites a text prompt; this request gives a caption")
-    if not (get_settings().magic_prompt.endpoint or has_component(model, "prompt_enhancer_head")):
+    if not magic_prompt_available(model):
         raise RequestError("magic_prompt", "magic_prompt is not available on this server: the model has no "
                                            "prompt_enhancer_head and no LETTERPRESS_MAGIC_PROMPT__ENDPOINT is set")
     return mode

@@ -260,6 +260,18 @@ class WebhookSettings(BaseModel):
     jitter: float = 0.1
 
 
+class ConsoleSettings(BaseModel):
+    """The web console at /ui (api/console/): sign-in sessions and the gallery."""
+
+    enabled: bool = True
+    session_ttl_s: int = Field(12 * 3600, ge=60)  # idle time that ends a console session (each request renews it)
+    # `Secure` on the session cookie: "auto" sets it when the request came over https (X-Forwarded-Proto counts
+    # only where uvicorn trusts the proxy), "always" everywhere, "never" nowhere
+    secure_cookie: Literal["auto", "always", "never"] = "auto"
+    gallery_page: int = Field(48, ge=1, le=200)  # tiles a gallery page (and each infinite-scroll step) shows
+    thumbnail_px: int = Field(384, ge=64, le=1024)  # the longer side of a gallery thumbnail
+
+
 class PricingSettings(BaseModel):
     """Price per GPU-hour by GPU kind, for the usage and cost reports (common.usage), `LETTERPRESS_PRICING__*`.
 
@@ -295,6 +307,7 @@ class Settings(BaseSettings):
     magic_prompt: MagicPromptSettings = MagicPromptSettings()
     limits: LimitsSettings = LimitsSettings()
     pricing: PricingSettings = PricingSettings()
+    console: ConsoleSettings = ConsoleSettings()
     # LETTERPRESS_API_URL: the API's public base URL (webhook payloads' links, the CLI's target); default
     # http://{api.host}:{api.port}
     api_url: str | None = None
