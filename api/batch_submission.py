@@ -18,7 +18,7 @@ from api import metrics
 from api.schemas.batches import BatchCreate
 from api.schemas.jobs import check_webhook_url
 from common import batches
-from common.batches import BatchOptions
+from common.batches import BatchOptions, InvalidBatch
 from common.errors import Conflict
 from common.models import Batch, JobStatus
 from common.references import download_tenant_object, resolve_tenant_object
@@ -98,6 +98,9 @@ def _create_or_resume(session, tenant_id: uuid.UUID, settings: Settings, storage
         except IntegrityError:
             session.rollback()
             continue
+        except InvalidBatch:
+            session.rollback()  # the refused batch's row was flushed: the caller's session must not show it
+            raise
         session.commit()
         batches.refresh_statistics(session, rows_changed=batch.total)
         log.info("batch %s created: %d items from %s", batch.id, batch.total, name)

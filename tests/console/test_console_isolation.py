@@ -14,12 +14,12 @@ from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from api.console import auth, batches, gallery, jobs, webhooks
+from api.console import auth, batches, gallery, jobs, operations, webhooks
 from api.main import create_app
 from tests.api.tenant_objects import PATH_PARAMETERS, cancel_everything, make_objects
 from tests.support import make_tenant
 
-CONSOLE_ROUTES = [(method, route.path) for module in (auth, jobs, gallery, batches, webhooks)
+CONSOLE_ROUTES = [(method, route.path) for module in (auth, jobs, gallery, batches, webhooks, operations)
                   for route in module.router.routes if isinstance(route, APIRoute)
                   for method in sorted(route.methods)]
 
@@ -93,3 +93,22 @@ def test_console_pages_carry_a_strict_content_security_policy(app, stack_env):
     assert "script-src 'self'" in policy and "unsafe-inline" not in policy and "frame-ancestors 'none'" in policy
     assert page.headers["cache-control"] == "no-store" and page.headers["x-content-type-options"] == "nosniff"
     assert "<script src=\"/ui/static/console.js\"" in page.text and "<script>" not in page.text
+
+
+def test_operations_page_is_for_admin_keys_only(app, stack_env):
+    from common.auth import create_api_key, get_or_create_tenant
+    from common.broker import QUEUES
+    from common.db import session_scope
+
+    tenant_only, _ = signed_in(app, make_tenant().key)
+    refused = tenant_only.get("/ui/operations")
+    assert refused.status_code == 403 and "admin" in refused.text
+    assert 'href="/ui/operations"' not in tenant_only.get("/ui/gallery").text
+    with session_scope() as session:
+        operator = create_api_key(session, tenant=get_or_create_tenant(session, "operators"), name="ops",
+                                  scopes=["read", "admin"])
+    admin, _ = signed_in(app, operator)
+    page = admin.get("/ui/operations")
+    assert page.status_code == 200, page.text
+    assert all(f"<td>{queue}</td>" in page.text for queue in QUEUES)
+    assert 'href="/ui/operations"' in admin.get("/ui/gallery").text
