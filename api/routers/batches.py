@@ -1,6 +1,6 @@
 """/v1/batches: submit a JSONL batch (multipart upload, inline `items`, or an `s3://` URI inside the caller's own
 storage prefix or an allow-listed one, see common/references.py), read it, list, cancel, retry, resume (same input
-under the same Idempotency-Key), and stream its results manifest.
+under the same Idempotency-Key), follow it live (Server-Sent Events), and stream its results manifest.
 
 The domain lives in common/batches.py; this module is the HTTP shape. Jobs of a batch are not enqueued here:
 the feeder (worker/feeder.py) hands them to the broker a bounded number at a time.
@@ -12,22 +12,25 @@ import logging
 import uuid
 from typing import Annotated, Any, Iterator
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
+from api import event_streams as events
 from api.batch_submission import submit_batch
-from api.deps import CurrentTenant, IdempotencyKey, SessionDep, SettingsDep, StorageDep
+from api.deps import CurrentTenant, IdempotencyKey, KeyHash, SessionDep, SettingsDep, StorageDep
 from api.errors import error_response
 from api.limits import ingest_slots
 from api.pagination import newest_first
 from api.schemas.batches import BATCH_REQUEST_BODY, BatchCreate, BatchList, BatchOut, BatchPriority
 from api.schemas.errors import error_responses
 from common import batches
-from common.batch_counts import request_counts
+from common.auth import authenticate_hash
+from common.batch_counts import completion_rate, request_counts
 from common.batches import InvalidBatch
 from common.db import session_factory
 from common.errors import Conflict, InvalidRequest
@@ -135,6 +138,46 @@ async def create_batch(request: Request, response: Response, session: SessionDep
             responses=error_responses(404, 422))
 def get_batch(batch_id: str, request: Request, session: SessionDep, tenant: CurrentTenant) -> BatchOut:
     return _out(request, session, batches.get_batch(session, batch_id, tenant_id=tenant.id))
+
+
+@router.get("/{batch_id}/events", response_class=StreamingResponse, responses={
+    200: {"description": "Server-Sent Events: `progress` ({status, request_counts, items_per_min, eta_s}) on each "
+                         "change of the status or counts, then `done` (the batch object) and the end; a "
+                         "`: keep-alive` comment while nothing changes; `timeout` when the stream reached its "
+                         "longest (reconnect with Last-Event-ID)",
+          "content": {"text/event-stream": {"schema": {
+              "type": "object", "required": ["event", "data"],
+              "properties": {"event": {"type": "string", "enum": ["progress", "done", "timeout"]},
+                             "id": {"type": "string"},
+                             "data": {"type": "string", "contentMediaType": "application/json"}}}}}},
+    **error_responses(404, 422, 429)})
+async def batch_events(batch_id: str, request: Request, key_hash: KeyHash, settings: SettingsDep,
+                       last_event_id: Annotated[str | None, Header(max_length=200)] = None) -> StreamingResponse:
+    """Live counts, rate and ETA of the batch until it ends (api/event_streams.py); `Last-Event-ID` resumes
+    without repeats."""
+    def snapshot() -> events.Snapshot:
+        """Each read checks the key again, on a session of its own: the stream outlives the request."""
+        session = session_factory()()
+        try:
+            tenant = authenticate_hash(session, key_hash, "read")
+            batch = batches.get_batch(session, batch_id, tenant_id=tenant.id)
+            counts = request_counts(session, [batch.id])[batch.id]
+            return events.batch_snapshot(
+                batch, counts,
+                rate=lambda: completion_rate(session, batch_id=batch.id, since=batch.in_progress_at or batch.created_at,
+                                             remaining=counts.open),
+                render=lambda: jsonable_encoder(_out(request, session, batch)))
+        finally:
+            session.close()
+
+    state = {"first": await run_in_threadpool(snapshot)}  # 401, 403, 404 before any stream starts
+    events.check_room(settings.api)
+
+    async def read() -> events.Snapshot:
+        return state.pop("first", None) or await run_in_threadpool(snapshot)
+
+    return StreamingResponse(events.event_stream(read, settings.api, last_event_id, poll_s=max(
+        settings.api.events_poll_s, events.BATCH_POLL_S)), media_type="text/event-stream", headers=events.HEADERS)
 
 
 @router.get("", response_model=BatchList, responses=error_responses(422))

@@ -1,15 +1,27 @@
-"""A small REST client for the CLI (`letterpress submit`): submit, poll with a progress bar, download."""
+"""A small REST client for the CLI (`letterpress submit`): submit, follow with a progress bar, download.
+
+`--wait` follows the object's Server-Sent Events (`GET /v1/jobs/{id}/events`, `GET /v1/batches/{id}/events`,
+api/event_streams.py): each `progress` event moves the bar, `done` carries the finished object. The stream is
+reconnected with `Last-Event-ID` when the server ends it with `timeout` or the connection drops (`Client.follow`);
+a server without the route (404 or 405: older than the streams), or with no room for another stream (429), is
+polled as before."""
 from __future__ import annotations
 
+import json
 import os
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import httpx
 
 from common.settings import Settings
 
 TERMINAL = ("succeeded", "failed", "canceled")
+STREAM_READ_TIMEOUT_S = 60.0  # the server sends at least a keep-alive comment every 15 s (events_heartbeat_s)
+STREAM_RETRIES = 5            # dropped connections in a row (no event in between) before giving up
+POLL_INSTEAD = (404, 405, 429)  # the events route's answers that mean "poll": no such route, or no room for a stream
 
 
 def api_url(settings: Settings) -> str:
@@ -27,10 +39,32 @@ def api_key(settings: Settings) -> str:
                      "or `letterpress keys create --name NAME`")
 
 
+def sse_events(lines: Iterable[str]) -> Iterator[tuple[str, str | None, Any]]:
+    """(event, id, data decoded from JSON) of each event of a Server-Sent Events stream's lines; comments
+    (`: keep-alive`) are skipped."""
+    event, event_id, data = None, None, []
+    for line in lines:
+        if line == "":
+            if event is not None or data:
+                yield event or "message", event_id, json.loads("\n".join(data)) if data else None
+            event, event_id, data = None, None, []
+        elif not line.startswith(":"):
+            name, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if name == "event":
+                event = value
+            elif name == "id":
+                event_id = value
+            elif name == "data":
+                data.append(value)
+
+
 class Client:
-    def __init__(self, base_url: str, key: str, timeout: float = 30.0):
+    def __init__(self, base_url: str, key: str, timeout: float = 30.0,
+                 transport: httpx.BaseTransport | None = None):
         self.base_url = base_url
-        self.http = httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {key}"}, timeout=timeout)
+        self.http = httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {key}"}, timeout=timeout,
+                                 transport=transport)
 
     def _check(self, resp: httpx.Response) -> dict:
         if resp.status_code >= 400:
@@ -84,21 +118,65 @@ class Client:
         query = {"from": params.pop("since", None), **params}
         return self._check(self.http.get("/v1/usage", params={k: v for k, v in query.items() if v is not None}))
 
+    def follow(self, path: str, on_progress: Callable[[dict], None]) -> dict | None:
+        """Follow the Server-Sent Events at `path` until `done`, and return its data (the finished object);
+        `on_progress` gets each `progress` event's data. After a `timeout` event, or a connection that drops,
+        it reconnects with `Last-Event-ID` (nothing is seen twice); STREAM_RETRIES drops in a row without an
+        event in between end the command. None when the server answers POLL_INSTEAD: poll instead."""
+        last, failures = None, 0
+        timeout = httpx.Timeout(self.http.timeout.connect, read=STREAM_READ_TIMEOUT_S)
+        while True:
+            ended = None  # the last event of this connection
+            try:
+                with self.http.stream("GET", path, headers={"Last-Event-ID": last} if last else {},
+                                      timeout=timeout) as resp:
+                    if resp.status_code in POLL_INSTEAD:
+                        return None
+                    if resp.status_code >= 400:
+                        resp.read()
+                        self._check(resp)
+                    for ended, event_id, data in sse_events(resp.iter_lines()):
+                        failures, last = 0, event_id or last
+                        if ended == "done":
+                            return data
+                        if ended == "progress":
+                            on_progress(data)
+                error = "the server ended the stream"
+            except httpx.TransportError as exc:  # dropped, reset, or silent past the read timeout
+                error = f"{type(exc).__name__}: {exc}"
+            if ended == "timeout":
+                continue  # the stream reached its longest: reconnect at once
+            failures += 1
+            if failures > STREAM_RETRIES:
+                raise SystemExit(f"lost the event stream {path} ({error})")
+            time.sleep(min(0.5 * 2 ** (failures - 1), 8.0))
+
     def wait(self, job_id: str, *, poll_s: float = 0.5, show_progress: bool = True) -> dict:
+        """Until the job ends, with a live bar: steps done of its total, its status and queue position. Follows
+        the job's event stream; polls a server without one."""
         from tqdm import tqdm
 
         job = self.get(job_id)
         with tqdm(total=job["progress"]["total"], unit="step", disable=not show_progress,
                   desc=f"job {job_id[:8]}") as bar:
-            while True:
-                bar.set_postfix_str(job["status"] + (f" #{job['queue_position']} in queue"
-                                                     if job["queue_position"] is not None else ""))
-                bar.n = job["progress"]["step"]
+            def show(status: str, step: int, queue_position: int | None) -> None:
+                bar.set_postfix_str(status + (f" #{queue_position} in queue" if queue_position is not None else ""))
+                bar.n = step
                 bar.refresh()
-                if job["status"] in TERMINAL:
-                    return job
+
+            show(job["status"], job["progress"]["step"], job["queue_position"])
+            if job["status"] in TERMINAL:
+                return job
+            done = self.follow(f"/v1/jobs/{job_id}/events",
+                               lambda p: show(p["status"], p["step"], p["queue_position"]))
+            while done is None:  # an older server: poll
                 time.sleep(poll_s)
                 job = self.get(job_id)
+                show(job["status"], job["progress"]["step"], job["queue_position"])
+                if job["status"] in TERMINAL:
+                    return job
+            show(done["status"], done["progress"]["step"], done["queue_position"])
+            return done
 
     def download(self, job: dict, out_dir: Path) -> list[Path]:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -226,23 +304,31 @@ class BatchClient(Client):
                     yield json.loads(line)
 
     def wait_batch(self, batch_id: str, *, poll_s: float = 1.0, show_progress: bool = True) -> dict:
-        """Poll until the batch ends, with a live bar: done (succeeded + failed + canceled) of total, the
-        failures, and tqdm's rate and ETA."""
+        """Until the batch ends, with a live bar: done (succeeded + failed + canceled) of total, the failures,
+        and tqdm's rate and ETA. Follows the batch's event stream; polls a server without one."""
         from tqdm import tqdm
 
         batch = self.get_batch(batch_id)
-        counts = batch["request_counts"]
-        with tqdm(total=counts["total"], unit="img", disable=not show_progress, desc=f"batch {batch_id[:8]}",
-                  dynamic_ncols=True) as bar:
-            while True:
-                counts = batch["request_counts"]
+        with tqdm(total=batch["request_counts"]["total"], unit="img", disable=not show_progress,
+                  desc=f"batch {batch_id[:8]}", dynamic_ncols=True) as bar:
+            def show(progress: dict) -> None:
+                counts = progress["request_counts"]
                 bar.update(counts["succeeded"] + counts["failed"] + counts["canceled"] - bar.n)
-                bar.set_postfix(status=batch["status"], ok=counts["succeeded"], failed=counts["failed"],
+                bar.set_postfix(status=progress["status"], ok=counts["succeeded"], failed=counts["failed"],
                                 running=counts["running"], refresh=True)
-                if batch["status"] in BATCH_TERMINAL:
-                    return batch
+
+            show(batch)
+            if batch["status"] in BATCH_TERMINAL:
+                return batch
+            done = self.follow(f"/v1/batches/{batch_id}/events", show)
+            while done is None:  # an older server: poll
                 time.sleep(poll_s)
                 batch = self.get_batch(batch_id)
+                show(batch)
+                if batch["status"] in BATCH_TERMINAL:
+                    return batch
+            show(done)
+            return done
 
     def download_batch(self, batch_id: str, out: str, *, workers: int = 8,
                        show_progress: bool = True) -> tuple[int, int]:

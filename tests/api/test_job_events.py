@@ -1,5 +1,6 @@
-"""api/job_events.py's stream on its own (no server): snapshots only on change, keep-alive comments while nothing
-changes, `done` last, the time limit, Last-Event-ID resumption, and the per-process bound on open streams."""
+"""The job stream on its own (no server; api/event_streams.py, called as api.job_events.job_events as the routes
+do): snapshots only on change, keep-alive comments while nothing changes, `done` last, the time limit,
+Last-Event-ID resumption, a read that finds the job gone, and the per-process bound on open streams."""
 from __future__ import annotations
 
 import asyncio
@@ -7,8 +8,8 @@ import types
 
 import pytest
 
-from api import job_events
-from common.errors import TooManyRequests
+from api import event_streams, job_events
+from common.errors import NotFound, TooManyRequests
 from common.queue_position import QueuePlace
 from common.settings import ApiSettings
 
@@ -56,8 +57,50 @@ def test_the_stream_ends_with_timeout_at_its_limit():
     assert chunks[0].startswith(b"event: progress") and chunks[-1].startswith(b"event: timeout")
 
 
+def test_a_job_gone_mid_stream_ends_it_quietly():
+    """A LetterpressError after the stream started (the job deleted, the key revoked) closes the stream: the
+    client's reconnect then gets the 404 or 401 as an answer, not a broken connection."""
+    reads = iter([(job("running", 1), None)])
+
+    async def read():
+        try:
+            return next(reads)
+        except StopIteration:
+            raise NotFound("job x not found") from None
+
+    async def collect():
+        return [chunk async for chunk in job_events.job_events(read, lambda j, p: {}, FAST, None)]
+    chunks = asyncio.run(collect())
+    assert len(chunks) == 1 and chunks[0].startswith(b"event: progress")
+    assert event_streams._open == 0
+
+
 def test_open_streams_are_bounded_per_process(monkeypatch):
-    monkeypatch.setattr(job_events, "_open", 2)
+    monkeypatch.setattr(event_streams, "_open", 2)
     with pytest.raises(TooManyRequests):
         job_events.check_room(ApiSettings(events_max_streams=2))
     job_events.check_room(ApiSettings(events_max_streams=3))
+
+
+def test_job_and_batch_streams_count_against_one_bound():
+    """An open stream of either kind counts while it runs, and is uncounted when it ends or is closed early."""
+    async def scenario():
+        api = ApiSettings(events_poll_s=0.01, events_max_s=5, events_max_streams=2)
+
+        async def job_read():
+            return job("running", 1), None
+
+        async def batch_read():
+            return event_streams.Snapshot("in_progress.1.1.0.0.0.0", False, {})
+
+        streams = [job_events.job_events(job_read, lambda j, p: {}, api, None),
+                   event_streams.event_stream(batch_read, api, None)]
+        for stream in streams:
+            await stream.__anext__()  # started: counted
+        with pytest.raises(TooManyRequests):
+            event_streams.check_room(api)
+        for stream in streams:
+            await stream.aclose()  # the client went away
+        event_streams.check_room(api)
+        return event_streams._open
+    assert asyncio.run(scenario()) == 0
