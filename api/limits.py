@@ -100,7 +100,7 @@ class AdmissionControl:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in self.EXEMPT or scope["path"].endswith("/events"):
-            # event streams are long on purpose: bounded by their own count (api/job_events.py)
+            # event streams are long on purpose: bounded by their own count (api/event_streams.py)
             return await self.app(scope, receive, send)
         if self.in_flight >= get_settings().api.max_in_flight:
             body = json.dumps({"error": {"type": "overloaded",

@@ -137,6 +137,9 @@ class Job(Base):
         # Magic prompt (migration 0014, worker/attempt.py): queued jobs whose magic prompt is not answered yet.
         Index("ix_jobs_magic_pending", "created_at",
               postgresql_where=text("status = 'queued' AND jsonb_typeof(params -> 'magic_prompt') = 'string'")),
+        # A batch's recent finishes (migration 0015, common.batch_counts.completion_rate): its rate and ETA.
+        Index("ix_jobs_batch_finished", "batch_id", "finished_at",
+              postgresql_where=text("batch_id IS NOT NULL AND status IN ('succeeded', 'failed')")),
         # Adapter-aware feeding (migration 0008): a batch's unfed items one adapter group after another.
         Index("ix_jobs_batch_unfed_group", "batch_id", "adapter_group", "batch_line",
               postgresql_where=text("batch_id IS NOT NULL AND status = 'queued' AND enqueued_at IS NULL")),

@@ -97,7 +97,7 @@ class ApiSettings(BaseModel):
     # Requests in flight at once in one API process (admission control, api/limits.py); one more is a 503 with
     # Retry-After at once, so an overload sheds load instead of queueing work whose callers have given up
     max_in_flight: int = Field(32, ge=1)
-    # Server-Sent Events (api/job_events.py): how often a stream reads its job, the keep-alive comment's period
+    # Server-Sent Events (api/event_streams.py): how often a stream reads its job, the keep-alive comment's period
     # when nothing changes, the longest a stream lasts (the client reconnects with Last-Event-ID), and the streams
     # one API process keeps open at once (one more: 429)
     events_poll_s: float = Field(0.5, gt=0)

@@ -118,7 +118,7 @@ def stack_env(services, tiny_model, tmp_path_factory) -> Iterator[dict[str, str]
         # every test's client is 127.0.0.1 and most tenants are new, like good clients behind one NAT with a guesser:
         # the wrong-key guard is tested with its own limit (tests/api/test_wrong_keys.py), not the suite's traffic
         "LETTERPRESS_API__WRONG_KEYS_PER_MINUTE": "10000",
-        # event streams (api/job_events.py) end within seconds here: walkers and the fuzzer call every route, and a
+        # event streams (api/event_streams.py) end within seconds here: walkers and the fuzzer call every route, and a
         # queued job's stream would otherwise last until the job ends
         "LETTERPRESS_API__EVENTS_MAX_S": "2",
         "LETTERPRESS_API__EVENTS_POLL_S": "0.1",

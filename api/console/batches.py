@@ -79,6 +79,14 @@ def batch_page(batch_id: str, request: Request, user: CurrentUser, session: Sess
     return render(request, "batch.html", batch=jsonable_encoder(batch))
 
 
+@router.get("/batches/{batch_id}/events")
+async def batch_page_events(batch_id: str, request: Request, user: CurrentUser,
+                            settings: SettingsDep) -> StreamingResponse:
+    """The batch's stream (counts, rate, ETA) for the page's script (an EventSource sends the cookie, not a key)."""
+    return await batch_routes.batch_event_stream(request, user.key_hash, batch_id, settings,
+                                                 request.headers.get("last-event-id"))
+
+
 @router.post("/batches/{batch_id}/cancel")
 async def cancel(batch_id: str, request: Request, user: CurrentUser, session: SessionDep) -> Response:
     await submitted_form(request, user)

@@ -4,7 +4,6 @@ read goes through the same tenant-checked statements as the REST API (api/job_st
 another tenant's job id is a not-found page."""
 from __future__ import annotations
 
-from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
@@ -12,13 +11,12 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.responses import FileResponse, RedirectResponse, Response, StreamingResponse
 from sqlalchemy import select
 
-from api import job_events as events
 from api.console import job_form, thumbnails
 from api.console.auth import ConsoleRoute, CurrentUser, submitted_form
 from api.console.rendering import render
 from api.deps import JobStoreDep, SessionDep, SettingsDep, StorageDep
 from api.job_submission import submit_job
-from api.routers.jobs import job_out
+from api.routers.jobs import job_event_stream, job_out
 from common import job_states
 from common.broker import priority_of
 from common.errors import LetterpressError, NotFound
@@ -84,22 +82,9 @@ async def job_page(job_id: str, request: Request, user: CurrentUser, store: JobS
 @router.get("/jobs/{job_id}/events")
 async def job_page_events(job_id: str, request: Request, user: CurrentUser, store: JobStoreDep,
                           storage: StorageDep, settings: SettingsDep) -> StreamingResponse:
-    """The job's stream (api/job_events.py) for the page's script: an EventSource sends the cookie, not a key."""
-    first = await store.read(user.key_hash, job_id)
-    events.check_room(settings.api)
-    state: dict[str, Any] = {"job": first}
-
-    async def read():
-        job = state.pop("job", None) or await store.read(user.key_hash, job_id)
-        return job, await store.queue_place(job)
-
-    def render_job(job, place):
-        return jsonable_encoder(job_out(request, storage, job, place))
-
-    return StreamingResponse(events.job_events(read, render_job, settings.api,
-                                               request.headers.get("last-event-id")),
-                             media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    """The job's stream for the page's script (an EventSource sends the cookie, not a key)."""
+    return await job_event_stream(request, store, user.key_hash, job_id, storage, settings,
+                                  request.headers.get("last-event-id"))
 
 
 @router.post("/jobs/{job_id}/cancel")

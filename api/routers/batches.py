@@ -36,7 +36,7 @@ from common.db import session_factory
 from common.errors import Conflict, InvalidRequest
 from common.models import Batch, BatchStatus, JobStatus
 from common.representation import batch_representation
-from common.settings import get_settings
+from common.settings import Settings, get_settings
 from common.usage import batch_usage
 
 log = logging.getLogger(__name__)
@@ -155,6 +155,13 @@ async def batch_events(batch_id: str, request: Request, key_hash: KeyHash, setti
                        last_event_id: Annotated[str | None, Header(max_length=200)] = None) -> StreamingResponse:
     """Live counts, rate and ETA of the batch until it ends (api/event_streams.py); `Last-Event-ID` resumes
     without repeats."""
+    return await batch_event_stream(request, key_hash, batch_id, settings, last_event_id)
+
+
+async def batch_event_stream(request: Request, key_hash: str, batch_id: str, settings: Settings,
+                             last_event_id: str | None) -> StreamingResponse:
+    """The batch's stream for the holder of this key (also the console's, api/console/batches.py); 401, 403 or
+    404 before any stream starts."""
     def snapshot() -> events.Snapshot:
         """Each read checks the key again, on a session of its own: the stream outlives the request."""
         session = session_factory()()

@@ -9,8 +9,9 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
 from sqlalchemy import select
 
-from api import job_events as events
+from api import event_streams as events
 from api.deps import CurrentTenant, IdempotencyKey, JobStoreDep, KeyHash, SessionDep, SettingsDep, StorageDep
+from api.job_store import JobStore
 from api.job_submission import submit_job
 from api.pagination import newest_first
 from api.schemas.errors import error_responses
@@ -22,6 +23,7 @@ from common.job_request import JobRequest
 from common.models import Job, JobStatus
 from common.queue_position import QueuePlace, queue_place, queue_places
 from common.representation import job_representation
+from common.settings import Settings
 from common.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -85,8 +87,15 @@ async def get_job(job_id: str, request: Request, store: JobStoreDep, key_hash: K
 async def job_events(job_id: str, request: Request, store: JobStoreDep, key_hash: KeyHash, storage: StorageDep,
                      settings: SettingsDep,
                      last_event_id: Annotated[str | None, Header(max_length=200)] = None) -> StreamingResponse:
-    """Live progress of the job until it ends (api/job_events.py); `Last-Event-ID` resumes without repeats."""
-    first = await store.read(key_hash, job_id)  # 404 before any stream starts
+    """Live progress of the job until it ends (api/event_streams.py); `Last-Event-ID` resumes without repeats."""
+    return await job_event_stream(request, store, key_hash, job_id, storage, settings, last_event_id)
+
+
+async def job_event_stream(request: Request, store: JobStore, key_hash: str, job_id: str, storage: Storage,
+                           settings: Settings, last_event_id: str | None) -> StreamingResponse:
+    """The job's stream for the holder of this key (also the console's, api/console/jobs.py); 404 before any
+    stream starts."""
+    first = await store.read(key_hash, job_id)
     events.check_room(settings.api)
     state = {"job": first}
 
@@ -98,8 +107,7 @@ async def job_events(job_id: str, request: Request, store: JobStoreDep, key_hash
         return jsonable_encoder(job_out(request, storage, job, place))
 
     return StreamingResponse(events.job_events(read, render, settings.api, last_event_id),
-                             media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                             media_type="text/event-stream", headers=events.HEADERS)
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut, responses=error_responses(404, 409, 413, 422))

@@ -1,4 +1,4 @@
-"""The job stream on its own (no server; api/event_streams.py, called as api.job_events.job_events as the routes
+"""The job stream on its own (no server; api/event_streams.py, called as event_streams.job_events as the routes
 do): snapshots only on change, keep-alive comments while nothing changes, `done` last, the time limit,
 Last-Event-ID resumption, a read that finds the job gone, and the per-process bound on open streams."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ import types
 
 import pytest
 
-from api import event_streams, job_events
+from api import event_streams
 from common.errors import NotFound, TooManyRequests
 from common.queue_position import QueuePlace
 from common.settings import ApiSettings
@@ -30,7 +30,7 @@ def run(states, api=FAST, last=None) -> list[bytes]:
         return current["s"]
 
     async def collect():
-        return [chunk async for chunk in job_events.job_events(read, lambda j, p: {"status": j.status}, api, last)]
+        return [chunk async for chunk in event_streams.job_events(read, lambda j, p: {"status": j.status}, api, last)]
     return asyncio.run(collect())
 
 
@@ -69,7 +69,7 @@ def test_a_job_gone_mid_stream_ends_it_quietly():
             raise NotFound("job x not found") from None
 
     async def collect():
-        return [chunk async for chunk in job_events.job_events(read, lambda j, p: {}, FAST, None)]
+        return [chunk async for chunk in event_streams.job_events(read, lambda j, p: {}, FAST, None)]
     chunks = asyncio.run(collect())
     assert len(chunks) == 1 and chunks[0].startswith(b"event: progress")
     assert event_streams._open == 0
@@ -78,8 +78,8 @@ def test_a_job_gone_mid_stream_ends_it_quietly():
 def test_open_streams_are_bounded_per_process(monkeypatch):
     monkeypatch.setattr(event_streams, "_open", 2)
     with pytest.raises(TooManyRequests):
-        job_events.check_room(ApiSettings(events_max_streams=2))
-    job_events.check_room(ApiSettings(events_max_streams=3))
+        event_streams.check_room(ApiSettings(events_max_streams=2))
+    event_streams.check_room(ApiSettings(events_max_streams=3))
 
 
 def test_job_and_batch_streams_count_against_one_bound():
@@ -93,7 +93,7 @@ def test_job_and_batch_streams_count_against_one_bound():
         async def batch_read():
             return event_streams.Snapshot("in_progress.1.1.0.0.0.0", False, {})
 
-        streams = [job_events.job_events(job_read, lambda j, p: {}, api, None),
+        streams = [event_streams.job_events(job_read, lambda j, p: {}, api, None),
                    event_streams.event_stream(batch_read, api, None)]
         for stream in streams:
             await stream.__anext__()  # started: counted

@@ -1,4 +1,4 @@
-"""`GET /v1/jobs/{id}/events` (api/job_events.py) against the real API process and worker: progress snapshots as
+"""`GET /v1/jobs/{id}/events` (api/event_streams.py) against the real API process and worker: progress snapshots as
 the job runs, `done` with the job object at the end, resumption with Last-Event-ID across the stream's time limit
 (2 s in the test stack) without a repeated event, keep-alive comments while nothing changes, and another tenant's
 job as a 404."""
