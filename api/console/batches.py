@@ -25,6 +25,7 @@ from api.pagination import newest_first
 from api.routers import batches as batch_routes
 from api.schemas.batches import BatchCreate
 from common import batches
+from common.batch_counts import completion_rate
 from common.batches import InvalidBatch
 from common.db import session_factory
 from common.errors import InvalidRequest
@@ -75,8 +76,14 @@ async def upload(request: Request, user: CurrentUser, session: SessionDep, setti
 
 @router.get("/batches/{batch_id}")
 def batch_page(batch_id: str, request: Request, user: CurrentUser, session: SessionDep) -> Response:
-    batch = batch_routes.get_batch(batch_id, request, session, user.tenant)
-    return render(request, "batch.html", batch=jsonable_encoder(batch))
+    row = batches.get_batch(session, batch_id, tenant_id=user.tenant.id)
+    shown = jsonable_encoder(batch_routes.batch_outs(request, session, [row])[0])
+    counts = shown["request_counts"]
+    rate = completion_rate(session, batch_id=row.id, since=row.in_progress_at or row.created_at,
+                           remaining=counts["queued"] + counts["running"])
+    ended_at = row.completed_at or row.failed_at or row.cancelled_at
+    took_s = (ended_at - row.in_progress_at).total_seconds() if ended_at and row.in_progress_at else None
+    return render(request, "batch.html", batch=shown, rate=rate, took_s=took_s)
 
 
 @router.get("/batches/{batch_id}/events")

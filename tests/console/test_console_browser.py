@@ -298,6 +298,8 @@ def test_batch_upload_shows_line_errors_then_runs_to_completed(console, worker, 
     page.wait_for_url(re.compile(r"/ui/batches/[0-9a-f-]{36}$"))
     expect(page.locator("#batch-status")).to_have_text("completed", timeout=180_000)
     assert page.locator("#count-succeeded").inner_text() == "3"
+    assert re.fullmatch(r"[0-9.]+ items / min", page.locator("#batch-rate").inner_text())
+    assert re.fullmatch(r"[0-9.]+ s", page.locator("#batch-took").inner_text())
     screenshot(page, "batch")
     archive = page.request.get(page.url + "/images.zip")
     names = sorted(zipfile.ZipFile(io.BytesIO(archive.body())).namelist())

@@ -40,7 +40,7 @@ function followBatch(section) {
       bar.max = counts.total;
       bar.value = counts.succeeded + counts.failed + counts.canceled;
     }
-    if (p.items_per_min !== undefined && p.items_per_min !== null) setText("batch-rate", `${p.items_per_min} items / min`);
+    if (p.items_per_min !== undefined && p.items_per_min !== null) setText("batch-rate", `${p.items_per_min.toFixed(1)} items / min`);
     if (p.eta_s !== undefined && p.eta_s !== null) setText("batch-eta", `about ${Math.round(p.eta_s)} s`);
     setText("batch-live", `${counts.succeeded || 0} of ${counts.total || 0} done`);
   });
