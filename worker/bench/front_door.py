@@ -207,7 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     db_url, redis_url, services = start_services(workdir)
     env = {"LETTERPRESS_DATABASE__URL": db_url, "LETTERPRESS_REDIS__URL": redis_url,
            "LETTERPRESS_STORAGE__URL": f"file://{workdir / 'storage'}", "LETTERPRESS_ENV": "test",
-           "UVICORN_WORKERS": str(args.api_workers)}
+           "UVICORN_WORKERS": str(args.api_workers),
+           # one key drives the whole load: its per-key limit (api/rate_limits.py, still counted in Redis on every
+           # call) must not be what answers, or this measures the limit instead of the server
+           "LETTERPRESS_LIMITS__REQUESTS_PER_KEY": "1000000/second"}
     from common.auth import create_api_key, get_or_create_tenant
     from common.db import migrate, session_scope
     from common.settings import settings_from_env, use_settings
