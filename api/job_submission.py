@@ -3,8 +3,10 @@ validation, quota, adapter and remix rules, and the same two paths.
 
 - Without an Idempotency-Key, adapters or an input image: one statement inserts the job for the key's tenant
   (api/job_store.py), the message is sent off the event loop, and the send is marked.
-- With any of them: the ORM path of common.job_states (whose replay and race rules apply), adapters resolved by
-  name inside the tenant, a remix's image read, checked and stored (common.input_images).
+- With any of them, or an explicit seed (a request the result cache may answer): the ORM path of
+  common.job_states (whose replay and race rules apply), adapters resolved by name inside the tenant, a remix's
+  image read, checked and stored (common.input_images), and a cache hit answered at once, never queued
+  (common.cache_answers).
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from fastapi.concurrency import run_in_threadpool
 from api import metrics
 from api.job_store import JobStore
 from api.schemas.jobs import check_webhook_url
-from common import job_states, quotas
+from common import cache_answers, job_states, quotas
 from common.adapters import resolve_loras
 from common.auth import authenticate_hash
 from common.broker import interactive_queue
@@ -21,7 +23,7 @@ from common.db import session_scope
 from common.dispatch import dispatch, send_in_order
 from common.input_images import resolve_image
 from common.job_request import JobRequest, to_params
-from common.models import Job
+from common.models import Job, JobStatus
 from common.settings import Settings
 from common.storage import Storage
 
@@ -33,8 +35,11 @@ async def submit_job(body: JobRequest, *, key_hash: str, store: JobStore, settin
     check_webhook_url(body.webhook_url, settings.webhooks)
     submitted = dict(params=params, queue=interactive_queue(body.priority), idempotency_key=idempotency_key,
                      metadata=body.metadata, webhook_url=body.webhook_url, max_attempts=settings.worker.max_attempts)
-    if idempotency_key is not None or "loras" in params or "image" in params:
-        job, created = await run_in_threadpool(_create_in_session, key_hash, submitted, storage, settings)
+    # the fleet's result-cache scopes, when the cache may answer this request (a Redis read cached a few seconds)
+    scopes = await run_in_threadpool(cache_answers.fleet_scopes, settings.redis.url) if _cacheable(
+        params, settings) else []
+    if idempotency_key is not None or "loras" in params or "image" in params or scopes:
+        job, created = await run_in_threadpool(_create_in_session, key_hash, submitted, storage, settings, scopes)
     else:
         job, created = await store.insert(key_hash, job_states.new_job_values(**submitted)), True
         # after the commit: if Redis is down the job stays queued, unsent, and maintenance sends it later
@@ -42,10 +47,18 @@ async def submit_job(body: JobRequest, *, key_hash: str, store: JobStore, settin
             await store.mark_enqueued(job.id)
     if created:
         metrics.JOBS_ACCEPTED.inc()
+        if job.status == JobStatus.SUCCEEDED:
+            metrics.JOBS_FROM_CACHE.inc()
     return job, created
 
 
-def _create_in_session(key_hash: str, submitted: dict, storage: Storage, settings: Settings) -> tuple[Job, bool]:
+def _cacheable(params: dict, settings: Settings) -> bool:
+    """A request the result cache may answer (common/result_cache.py: only explicit seeds, `cache` not false)."""
+    return settings.worker.result_cache and not params.get("seed_generated", True) and params.get("cache") is not False
+
+
+def _create_in_session(key_hash: str, submitted: dict, storage: Storage, settings: Settings,
+                       scopes: list) -> tuple[Job, bool]:
     with session_scope() as session:
         tenant = authenticate_hash(session, key_hash, "submit")
         params = submitted["params"]
@@ -57,7 +70,13 @@ def _create_in_session(key_hash: str, submitted: dict, storage: Storage, setting
                                                         storage=storage, settings=settings)}
         submitted = {**submitted, "params": params}
         job, created = job_states.create_job(session, tenant_id=tenant.id, **submitted)
+        answered = created and bool(scopes) and _answer_from_cache(session, storage, job, scopes)
         session.commit()
-        if created:
+        if created and not answered:
             dispatch([(job.id, job.queue)], session=session)
     return job, created
+
+
+def _answer_from_cache(session, storage: Storage, job: Job, scopes: list) -> bool:
+    entry = cache_answers.find_answer(session, tenant_id=job.tenant_id, params=job.params, scopes=scopes)
+    return entry is not None and cache_answers.answer(session, storage, job=job, entry=entry)

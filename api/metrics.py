@@ -25,6 +25,8 @@ from common.settings import Settings
 log = logging.getLogger(__name__)
 
 JOBS_ACCEPTED = Counter("letterpress_api_jobs_accepted_total", "Jobs created by POST /v1/jobs (replays not counted)")
+JOBS_FROM_CACHE = Counter("letterpress_api_jobs_answered_from_cache_total",
+                          "Jobs POST /v1/jobs answered at once from the result cache (common/cache_answers.py)")
 BATCH_ITEMS_ACCEPTED = Counter("letterpress_api_batch_items_accepted_total", "Items of batches created")
 
 

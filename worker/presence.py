@@ -34,6 +34,10 @@ class Presence(threading.Thread):
         return {"host": socket.gethostname(), "pid": os.getpid(), "state": state,
                 "gpu_kind": getattr(ctx.runner, "gpu_kind", ""), "variant": getattr(ctx.runner, "variant", ""),
                 "model": getattr(ctx.runner, "model_id", ""), "capacity": ctx.settings.worker.capacity,
+                # the scope of this worker's result-cache keys: the API answers cache hits at submit with it
+                # (common/cache_answers.py); empty while warming, so nothing is answered for a config not running
+                "revision": getattr(ctx.runner, "revision", None),
+                "cache_scope": getattr(ctx.runner, "config", "") if self.ready else "",
                 "current_job": str(current) if current else None, "started_at": self.started_at,
                 "seen_at": datetime.now(timezone.utc).isoformat()}
 

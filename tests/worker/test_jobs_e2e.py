@@ -74,18 +74,21 @@ def test_same_request_and_seed_give_identical_bytes(client, worker, api_url):
 
 def test_the_same_request_again_is_served_from_the_result_cache(client, worker, services, tenant):
     """Same tenant, request and explicit seed: copies of the first run's images, no device time, the same bytes
-    under the new job's own keys; a new seed, metadata aside, or a server-chosen seed generates."""
+    under the new job's own keys, answered at submit; a new seed, metadata aside, or a server-chosen seed
+    generates."""
     body = {**JOB, "seed": 4321, "num_images": 1}
     first = client.wait(client.submit(body).json()["id"])
-    again = client.wait(client.submit({**body, "metadata": {"run": 2}}).json()["id"])
+    # answered by the API at once (common/cache_answers.py): the worker announced its cache scope, no queue
+    again = client.submit({**body, "metadata": {"run": 2}}).json()
     assert first["status"] == again["status"] == "succeeded"
     assert again["timings"]["cached"] is True and again["timings"]["cache_source_job"] == first["id"]
+    assert again["timings"]["answered_by"] == "api"
     assert again["cache_hit"] is True and first["cache_hit"] is False
     assert again["timings"]["gpu_seconds"] == 0 and "generate_s" not in again["timings"]
     image, copy = first["images"][0], again["images"][0]
     assert copy["key"] == f"images/{tenant.id}/{again['id']}/0.png" != image["key"]
     assert copy["sha256"] == image["sha256"] and s3_get(services, copy["key"]) == s3_get(services, image["key"])
-    assert usage_rows(again["id"]) == [("succeeded", 1, "cpu", "on_demand", 0.0, 1)]
+    assert usage_rows(again["id"]) == [("succeeded", 0, "none", "on_demand", 0.0, 1)]
     for fresh in ({**body, "seed": 4322}, {k: v for k, v in body.items() if k != "seed"}, {**body, "cache": False}):
         done = client.wait(client.submit(fresh).json()["id"])
         assert done["status"] == "succeeded" and not done["cache_hit"], done["timings"]
