@@ -5,13 +5,14 @@
     python -m worker.bench e2e-worker [options]   # the worker process `--e2e` starts (worker.bench.e2e)
     python -m worker.bench adapters [options]     # what a LoRA adapter costs (worker.bench.adapters)
     python -m worker.bench magic-prompt [options] # what the prompt enhancer costs (worker.bench.magic_prompt)
+    python -m worker.bench memory-plans [options] # peak memory of every memory plan (worker.bench.memory_plans)
 """
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
 
-from worker.bench import adapters, e2e, magic_prompt, paths, profile
+from worker.bench import adapters, e2e, magic_prompt, memory_plans, paths, profile
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -22,6 +23,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return adapters.main(argv[1:])
     if argv[:1] == ["magic-prompt"]:  # `letterpress bench magic-prompt ...`: enhancer seconds and tokens/s
         return magic_prompt.main(argv[1:])
+    if argv[:1] == ["memory-plans"]:  # `letterpress bench memory-plans ...`: peak memory of each plan
+        return memory_plans.main(argv[1:])
     if argv[:1] == ["profile"]:  # `letterpress bench profile ...`: where a step's time goes
         return profile.main(argv[1:])
     return paths.main(argv)

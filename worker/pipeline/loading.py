@@ -11,10 +11,15 @@ Variants (the memory figures are for the real model):
 | variant       | weights in memory                                   | where                              |
 |---------------|-----------------------------------------------------|------------------------------------|
 | `fp32`        | float32                                             | CPU default (the tiny model)       |
-| `bf16`        | bfloat16, about 56 GB                               | default on GPUs with >= 64 GB      |
-| `nf4`         | bitsandbytes NF4 as shipped, about 16 GB            | default on smaller GPUs; CUDA only |
+| `bf16`        | bfloat16, about 50 GiB (36 with the encoder offloaded) | Ampere with 48 GB and more      |
+| `nf4`         | bitsandbytes NF4 as shipped, about 16 GiB (12)      | 24-40 GB GPUs; CUDA only           |
 | `nf4-dequant` | NF4 weights dequantized once to bf16 (transformers) | NF4's numbers at bf16 speed        |
-| `fp8`         | torchao float8 rowwise in the transformer blocks    | explicit opt-in, sm_89+, approximate |
+| `fp8`         | torchao float8 rowwise in the transformer blocks    | sm_89+ from 40 GB, approximate     |
+
+`auto` picks a memory plan (worker.pipeline.memory_plans): the fastest variant whose measured peak fits this GPU
+at the largest image the API accepts (`api.max_width` x `api.max_height`), with the text encoder resident, or
+offloaded to CPU memory between jobs (`TextEncoderOffload`) when only that fits. An explicit variant gets the
+placement that fits it, and one that fits in no placement is refused at start, naming the plan that would.
 """
 from __future__ import annotations
 
@@ -29,6 +34,8 @@ import torch
 
 from common.errors import ModelError
 from common.settings import ModelSettings, Settings, get_settings, hf_env, hub_cache_dir
+from worker.pipeline import memory_plans
+from worker.pipeline.memory_plans import MemoryPlan
 from worker.pipeline.spec import MAX_SEQUENCE_LENGTH
 
 if TYPE_CHECKING:
@@ -38,10 +45,7 @@ log = logging.getLogger(__name__)
 
 VARIANTS = ("fp32", "bf16", "nf4", "nf4-dequant", "fp8")
 DEFAULT_HUB_MODEL = "ideogram-ai/ideogram-4-nf4"
-# bf16 by default only where it fits: `letterpress bench` measured 52-54 GB allocated at 1024² and 60-63 GB at
-# 2048² (docs/PERFORMANCE.md, "Memory"), so a 48 GB card (the issue's first guess) runs out; NF4 below this.
-BF16_AUTO_MIN_MEMORY = 64 * 10**9
-FP8_MIN_CAPABILITY = (8, 9)
+FP8_MIN_CAPABILITY = memory_plans.FP8_MIN_CAPABILITY
 _QUANTIZED_TRANSFORMERS = ("transformer", "unconditional_transformer")
 _NF4_COMPONENTS = ("transformer", "unconditional_transformer", "text_encoder")
 
@@ -79,6 +83,7 @@ class LoadedPipeline:
     revision: str | None
     max_sequence_length: int = MAX_SEQUENCE_LENGTH  # longest prompt in tokens (settings.model)
     adapters: Any = None  # worker.pipeline.adapters.LoadedAdapters, made on first use (adapters_of)
+    text_encoder: str = "resident"  # or "offload" (TextEncoderOffload): the memory plan's placement
 
 
 def detect_device(device: str | None = None) -> DeviceInfo:
@@ -95,26 +100,70 @@ def detect_device(device: str | None = None) -> DeviceInfo:
                       name=props.name, index=index)
 
 
-def resolve_variant(requested: str, device_info: DeviceInfo) -> str:
-    """The weight variant to load: "auto" picks by device, an explicit choice wins unless the device cannot run it.
+def resolve_variant(requested: str, device_info: DeviceInfo, *,
+                    max_pixels: int = memory_plans.MAX_MEASURED_PIXELS) -> str:
+    """The weight variant to load (`resolve_plan`'s variant). Pure function of its arguments."""
+    return resolve_plan(requested, device_info, max_pixels=max_pixels).variant
 
-    Pure function of its arguments. Raises `ModelConfigError` for unknown names and impossible choices.
+
+def resolve_plan(requested: str, device_info: DeviceInfo, *,
+                 max_pixels: int = memory_plans.MAX_MEASURED_PIXELS) -> MemoryPlan:
+    """The variant and text-encoder placement to load for images up to `max_pixels` pixels.
+
+    "auto" takes the fastest measured plan that fits the GPU (worker.pipeline.memory_plans); an explicit variant
+    gets the placement that fits it. Raises `ModelConfigError` for unknown names, impossible choices and plans
+    that do not fit, before anything is downloaded. Pure function of its arguments.
     """
     variant = (requested or "auto").strip().lower()
-    if variant == "auto":
-        if device_info.kind == "cpu":
-            return "fp32"
-        return "bf16" if device_info.total_memory >= BF16_AUTO_MIN_MEMORY else "nf4"
-    if variant not in VARIANTS:
+    if variant != "auto" and variant not in VARIANTS:
         raise ModelConfigError(f"unknown model variant {requested!r}: choose one of auto, {', '.join(VARIANTS)}")
-    if variant in ("nf4", "nf4-dequant") and device_info.kind != "cuda":
-        raise ModelConfigError(
-            f"variant {variant} needs bitsandbytes and a CUDA GPU, and this worker has none: "
-            "use fp32 (or bf16, slower) on CPU"
-        )
+    if device_info.kind == "cpu":
+        if variant in ("nf4", "nf4-dequant"):
+            raise ModelConfigError(
+                f"variant {variant} needs bitsandbytes and a CUDA GPU, and this worker has none: "
+                "use fp32 (or bf16, slower) on CPU"
+            )
+        if variant == "fp8":
+            _check_fp8_capable(device_info)
+        return MemoryPlan(variant="fp32" if variant == "auto" else variant, text_encoder="resident")
     if variant == "fp8":
         _check_fp8_capable(device_info)
-    return variant
+    if variant == "fp32":  # not in the table: float32 on a GPU is a debugging choice
+        return MemoryPlan(variant="fp32", text_encoder="resident")
+    if memory_plans.measured_side(max_pixels) is None:
+        if variant == "auto":
+            raise ModelConfigError(
+                f"no memory plan is measured for images over {memory_plans.MAX_MEASURED_PIXELS:,} pixels (this "
+                f"worker may be sent {max_pixels:,}): set LETTERPRESS_MODEL__VARIANT explicitly")
+        log.warning("no memory plan is measured for images over %d pixels: loading %s unchecked",
+                    memory_plans.MAX_MEASURED_PIXELS, variant)
+        return MemoryPlan(variant=variant, text_encoder="resident")
+    best = memory_plans.choose(device_info.total_memory, device_info.capability, max_pixels)
+    if variant == "auto":
+        if best is None:
+            raise ModelConfigError(_no_plan_message(device_info, max_pixels))
+        return best
+    plan = memory_plans.placement_for(variant, device_info.total_memory, max_pixels)
+    if plan is None:
+        needed = memory_plans.plan_for(variant, "offload", max_pixels)
+        instead = (f"{best.describe()} fits: set LETTERPRESS_MODEL__VARIANT={best.variant} (or auto), or lower "
+                   "LETTERPRESS_API__MAX_WIDTH/MAX_HEIGHT" if best else _no_plan_message(device_info, max_pixels))
+        raise ModelConfigError(
+            f"variant {variant} does not fit {_gpu(device_info)} for images of up to {max_pixels:,} pixels: it "
+            f"needs {needed.need_bytes / 1e9:.1f} GB even with the text encoder offloaded (measured, "
+            f"docs/PERFORMANCE.md \"Memory plans per GPU class\"). {instead}")
+    return plan
+
+
+def _gpu(device_info: DeviceInfo) -> str:
+    return f"{device_info.name} ({device_info.total_memory / 1e9:.1f} GB)"
+
+
+def _no_plan_message(device_info: DeviceInfo, max_pixels: int) -> str:
+    least = memory_plans.smallest(max_pixels)
+    need = f"the smallest measured plan, {least.describe()}" if least else "every measured plan"
+    return (f"no measured memory plan fits {_gpu(device_info)} for images of up to {max_pixels:,} pixels: {need}, "
+            "does not fit; use a larger GPU or lower LETTERPRESS_API__MAX_WIDTH/MAX_HEIGHT")
 
 
 def _check_fp8_capable(device_info: DeviceInfo) -> None:
@@ -158,11 +207,18 @@ def load_pipeline(model: ModelSettings, device: str | None = None, *, settings: 
                   ) -> LoadedPipeline:
     """Load Ideogram 4 as `model` says, on `device` (default: CUDA when available), warm and ready.
 
-    `settings` is only consulted when `model.id` is empty (for the default model's home); it defaults to the
-    process settings.
+    `settings` is consulted when `model.id` is empty (for the default model's home) and, on a GPU, for the largest
+    image the API accepts (the memory plan's size); it defaults to the process settings.
     """
     device_info = detect_device(device)
-    variant = resolve_variant(model.variant, device_info)
+    max_pixels = memory_plans.MAX_MEASURED_PIXELS
+    if device_info.kind == "cuda":
+        api = (settings or get_settings()).api  # the largest image this worker may be sent
+        max_pixels = api.max_width * api.max_height
+    plan = resolve_plan(model.variant, device_info, max_pixels=max_pixels)
+    variant = plan.variant
+    if device_info.kind == "cuda":
+        log.info("memory plan for %s: %s", _gpu(device_info), plan.describe())
     model_id = model.id
     if not model_id:
         base = settings or get_settings()
@@ -171,7 +227,7 @@ def load_pipeline(model: ModelSettings, device: str | None = None, *, settings: 
     if source.local_dir is None and source.looks_local:
         raise not_found_error(model_id, "no such directory")
     try:
-        pipe, variant = _load(source, variant, device_info)
+        pipe, variant = _load(source, plan, device_info)
     except ModelConfigError:
         raise
     except Exception as exc:
@@ -180,7 +236,7 @@ def load_pipeline(model: ModelSettings, device: str | None = None, *, settings: 
     pipe.set_progress_bar_config(disable=True)
     return LoadedPipeline(pipe=pipe, device=device_info.torch_device, dtype=dtype_for(variant), variant=variant,
                           model_id=model_id, revision=source.resolved_revision(),
-                          max_sequence_length=model.max_sequence_length)
+                          max_sequence_length=model.max_sequence_length, text_encoder=plan.text_encoder)
 
 
 @dataclass(frozen=True)
@@ -252,9 +308,12 @@ class _ModelSource:
         return match.group(1) if match else self.revision
 
 
-def _load(source: _ModelSource, variant: str, device_info: DeviceInfo) -> tuple[Ideogram4Pipeline, str]:
-    """Load, place on the device and convert to `variant`; returns the pipeline and the variant it really is."""
+def _load(source: _ModelSource, plan: MemoryPlan, device_info: DeviceInfo) -> tuple[Ideogram4Pipeline, str]:
+    """Load, place on the device as `plan` says and convert to its variant; returns the pipeline and the variant it
+    really is."""
     from diffusers import Ideogram4Pipeline
+
+    variant = plan.variant
 
     kwargs = dict(dtype=dtype_for(variant), **source.hub_kwargs())
     distilled = not _ships_unconditional(source)
@@ -263,17 +322,118 @@ def _load(source: _ModelSource, variant: str, device_info: DeviceInfo) -> tuple[
     if variant in ("nf4", "nf4-dequant"):
         kwargs["quantization_config"] = _nf4_config(source, skip=("unconditional_transformer",) if distilled else ())
     pipe = Ideogram4Pipeline.from_pretrained(source.model_id, **kwargs)
-    pipe.to(device_info.torch_device)
-    if variant != "nf4":
-        # bf16 and fp8 from a checkpoint that ships NF4 (the default Hub model) run NF4's numbers densely.
-        dequantized = sum(dequantize_linear4bit(getattr(pipe, name)) for name in _QUANTIZED_TRANSFORMERS
-                          if getattr(pipe, name) is not None)
-        if dequantized and variant == "bf16":
-            log.info("%s ships NF4 weights: dequantized them to bf16 (variant nf4-dequant)", source.model_id)
-            variant = "nf4-dequant"
-    if variant == "fp8":
-        _quantize_fp8(pipe)
+    if plan.text_encoder == "offload" and pipe.text_encoder is not None and device_info.kind == "cuda":
+        pipe._letterpress_text_offload = TextEncoderOffload(pipe.text_encoder, device_info.torch_device)
+        if getattr(pipe, "prompt_enhancer_head", None) is not None:
+            log.warning("the text encoder is offloaded: the worker's own magic prompt would copy it onto the GPU "
+                        "for every token; point LETTERPRESS_MAGIC_PROMPT__ENDPOINT at a server instead")
+    dequantized = place_components(pipe, variant, device_info.torch_device)
+    if dequantized and variant == "bf16":
+        # bf16 from a checkpoint that ships NF4 (the default Hub model) runs NF4's numbers densely.
+        log.info("%s ships NF4 weights: dequantized them to bf16 (variant nf4-dequant)", source.model_id)
+        variant = "nf4-dequant"
     return pipe, variant
+
+
+def place_components(pipe: Ideogram4Pipeline, variant: str, device: str) -> int:
+    """Move the pipeline's models to `device` one at a time, converting each transformer as it arrives.
+
+    fp8 quantizes each block linear as it arrives (torchao's `quantize_(..., device=)`), so a bf16 transformer never
+    sits whole on the GPU: loading a bf16 pipeline first would need the card the fp8 plan avoids. An offloaded text
+    encoder stays where its `TextEncoderOffload` put it. Returns how many NF4 layers were dequantized.
+    """
+    dequantized = 0
+    for name, module in pipe.components.items():
+        if not isinstance(module, torch.nn.Module):
+            continue
+        if name == "text_encoder" and getattr(pipe, "_letterpress_text_offload", None) is not None:
+            continue
+        if name in _QUANTIZED_TRANSFORMERS and variant == "fp8":
+            dequantized += dequantize_linear4bit(module)  # an NF4 checkpoint (bitsandbytes loaded it on the GPU)
+            _quantize_fp8_model(module, device=device)  # one block linear at a time onto the device
+            continue
+        module.to(device)
+        if name in _QUANTIZED_TRANSFORMERS and variant != "nf4":
+            dequantized += dequantize_linear4bit(module)
+    return dequantized
+
+
+class TextEncoderOffload:
+    """The text encoder's repeated blocks live in (pinned) CPU memory; each is copied onto the GPU for its own
+    forward only, then dropped.
+
+    Why: the encoder runs once a job (not at all for a cached prompt), yet resident it holds its whole 15 GiB
+    (bf16) through every denoising step and the VAE decode. Offloaded, the GPU holds one block (0.4 GB) while a
+    prompt is encoded and none otherwise; each new prompt pays one host-to-device copy of the blocks (+0.25 s for a
+    bf16 encoder on the H200; docs/PERFORMANCE.md, "Memory plans per GPU class"). Everything outside the blocks
+    (embeddings, norms, rotary tables, the vision stem) stays on the GPU, so the module still reports the GPU as its
+    device and its inputs need no moving. Blocks are the entries of the encoder's `nn.ModuleList`s (the decoder
+    layers, the vision blocks and mergers). For bitsandbytes NF4 blocks only the packed weights move; their
+    quantization state stays on the GPU. The features are the resident encoder's, bit for bit (measured, bf16 and
+    NF4). One encode at a time: two threads encoding at once would drop each other's blocks.
+    """
+
+    def __init__(self, text_encoder: torch.nn.Module, device: str):
+        self.device = torch.device(device)
+        self.blocks = list(_repeated_blocks(text_encoder))
+        in_blocks = {id(t) for block in self.blocks for t in (*block.parameters(), *block.buffers())}
+        for module in text_encoder.modules():  # everything but the blocks' weights onto the device, for good
+            for param in module.parameters(recurse=False):
+                if id(param) not in in_blocks:
+                    param.data = param.data.to(self.device)
+            for name, buf in module.named_buffers(recurse=False):
+                module._buffers[name] = buf.to(self.device)
+        self.pinned = True
+        self._masters: list[list[tuple[torch.nn.Parameter, torch.Tensor]]] = []
+        self._hooks = []
+        for block in self.blocks:
+            pairs = [(p, self._master(p.data)) for p in block.parameters()]
+            for p, master in pairs:
+                p.data = master
+            self._masters.append(pairs)
+            self._hooks.append(block.register_forward_pre_hook(self._onload_hook(pairs)))
+            self._hooks.append(block.register_forward_hook(self._offload_hook(pairs)))
+        self.offloaded_bytes = sum(m.numel() * m.element_size() for pairs in self._masters for _, m in pairs)
+
+    def _master(self, tensor: torch.Tensor) -> torch.Tensor:
+        cpu = tensor.to("cpu")
+        if self.pinned:
+            try:
+                return cpu.pin_memory()
+            except RuntimeError as exc:  # e.g. a locked-memory limit: pageable memory, slower copies
+                log.warning("could not pin the text encoder's CPU copy (%s): pageable copies", exc)
+                self.pinned = False
+        return cpu
+
+    def _onload_hook(self, pairs):
+        def onload(module, args):
+            for p, master in pairs:
+                p.data = master.to(self.device, non_blocking=self.pinned)
+        return onload
+
+    @staticmethod
+    def _offload_hook(pairs):
+        def offload(module, args, output):
+            for p, master in pairs:
+                p.data = master  # the GPU copy goes back to the allocator, reused by the next block
+        return offload
+
+    def remove(self) -> None:
+        """Put the blocks back on the device for good (the resident placement) and drop the hooks."""
+        for hook in self._hooks:
+            hook.remove()
+        for pairs in self._masters:
+            for p, master in pairs:
+                p.data = master.to(self.device)
+        self._hooks, self._masters = [], []
+
+
+def _repeated_blocks(module: torch.nn.Module):
+    for child in module.children():
+        if isinstance(child, torch.nn.ModuleList):
+            yield from child
+        else:
+            yield from _repeated_blocks(child)
 
 
 def _ships_unconditional(source: _ModelSource) -> bool:
@@ -347,10 +507,19 @@ def _replace_linear4bit(module: torch.nn.Module, bnb, dtype: torch.dtype) -> int
 
 
 def _quantize_fp8(pipe: Ideogram4Pipeline) -> None:
+    """`_quantize_fp8_model` on both transformers (the bench converts a whole pipeline in place)."""
+    for name in _QUANTIZED_TRANSFORMERS:
+        if getattr(pipe, name) is not None:
+            _quantize_fp8_model(getattr(pipe, name))
+
+
+def _quantize_fp8_model(transformer: torch.nn.Module, device: str | None = None) -> None:
     """torchao float8 dynamic activations x float8 weights, per-row scales, in the repeated blocks only.
 
     Approximate by nature (8-bit activations and weights). The embedders, the once-a-job text projection and the
-    final layer stay bf16: they cost little and matter most for fidelity.
+    final layer stay bf16: they cost little and matter most for fidelity. With `device`, each linear is moved there
+    just before it is quantized and the rest of the model after (torchao's own option), so the bf16 weights pass
+    through the GPU one layer at a time.
     """
     try:
         from torchao.quantization import (
@@ -364,10 +533,8 @@ def _quantize_fp8(pipe: Ideogram4Pipeline) -> None:
     def in_blocks(module: torch.nn.Module, fqn: str) -> bool:
         return isinstance(module, torch.nn.Linear) and fqn.startswith("layers.")
 
-    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
-    for name in _QUANTIZED_TRANSFORMERS:
-        if getattr(pipe, name) is not None:
-            quantize_(getattr(pipe, name), config, filter_fn=in_blocks)
+    quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=in_blocks,
+              device=device)
 
 
 def translate_load_error(exc: BaseException, *, model_id: str, variant: str, device_info: DeviceInfo | None = None,

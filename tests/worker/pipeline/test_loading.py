@@ -104,16 +104,16 @@ def test_tiny_tokenizer_tokenizes_any_text(tiny_dir):
     "requested, device, expected",
     [
         ("auto", CPU, "fp32"),
-        ("auto", H100_80, "bf16"),
-        ("auto", L40S_48, "nf4"),  # bf16 needs 52-63 GB (docs/PERFORMANCE.md)
-        ("auto", L4_24, "nf4"),
+        ("auto", H100_80, "fp8"),  # the fastest measured plan that fits (tests/worker/pipeline/test_memory_plans.py)
+        ("auto", L40S_48, "fp8"),
+        ("auto", A100_80, "bf16"),
         ("fp32", CPU, "fp32"),
         ("bf16", CPU, "bf16"),  # allowed, slow
         ("fp32", H100_80, "fp32"),
-        ("NF4", L4_24, "nf4"),
+        ("NF4", A100_80, "nf4"),
         ("nf4-dequant", A100_80, "nf4-dequant"),
         ("fp8", H100_80, "fp8"),
-        ("fp8", L4_24, "fp8"),
+        ("fp8", L40S_48, "fp8"),  # Ada
         ("", CPU, "fp32"),
     ],
 )
@@ -130,6 +130,8 @@ def test_resolve_variant(requested, device, expected):
         ("nf4", CPU, ["bitsandbytes", "CUDA GPU"]),
         ("nf4-dequant", CPU, ["bitsandbytes", "CUDA GPU"]),
         ("int3", H100_80, ["unknown model variant", "nf4-dequant"]),
+        ("auto", L4_24, ["no measured memory plan fits", "NVIDIA L4"]),  # at 2048², the default largest image
+        ("NF4", L4_24, ["variant nf4 does not fit"]),
     ],
 )
 def test_resolve_variant_refuses_impossible_choices(requested, device, fragments):
