@@ -6,7 +6,8 @@ route's `read` gives the current one; the stream reads it every `events_poll_s` 
 `BATCH_POLL_S`). Each snapshot whose id differs from the last one sent goes out as `event: progress`; the first
 terminal one as `event: done` (the whole object, as its GET returns it), after which the stream closes.
 
-- A job's progress is `{status, step, total, queue_position, eta_s}`, its id `status.step.total.position`
+- A job's progress is `{status, step, total, queue_position, eta_s}`, plus `preview` (a data: URL of a small JPEG,
+  common/previews.py) while a running job has one; its id `status.step.total.position[.p<preview step>]`
   (`job_snapshot`). A batch's is `{status, request_counts, items_per_min, eta_s}`, its id the status and the six
   counts (`batch_snapshot`); the rate and ETA come from the items finished recently
   (common.batch_counts.completion_rate) and ride along with a change of the counts, not as one of their own.
@@ -102,26 +103,35 @@ async def event_stream(read: Callable[[], Awaitable[Snapshot]], api: ApiSettings
 
 # ------------------------------------------------------------------------------------------------- jobs
 
-def job_snapshot_id(job: Job, place: QueuePlace | None) -> str:
-    return f"{job.status}.{job.progress_step}.{job.progress_total}.{place.position if place else '-'}"
+def job_snapshot_id(job: Job, place: QueuePlace | None, preview_step: int | None = None) -> str:
+    base = f"{job.status}.{job.progress_step}.{job.progress_total}.{place.position if place else '-'}"
+    return base if preview_step is None else f"{base}.p{preview_step}"
 
 
-def job_snapshot(job: Job, place: QueuePlace | None, render: Callable[[Job, QueuePlace | None], dict]) -> Snapshot:
-    """`render` gives the job object (for `done`)."""
+def job_snapshot(job: Job, place: QueuePlace | None, render: Callable[[Job, QueuePlace | None], dict],
+                 preview: tuple[int, str] | None = None) -> Snapshot:
+    """`render` gives the job object (for `done`); `preview` is the running job's latest (step, data: URL)."""
     if job.status in JobStatus.TERMINAL:
         return Snapshot(job_snapshot_id(job, place), True, render(job, place))
-    return Snapshot(job_snapshot_id(job, place), False,
-                    {"status": job.status, "step": job.progress_step, "total": job.progress_total,
-                     "queue_position": place.position if place else None, "eta_s": place.eta_s if place else None})
+    data = {"status": job.status, "step": job.progress_step, "total": job.progress_total,
+            "queue_position": place.position if place else None, "eta_s": place.eta_s if place else None}
+    if preview is not None:
+        data["preview"] = preview[1]
+    return Snapshot(job_snapshot_id(job, place, preview[0] if preview else None), False, data)
+
+
+PreviewRead = Callable[[Job], Awaitable[tuple[int, str] | None]]
 
 
 def job_events(read: Callable[[], Awaitable[tuple[Job, QueuePlace | None]]],
                render: Callable[[Job, QueuePlace | None], dict], api: ApiSettings,
-               last_event_id: str | None) -> AsyncIterator[bytes]:
-    """The stream of one job: `read` gives its current state, `render` the job object."""
+               last_event_id: str | None, preview: PreviewRead | None = None) -> AsyncIterator[bytes]:
+    """The stream of one job: `read` gives its current state, `render` the job object, `preview` (optional) a
+    running job's latest preview (common/previews.py)."""
     async def snapshot() -> Snapshot:
         job, place = await read()
-        return job_snapshot(job, place, render)
+        shown = await preview(job) if preview is not None and job.status == JobStatus.RUNNING else None
+        return job_snapshot(job, place, render, shown)
 
     return event_stream(snapshot, api, last_event_id)
 

@@ -134,6 +134,9 @@ class WorkerSettings(BaseModel):
     maintenance_period_s: int = 15
     # Seconds the running job may keep going after a drain starts (SIGTERM or spot notice).
     drain_grace_s: float = 90.0
+    # A preview of a running job every this many steps (worker/pipeline/previews.py; the event stream carries it);
+    # 0: none. Off by default: docs/PERFORMANCE.md ("Previews") has what one costs.
+    preview_every_steps: int = Field(0, ge=0)
     spot_notice_url: str | None = None
     spot_poll_s: float = 5.0
     # Jobs re-enqueued by maintenance when queued longer than this without a claim (lost enqueues).

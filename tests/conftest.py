@@ -105,6 +105,8 @@ def stack_env(services, tiny_model, tmp_path_factory) -> Iterator[dict[str, str]
         "LETTERPRESS_WORKER__PROGRESS_MIN_INTERVAL_S": "0.2",
         "LETTERPRESS_WORKER__MAINTENANCE_PERIOD_S": "1",
         "LETTERPRESS_WORKER__REQUEUE_AFTER_S": "5",
+        # previews on (off by default): every test job's generation makes them, so they are exercised everywhere
+        "LETTERPRESS_WORKER__PREVIEW_EVERY_STEPS": "2",
         # several CPU workers share this machine's cores (unshared, two ran each job 10x slower)
         "LETTERPRESS_WORKER__CPU_THREADS": "1",
         # no fixed scrape ports (several workers share this host): Processes.start_worker gives each a free one

@@ -25,9 +25,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import redis as redis_lib
 from sqlalchemy.exc import SQLAlchemyError
 
 from common import job_states, result_cache
+from common import previews as preview_store
 from common.db import session_scope
 from common.dispatch import dispatch
 from common.errors import LeaseLost, NotFound, StorageError
@@ -43,6 +45,7 @@ from worker.heartbeat import AttemptMonitor
 from worker.adapter_files import AdapterFiles
 from worker.pipeline.adapters import LoraUse
 from worker.pipeline.magic_prompt import EnhanceRequest, MagicPrompt
+from worker.pipeline.previews import PreviewRequest
 from worker.pipeline.spec import GenerationInterrupted, GenerationSpec, InitImage
 
 log = logging.getLogger(__name__)
@@ -60,6 +63,7 @@ class AttemptContext:
     current_job: uuid.UUID | None = None  # the job generating now (worker.presence shows it)
     adapter_files: AdapterFiles | None = None  # made on the first job with adapters
     magic: MagicPrompt | None = None  # made on the first job with a magic prompt
+    preview_client: redis_lib.Redis | None = None  # made on the first job with previews on
 
     def adapter_path(self, tenant_id: uuid.UUID, lora: dict) -> Path:
         """The local, verified file of one of a job's adapters (`params["loras"][i]`)."""
@@ -255,6 +259,30 @@ def _complete_from_cache(m: Member, ctx: AttemptContext) -> str | None:
     return "succeeded"
 
 
+def _preview_request(members: list[Member], specs: list, ctx: AttemptContext) -> PreviewRequest | None:
+    """Previews of this generation into each member's preview slot (common/previews.py), when they are on: a
+    member's first image row is its preview. A Redis error skips that preview (logged); the generation goes on."""
+    every = ctx.settings.worker.preview_every_steps
+    if not every:
+        return None
+    if ctx.preview_client is None:
+        ctx.preview_client = redis_lib.Redis.from_url(ctx.settings.redis.url, socket_connect_timeout=1,
+                                                      socket_timeout=1)
+    rows, offset = [], 0
+    for m, spec in zip(members, specs):
+        rows.append((m.claim.job_id, offset))
+        offset += len(spec.seeds)
+
+    def deliver(step: int, jpegs: list[bytes]) -> None:
+        try:
+            for job_id, row in rows:
+                preview_store.store(ctx.preview_client, job_id=job_id, step=step, jpeg=jpegs[row])
+        except redis_lib.RedisError as exc:
+            log.warning("job %s: preview at step %d not stored (%s)", rows[0][0], step, exc)
+
+    return PreviewRequest(every=every, deliver=deliver)
+
+
 def _images(claims: list[job_states.Claim]) -> int:
     return sum(len(image_seeds(c.params)) for c in claims)
 
@@ -359,10 +387,12 @@ def _generate_and_record(members: list[Member], ctx: AttemptContext, t0: float) 
     try:
         specs = [spec_from_params(m.claim.params, lambda lora, m=m: ctx.adapter_path(m.claim.tenant_id, lora),
                                   ctx.input_image) for m in members]
+        previews = _preview_request(members, specs, ctx)
+        extra = {"previews": previews} if previews is not None else {}
         if len(members) == 1:
-            images = [ctx.runner.run(specs[0], on_step=on_step, should_stop=should_stop)]
+            images = [ctx.runner.run(specs[0], on_step=on_step, should_stop=should_stop, **extra)]
         else:
-            images = ctx.runner.run_batch(specs, on_step=on_step, should_stop=should_stop)
+            images = ctx.runner.run_batch(specs, on_step=on_step, should_stop=should_stop, **extra)
         t_gen = time.perf_counter()
     except LeaseLost:
         log.warning("job %s: lease lost; another attempt owns it, nothing recorded", members[0].claim.job_id)

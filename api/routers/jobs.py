@@ -4,10 +4,12 @@ from __future__ import annotations
 import logging
 from typing import Annotated
 
+import redis.asyncio as aioredis
 from fastapi import APIRouter, Body, Header, Query, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
 from sqlalchemy import select
+from starlette.background import BackgroundTask
 
 from api import event_streams as events
 from api.deps import CurrentTenant, IdempotencyKey, JobStoreDep, KeyHash, SessionDep, SettingsDep, StorageDep
@@ -16,7 +18,7 @@ from api.job_submission import submit_job
 from api.pagination import newest_first
 from api.schemas.errors import error_responses
 from api.schemas.jobs import JOB_EXAMPLES, JobList, JobOut
-from common import job_states
+from common import job_states, previews
 from common.errors import NotFound
 from common.image_files import FORMATS, content_type_of
 from common.job_request import JobRequest
@@ -75,8 +77,9 @@ async def get_job(job_id: str, request: Request, store: JobStoreDep, key_hash: K
 
 
 @router.get("/{job_id}/events", response_class=StreamingResponse, responses={
-    200: {"description": "Server-Sent Events: `progress` ({status, step, total, queue_position, eta_s}) on each "
-                         "change, then `done` (the job object) and the end; a `: keep-alive` comment while nothing "
+    200: {"description": "Server-Sent Events: `progress` ({status, step, total, queue_position, eta_s}, and `preview`, "
+                         "a data: URL of a small JPEG, while a running job has one) on each change, then `done` (the "
+                         "job object) and the end; a `: keep-alive` comment while nothing "
                          "changes; `timeout` when the stream reached its longest (reconnect with Last-Event-ID)",
           "content": {"text/event-stream": {"schema": {
               "type": "object", "required": ["event", "data"],
@@ -106,8 +109,17 @@ async def job_event_stream(request: Request, store: JobStore, key_hash: str, job
     def render(job, place):
         return jsonable_encoder(job_out(request, storage, job, place))
 
-    return StreamingResponse(events.job_events(read, render, settings.api, last_event_id),
-                             media_type="text/event-stream", headers=events.HEADERS)
+    redis = aioredis.Redis.from_url(settings.redis.url, socket_connect_timeout=1, socket_timeout=1)
+
+    async def preview(job):
+        try:
+            return await previews.read(redis, job.id)
+        except aioredis.RedisError:  # a preview is a courtesy: the progress goes on without it
+            return None
+
+    return StreamingResponse(events.job_events(read, render, settings.api, last_event_id, preview),
+                             media_type="text/event-stream", headers=events.HEADERS,
+                             background=BackgroundTask(redis.aclose))
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut, responses=error_responses(404, 409, 413, 422))

@@ -104,3 +104,29 @@ def test_job_and_batch_streams_count_against_one_bound():
         event_streams.check_room(api)
         return event_streams._open
     assert asyncio.run(scenario()) == 0
+
+
+def test_a_running_jobs_preview_rides_with_its_progress_and_a_new_one_is_a_new_event():
+    """The preview is read only for a running job; a new preview (same progress step) is a new event."""
+    states = iter([(job("queued"), None)] + [(job("running", 2), None)] * 3 + [(job("succeeded", 4), None)])
+    previews = iter([(2, "data:image/jpeg;base64,AAAA"), (2, "data:image/jpeg;base64,AAAA"),
+                     (4, "data:image/jpeg;base64,BBBB")])
+    asked = []
+
+    async def read():
+        return next(states)
+
+    async def preview(j):
+        asked.append(j.status)
+        return next(previews)
+
+    async def collect():
+        return [c async for c in event_streams.job_events(read, lambda j, p: {"status": j.status}, FAST, None,
+                                                          preview)]
+
+    events = [c for c in asyncio.run(collect()) if c.startswith(b"event:")]
+    assert asked == ["running"] * 3  # never for the queued or the finished job
+    assert [e.split(b"\n")[1] for e in events] == [b"id: queued.0.4.-", b"id: running.2.4.-.p2",
+                                                   b"id: running.2.4.-.p4", b"id: succeeded.4.4.-"]
+    assert b'"preview":"data:image/jpeg;base64,AAAA"' in events[1] and b"BBBB" in events[2]
+    assert b"preview" not in events[0]

@@ -12,7 +12,7 @@ import uuid
 import pytest
 from fastapi.testclient import TestClient
 
-import api.routers.batches as batches_router
+import api.batch_submission as batch_submission
 from api.main import create_app
 from common.settings import get_settings, use_settings
 from tests.support import make_tenant
@@ -42,13 +42,13 @@ def s3(services):
 def reads(monkeypatch):
     """Every object the API reads for an input_url, as (bucket, key)."""
     seen: list[tuple[str, str]] = []
-    real = batches_router.download_tenant_object
+    real = batch_submission.download_tenant_object
 
     def recording(bucket, key, into, **kwargs):
         seen.append((bucket, key))
         return real(bucket, key, into, **kwargs)
 
-    monkeypatch.setattr(batches_router, "download_tenant_object", recording)
+    monkeypatch.setattr(batch_submission, "download_tenant_object", recording)
     return seen
 
 

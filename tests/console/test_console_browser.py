@@ -180,6 +180,11 @@ def test_cancel_a_job_from_its_page(console, worker, api_url, tenant, screenshot
     page = console
     job = ApiClient(api_url, tenant.key).submit({"prompt": "a long one", **SMALL, "steps": 200}).json()
     page.goto(f"/ui/jobs/{job['id']}")
+    # the stack makes previews (every 2 steps): the page shows the worker's sketch while the job runs
+    expect(page.locator("#job-preview")).to_have_attribute("src", re.compile(r"^data:image/jpeg;base64,"),
+                                                          timeout=60_000)
+    assert page.locator("#job-preview").is_visible()
+    screenshot(page, "job-running")
     page.get_by_role("button", name="Cancel").click()
     expect(page.locator("#job-status")).to_have_text("canceled", timeout=60_000)
     assert ApiClient(api_url, tenant.key).get(job["id"])["status"] == "canceled"

@@ -77,3 +77,28 @@ def test_a_waiting_job_times_out_unchanged_and_strangers_get_404(api_url, stack_
         cancel(session, job=get_job(session, job_id))
     done = read_stream(client, job_id)
     assert done[-1]["event"] == "done" and done[-1]["data"]["status"] == "canceled"
+
+
+def test_a_running_job_streams_previews_of_itself(client, worker, stack_env):
+    """The test stack turns previews on (every 2 steps): while the job runs, its progress carries a small JPEG
+    sketch the worker made from the latents (worker/pipeline/previews.py)."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    assert stack_env["LETTERPRESS_WORKER__PREVIEW_EVERY_STEPS"] == "2"
+    job_id = client.submit({**JOB, "steps": 40, "seed": 22}).json()["id"]
+    sketches, last = [], None
+    for _ in range(60):
+        got = [e for e in read_stream(client, job_id, last) if "event" in e]
+        sketches += [e["data"]["preview"] for e in got if e["event"] == "progress" and "preview" in e["data"]]
+        if got and got[-1]["event"] == "done":
+            break
+        ids = [e["id"] for e in got if "id" in e]
+        last = ids[-1] if ids else last
+    assert sketches, "no preview reached the stream while the job ran"
+    prefix = "data:image/jpeg;base64,"
+    assert all(s.startswith(prefix) for s in sketches)
+    with Image.open(io.BytesIO(base64.b64decode(sketches[-1][len(prefix):]))) as image:
+        assert image.format == "JPEG" and image.size == (32, 32)  # the latents' size: 1/8 of 256x256

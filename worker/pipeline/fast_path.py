@@ -81,6 +81,7 @@ from common.presets import UNGUIDED, needs_unconditional
 from common.prompt_tokens import chat_messages
 from worker.pipeline import remix
 from worker.pipeline.adapters import adapters_of
+from worker.pipeline.previews import PreviewRequest, StepPreviews
 from worker.pipeline.spec import (
     MAX_SEQUENCE_LENGTH,
     GenerationSpec,
@@ -356,6 +357,7 @@ def generate_batch(
     *,
     on_step: StepCallback | None = None,
     should_stop: StopCheck | None = None,
+    previews: PreviewRequest | None = None,
 ) -> list[list[Image.Image]]:
     """Generate every spec's images as one batch; returns one list of images per spec, in seed order.
 
@@ -368,7 +370,8 @@ def generate_batch(
     if len(keys) > 1:
         raise ValueError("specs in one batch must share size, steps, mu, std, guidance schedule and adapters")
     first = specs[0]
-    control = StepControl(first.steps_run, on_step, should_stop)
+    preview = StepPreviews(loaded.pipe, previews, width=first.width, height=first.height) if previews else None
+    control = StepControl(first.steps_run, on_step, should_stop, preview)
     control.check(0)
     adapters_of(loaded).activate(first.loras)  # before the text: a LoRA may wrap the text projection too
     texts = [text for spec in specs for text in [encode_text(loaded, spec.prompt_text)] * len(spec.seeds)]
@@ -417,7 +420,7 @@ def _denoise_and_decode(loaded: LoadedPipeline, spec: GenerationSpec, texts: lis
             neg_v = _transformer_pass(pipe.unconditional_transformer, latents, t_model, cond.uncond_rotary)
             velocity = weight * pos_v + (1.0 - weight) * neg_v
         latents = scheduler.step(-velocity, t, latents, return_dict=False)[0]
-        control.step_done(i + 1 - start)
+        control.step_done(i + 1 - start, latents)
     return decode_latents(pipe, latents, grid_h, grid_w)
 
 
@@ -434,16 +437,9 @@ def _attention_kernels(device: torch.device):
 
 
 def decode_latents(pipe: Ideogram4Pipeline, latents: torch.Tensor, grid_h: int, grid_w: int) -> list[Image.Image]:
-    """Packed latents to PIL images: the stock call's step 9 (VAE batch-norm denormalisation, unpatch, decode)."""
-    vae = pipe.vae
-    bn_mean = vae.bn.running_mean.view(1, 1, -1).to(device=latents.device, dtype=latents.dtype)
-    bn_std = torch.sqrt(vae.bn.running_var + vae.config.batch_norm_eps).view(1, 1, -1)
-    z = latents * bn_std.to(device=latents.device, dtype=latents.dtype) + bn_mean
-    patch = pipe.patch_size
-    channels = z.shape[-1] // (patch * patch)
-    z = z.view(z.shape[0], grid_h, grid_w, patch, patch, channels).permute(0, 5, 1, 3, 2, 4).contiguous()
-    z = z.view(z.shape[0], channels, grid_h * patch, grid_w * patch)
-    decoded = vae.decode(z.to(vae.dtype), return_dict=False)[0]
+    """Packed latents to PIL images (the stock call's step 9)."""
+    z = remix.unpacked_latents(pipe, latents, grid_h, grid_w)
+    decoded = pipe.vae.decode(z.to(pipe.vae.dtype), return_dict=False)[0]
     return pipe.image_processor.postprocess(decoded.float(), output_type="pil")
 
 

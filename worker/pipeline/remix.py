@@ -34,11 +34,29 @@ def input_pixels(data: bytes) -> Image.Image:
 
 
 def pack_latents(z: torch.Tensor, patch: int) -> torch.Tensor:
-    """(B, C, H, W) VAE latents to the transformer's (B, H/p * W/p, p * p * C) tokens: the inverse of the unpacking
-    in `fast_path.decode_latents`."""
+    """(B, C, H, W) VAE latents to the transformer's (B, H/p * W/p, p * p * C) tokens: the inverse of
+    `unpacked_latents`."""
     b, c, h, w = z.shape
     z = z.view(b, c, h // patch, patch, w // patch, patch).permute(0, 2, 4, 3, 5, 1)
     return z.reshape(b, (h // patch) * (w // patch), patch * patch * c)
+
+
+def _bn_stats(vae, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE batch-norm's per-channel mean and std over the packed channels, shaped (1, 1, C)."""
+    mean = vae.bn.running_mean.view(1, 1, -1).to(device=device, dtype=dtype)
+    std = torch.sqrt(vae.bn.running_var + vae.config.batch_norm_eps).view(1, 1, -1).to(device=device, dtype=dtype)
+    return mean, std
+
+
+def unpacked_latents(pipe: Ideogram4Pipeline, latents: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
+    """Packed, normalised latents to the VAE's (B, C, H/8, W/8): the stock call's step 9 up to the decode (VAE
+    batch-norm denormalisation, unpatch)."""
+    bn_mean, bn_std = _bn_stats(pipe.vae, latents.device, latents.dtype)
+    z = latents * bn_std + bn_mean
+    patch = pipe.patch_size
+    channels = z.shape[-1] // (patch * patch)
+    z = z.view(z.shape[0], grid_h, grid_w, patch, patch, channels).permute(0, 5, 1, 3, 2, 4).contiguous()
+    return z.view(z.shape[0], channels, grid_h * patch, grid_w * patch)
 
 
 @torch.no_grad()
@@ -49,9 +67,7 @@ def encode_image(pipe: Ideogram4Pipeline, image: Image.Image, width: int, height
     pixels = pipe.image_processor.preprocess(image, height=height, width=width, resize_mode="crop")
     z = vae.encode(pixels.to(device=device, dtype=vae.dtype)).latent_dist.mode().float()
     latents = pack_latents(z, pipe.patch_size)
-    bn_mean = vae.bn.running_mean.view(1, 1, -1).to(device=device, dtype=torch.float32)
-    bn_std = torch.sqrt(vae.bn.running_var + vae.config.batch_norm_eps).view(1, 1, -1).to(device=device,
-                                                                                          dtype=torch.float32)
+    bn_mean, bn_std = _bn_stats(vae, device, torch.float32)
     return (latents - bn_mean) / bn_std
 
 

@@ -16,6 +16,7 @@ from worker.pipeline.adapters import LoadedAdapters, adapters_of
 from worker.pipeline.fast_path import generate_batch, prepare_compiled
 from worker.pipeline.generation import generate
 from worker.pipeline.loading import LoadedPipeline, default_model_id, load_pipeline
+from worker.pipeline.previews import PreviewRequest
 
 log = logging.getLogger(__name__)
 
@@ -87,20 +88,22 @@ class PipelineRunner:
             log.error("%s; serving jobs without adapters only", adapters.unavailable)
 
     def run(self, spec, *, on_step: Callable[[int, int], None] | None = None,
-            should_stop: Callable[[], bool] | None = None) -> list[Image.Image]:
+            should_stop: Callable[[], bool] | None = None,
+            previews: PreviewRequest | None = None) -> list[Image.Image]:
         if self.loaded is None:
             self.load()
         with _adapter_metrics(adapters_of(self.loaded)):
             return generate(self.loaded, spec, fast=self.settings.model.fast_path, on_step=on_step,
-                            should_stop=should_stop)
+                            should_stop=should_stop, previews=previews)
 
     def run_batch(self, specs, *, on_step: Callable[[int, int], None] | None = None,
-                  should_stop: Callable[[], bool] | None = None) -> list[list[Image.Image]]:
+                  should_stop: Callable[[], bool] | None = None,
+                  previews: PreviewRequest | None = None) -> list[list[Image.Image]]:
         """Several jobs' specs (one `co_batch_key`) as one fast-path call; one list of images per spec."""
         if self.loaded is None:
             self.load()
         with _adapter_metrics(adapters_of(self.loaded)):
-            return generate_batch(self.loaded, specs, on_step=on_step, should_stop=should_stop)
+            return generate_batch(self.loaded, specs, on_step=on_step, should_stop=should_stop, previews=previews)
 
 
 @contextmanager

@@ -86,20 +86,25 @@ class GenerationInterrupted(Exception):
 class StepControl:
     """Progress reporting and cooperative stopping at step boundaries, shared by both paths."""
 
-    def __init__(self, total: int, on_step: StepCallback | None = None, should_stop: StopCheck | None = None):
+    def __init__(self, total: int, on_step: StepCallback | None = None, should_stop: StopCheck | None = None,
+                 preview: Callable[[int, int, torch.Tensor], None] | None = None):
         self.total = total
         self._on_step = on_step
         self._should_stop = should_stop
+        self._preview = preview  # worker.pipeline.previews.StepPreviews, when previews were asked for
 
     def check(self, done: int) -> None:
         """Raise `GenerationInterrupted` if the caller wants the generation stopped."""
         if self._should_stop is not None and self._should_stop():
             raise GenerationInterrupted(done, self.total)
 
-    def step_done(self, done: int) -> None:
-        """Step `done` (1-based) finished: report it, then honour a stop request."""
+    def step_done(self, done: int, latents: torch.Tensor | None = None) -> None:
+        """Step `done` (1-based) finished with these latents: report it (and a preview, when due), then honour a
+        stop request."""
         if self._on_step is not None:
             self._on_step(done, self.total)
+        if self._preview is not None and latents is not None:
+            self._preview(done, self.total, latents)
         self.check(done)
 
 

@@ -35,7 +35,7 @@ def stock_call_kwargs(loaded: LoadedPipeline, spec: GenerationSpec) -> dict[str,
 def generate_stock(loaded: LoadedPipeline, spec: GenerationSpec, control: StepControl) -> list[Image.Image]:
     def on_step_end(pipe, step_index, timestep, callback_kwargs):
         # Raising here leaves the stock loop at once: the pipeline has no cheaper way to stop early.
-        control.step_done(step_index + 1)
+        control.step_done(step_index + 1, callback_kwargs.get("latents"))
         return callback_kwargs
 
     with torch.no_grad():

@@ -25,6 +25,11 @@ function followJob(section) {
     const place = p.queue_position === null ? "—" : String(p.queue_position);
     setText("job-position", p.eta_s === null ? place : `${place} (about ${Math.round(p.eta_s)} s)`);
     setText("job-live", p.status === "running" ? `step ${p.step} of ${p.total}` : p.status);
+    const preview = document.getElementById("job-preview");
+    if (preview && typeof p.preview === "string" && p.preview.startsWith("data:image/jpeg;base64,")) {
+      preview.src = p.preview;  // a data: URL of the worker's sketch (the page's policy allows data: images)
+      preview.hidden = false;
+    }
   });
 }
 
