@@ -13,8 +13,8 @@ A plan is a weight variant and where the Qwen3-VL text encoder lives:
 - `offload`: its repeated blocks in CPU memory, copied onto the GPU one block at a time while a prompt is encoded
   (worker.pipeline.loading.TextEncoderOffload); a cached prompt costs nothing, a new one pays the copy.
 
-`choose` picks the fastest variant (`SPEED_ORDER`: fp8 only on compute capability 8.9 or newer) whose measured
-need (the smallest memory cap it ran under, plus `HEADROOM_BYTES`) fits the device at the largest image the worker
+`choose` picks the fastest exact variant (`AUTO_ORDER`: fp8 is approximate, so `auto` never picks it; it stays
+an explicit choice, issue 15) whose measured need (the smallest memory cap it ran under, plus `HEADROOM_BYTES`) fits the device at the largest image the worker
 may be sent, resident before offloaded. `placement_for` answers the same for one variant (an explicit
 `LETTERPRESS_MODEL__VARIANT`). Why the caps and not the peaks: see `Peak`.
 """
@@ -30,6 +30,8 @@ HEADROOM_BYTES = 1 * GIB
 # nf4 0.434 eager, the bench does not compile it); bf16 and nf4-dequant run at one speed, bf16 keeps the
 # checkpoint's exact numbers.
 SPEED_ORDER = ("fp8", "bf16", "nf4-dequant", "nf4")
+APPROXIMATE = frozenset({"fp8"})  # changes the checkpoint's numbers: only when asked for by name
+AUTO_ORDER = tuple(v for v in SPEED_ORDER if v not in APPROXIMATE)
 PLACEMENTS = ("resident", "offload")  # preferred first: offload pays a copy for each new prompt
 FP8_MIN_CAPABILITY = (8, 9)
 
@@ -120,10 +122,11 @@ def placement_for(variant: str, total_memory: int, max_pixels: int) -> MemoryPla
     return None
 
 
-def variants_for(capability: tuple[int, int] | None) -> tuple[str, ...]:
-    """The table's variants a GPU of this compute capability runs, fastest first (fp8 needs fp8 tensor cores)."""
-    fp8_ok = capability is not None and tuple(capability) >= FP8_MIN_CAPABILITY
-    return tuple(v for v in SPEED_ORDER if v != "fp8" or fp8_ok)
+def variants_for(capability: tuple[int, int] | None, *, approximate: bool = False) -> tuple[str, ...]:
+    """The table's variants `auto` may pick on a GPU of this compute capability, fastest first: the exact ones, and
+    with `approximate` also fp8 where the GPU has fp8 tensor cores."""
+    fp8_ok = approximate and capability is not None and tuple(capability) >= FP8_MIN_CAPABILITY
+    return tuple(v for v in SPEED_ORDER if v not in APPROXIMATE or fp8_ok)
 
 
 def choose(total_memory: int, capability: tuple[int, int] | None, max_pixels: int) -> MemoryPlan | None:

@@ -31,24 +31,24 @@ def gpu(gb: float, capability: tuple[int, int], name: str = "test GPU") -> Devic
 AUTO = [
     (24, AMPERE, PX_1024, ("nf4", "resident")),
     (24, AMPERE, PX_2048, None),
-    (24, HOPPER, PX_1024, ("nf4", "resident")),  # fp8 offloaded needs 25.9 GiB
+    (24, HOPPER, PX_1024, ("nf4", "resident")),  # auto never picks the approximate fp8
     (24, HOPPER, PX_2048, None),
     (40, AMPERE, PX_1024, ("nf4", "resident")),  # dense transformers alone are 34.6 GiB
     (40, AMPERE, PX_2048, ("nf4", "resident")),
-    (40, HOPPER, PX_1024, ("fp8", "offload")),
-    (40, HOPPER, PX_2048, ("fp8", "offload")),
+    (40, HOPPER, PX_1024, ("nf4", "resident")),
+    (40, HOPPER, PX_2048, ("nf4", "resident")),
     (48, AMPERE, PX_1024, ("bf16", "offload")),
     (48, AMPERE, PX_2048, ("nf4", "resident")),
-    (48, HOPPER, PX_1024, ("fp8", "resident")),
-    (48, HOPPER, PX_2048, ("fp8", "resident")),
+    (48, HOPPER, PX_1024, ("bf16", "offload")),
+    (48, HOPPER, PX_2048, ("nf4", "resident")),
     (80, AMPERE, PX_1024, ("bf16", "resident")),
     (80, AMPERE, PX_2048, ("bf16", "resident")),
-    (80, HOPPER, PX_1024, ("fp8", "resident")),
-    (80, HOPPER, PX_2048, ("fp8", "resident")),
+    (80, HOPPER, PX_1024, ("bf16", "resident")),
+    (80, HOPPER, PX_2048, ("bf16", "resident")),
     (141, AMPERE, PX_1024, ("bf16", "resident")),
     (141, AMPERE, PX_2048, ("bf16", "resident")),
-    (141, HOPPER, PX_1024, ("fp8", "resident")),
-    (141, HOPPER, PX_2048, ("fp8", "resident")),
+    (141, HOPPER, PX_1024, ("bf16", "resident")),
+    (141, HOPPER, PX_2048, ("bf16", "resident")),
 ]
 
 
@@ -111,8 +111,8 @@ def test_explicit_variant_gets_the_placement_that_fits(requested, device, pixels
         ("fp8", gpu(24, (8, 9), "NVIDIA L4"), PX_1024,
          ["variant fp8 does not fit NVIDIA L4", "LETTERPRESS_MODEL__VARIANT=nf4"]),
         ("nf4-dequant", gpu(40, HOPPER), PX_2048,
-         ["variant nf4-dequant does not fit", "variant fp8 with the text encoder offloaded",
-          "LETTERPRESS_MODEL__VARIANT=fp8"]),
+         ["variant nf4-dequant does not fit", "variant nf4 with the text encoder resident",
+          "LETTERPRESS_MODEL__VARIANT=nf4"]),  # what auto would take: never the approximate fp8
         ("nf4", gpu(24, AMPERE), PX_2048, ["variant nf4 does not fit", "no measured memory plan fits"]),
     ],
 )
@@ -138,7 +138,9 @@ def test_sizes_between_measured_ones_use_the_larger_row_and_beyond_them_auto_ref
 def test_fp8_only_where_fp8_tensor_cores_are():
     assert memory_plans.variants_for((8, 0)) == ("bf16", "nf4-dequant", "nf4")
     assert memory_plans.variants_for((8, 6))[0] == "bf16"
-    assert memory_plans.variants_for((8, 9))[0] == "fp8"  # Ada: L4, L40S, RTX 4090
+    assert memory_plans.variants_for((8, 9))[0] == "bf16"  # auto: exact variants only
+    assert memory_plans.variants_for((8, 9), approximate=True)[0] == "fp8"  # Ada: L4, L40S, RTX 4090
+    assert memory_plans.variants_for((8, 0), approximate=True)[0] == "bf16"  # no fp8 tensor cores
     assert memory_plans.variants_for(None)[0] == "bf16"
     with pytest.raises(ModelConfigError, match="sm_86"):
         resolve_plan("fp8", gpu(141, (8, 6), "NVIDIA RTX A6000"), max_pixels=PX_1024)
