@@ -6,13 +6,14 @@
     python -m worker.bench adapters [options]     # what a LoRA adapter costs (worker.bench.adapters)
     python -m worker.bench magic-prompt [options] # what the prompt enhancer costs (worker.bench.magic_prompt)
     python -m worker.bench memory-plans [options] # peak memory of every memory plan (worker.bench.memory_plans)
+    python -m worker.bench previews [options]     # what a preview costs a generation (worker.bench.previews)
 """
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
 
-from worker.bench import adapters, e2e, magic_prompt, memory_plans, paths, profile
+from worker.bench import adapters, e2e, magic_prompt, memory_plans, paths, previews, profile
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -25,6 +26,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return magic_prompt.main(argv[1:])
     if argv[:1] == ["memory-plans"]:  # `letterpress bench memory-plans ...`: peak memory of each plan
         return memory_plans.main(argv[1:])
+    if argv[:1] == ["previews"]:  # `letterpress bench previews ...`: seconds a preview adds
+        return previews.main(argv[1:])
     if argv[:1] == ["profile"]:  # `letterpress bench profile ...`: where a step's time goes
         return profile.main(argv[1:])
     return paths.main(argv)
