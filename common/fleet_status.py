@@ -30,7 +30,8 @@ def fleet_status(settings: Settings) -> dict[str, Any]:
             snapshot = queue_snapshot(session)
             throughput = recent_worker_throughput(session, window_s=THROUGHPUT_WINDOW_S)
             usage = batch_usage(session, [b.id for b in snapshot.batches], settings.pricing)
-        out["queues"] = {q: {"waiting": c.waiting, "running": c.running, "oldest_waiting_s": round(c.oldest_waiting_s, 1)}
+        out["queues"] = {q: {"waiting": c.waiting, "running": c.running,
+                             "oldest_waiting_s": round(c.oldest_waiting_s, 1)}
                          for q, c in snapshot.queues.items()}
         out["batches"] = [{"id": str(b.id), "tenant": b.tenant, "total": b.total, "finished": b.finished,
                            "remaining": b.remaining, "images_per_min": _round(b.images_per_min),

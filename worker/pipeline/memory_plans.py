@@ -13,10 +13,10 @@ A plan is a weight variant and where the Qwen3-VL text encoder lives:
 - `offload`: its repeated blocks in CPU memory, copied onto the GPU one block at a time while a prompt is encoded
   (worker.pipeline.loading.TextEncoderOffload); a cached prompt costs nothing, a new one pays the copy.
 
-`choose` picks the fastest exact variant (`AUTO_ORDER`: fp8 is approximate, so `auto` never picks it; it stays
-an explicit choice, issue 15) whose measured need (the smallest memory cap it ran under, plus `HEADROOM_BYTES`) fits the device at the largest image the worker
-may be sent, resident before offloaded. `placement_for` answers the same for one variant (an explicit
-`LETTERPRESS_MODEL__VARIANT`). Why the caps and not the peaks: see `Peak`.
+`choose` picks the fastest exact variant (`variants_for`: fp8 is approximate, so `auto` never picks it; it stays an
+explicit choice, issue 15) whose measured need (the smallest memory cap it ran under, plus `HEADROOM_BYTES`) fits
+the device at the largest image the worker may be sent, resident before offloaded. `placement_for` answers the same
+for one variant (an explicit `LETTERPRESS_MODEL__VARIANT`). Why the caps and not the peaks: see `Peak`.
 """
 from __future__ import annotations
 
@@ -31,7 +31,6 @@ HEADROOM_BYTES = 1 * GIB
 # checkpoint's exact numbers.
 SPEED_ORDER = ("fp8", "bf16", "nf4-dequant", "nf4")
 APPROXIMATE = frozenset({"fp8"})  # changes the checkpoint's numbers: only when asked for by name
-AUTO_ORDER = tuple(v for v in SPEED_ORDER if v not in APPROXIMATE)
 PLACEMENTS = ("resident", "offload")  # preferred first: offload pays a copy for each new prompt
 FP8_MIN_CAPABILITY = (8, 9)
 
