@@ -28,7 +28,7 @@ from pathlib import Path
 import redis as redis_lib
 from sqlalchemy.exc import SQLAlchemyError
 
-from common import job_states, result_cache
+from common import job_states, result_cache, thumbnails
 from common import previews as preview_store
 from common.db import session_scope
 from common.dispatch import dispatch
@@ -554,6 +554,7 @@ def _store(claim: job_states.Claim, ctx: AttemptContext, index: int, seed: int, 
                         fmt.name, params.get("output_quality"))
     key = image_key(ctx.storage.prefix, claim.tenant_id, claim.job_id, index, fmt.extension)
     ctx.storage.put(key, data, fmt.content_type)
+    thumbnails.store_for(ctx.storage, key, image, ctx.settings.console.thumbnail_px)  # the console's gallery
     return job_states.StoredImage(index=index, seed=seed, key=key, sha256=sha256_hex(data), width=image.width,
                                   height=image.height, size_bytes=len(data))
 

@@ -1,7 +1,8 @@
 """The gallery: the tenant's images, newest first, a page at a time (cursor pagination, api/pagination.py) with
 filters: status, preset, dates, batch, and text in the prompt. The page's script fetches the next page as a
 fragment (`?fragment=1`) when the end of the grid scrolls into view; without a script, "More" is a plain link.
-Thumbnails come from api/console/thumbnails.py (made once, kept in storage)."""
+Thumbnails come from common/thumbnails.py (written by the worker with the image; made once on first view for
+an image without one)."""
 from __future__ import annotations
 
 import uuid

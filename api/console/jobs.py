@@ -11,13 +11,13 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.responses import FileResponse, RedirectResponse, Response, StreamingResponse
 from sqlalchemy import select
 
-from api.console import job_form, thumbnails
+from api.console import job_form
 from api.console.auth import ConsoleRoute, CurrentUser, submitted_form
 from api.console.rendering import render
 from api.deps import JobStoreDep, SessionDep, SettingsDep, StorageDep
 from api.job_submission import submit_job
 from api.routers.jobs import job_event_stream, job_out
-from common import job_states
+from common import job_states, thumbnails
 from common.broker import priority_of
 from common.errors import LetterpressError, NotFound
 from common.image_files import content_type_of

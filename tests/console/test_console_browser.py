@@ -196,6 +196,7 @@ def _seed_gallery(tenant_id: uuid.UUID, count: int) -> list[str]:
     """`count` finished jobs with one small PNG each in the stack's S3, as a worker would have left them."""
     from sqlalchemy import func, select
 
+    from common import thumbnails
     from common.db import session_scope
     from common.image_files import sha256_hex
     from common.job_states import new_job_values
@@ -217,10 +218,12 @@ def _seed_gallery(tenant_id: uuid.UUID, count: int) -> list[str]:
             session.add(job)
             session.flush()
             out = io.BytesIO()
-            Image.new("RGB", (256, 256), ((i * 37) % 256, (i * 91) % 256, 160)).save(out, format="PNG")
+            image = Image.new("RGB", (256, 256), ((i * 37) % 256, (i * 91) % 256, 160))
+            image.save(out, format="PNG")
             data = out.getvalue()
             key = image_key(storage.prefix, tenant_id, job.id, 0)
             storage.put(key, data)
+            thumbnails.store_for(storage, key, image, settings.console.thumbnail_px)  # as the worker does
             session.add(JobImage(job_id=job.id, index=0, seed=i, key=key, sha256=sha256_hex(data), width=256,
                                  height=256, size_bytes=len(data)))
             ids.append(str(job.id))
@@ -248,7 +251,7 @@ def test_gallery_filters_and_scrolls_through_200_images(browser, api_url, screen
     sign_in(page, tenant.key)
     started = time.monotonic()
     page.goto("/ui/gallery")
-    first_screen_s = first_screen_shown(page, started)  # thumbnails made on this first view
+    first_screen_s = first_screen_shown(page, started)  # a fresh browser: every thumbnail read from storage
     assert page.locator(".tile").count() == 48
     assert "seeded poster 199" in page.locator(".tile .caption").first.inner_text()  # newest first
     screenshot(page, "gallery", full_page=False)
@@ -259,7 +262,7 @@ def test_gallery_filters_and_scrolls_through_200_images(browser, api_url, screen
         page.locator("a.more").scroll_into_view_if_needed()
         expect(page.locator(".tile")).not_to_have_count(page.locator(".tile").count())
     assert page.locator(".tile").count() == 200 and page.locator("a.more").count() == 0
-    # the second view reads thumbnails already made (kept in storage, not resized again)
+    # the second view: the browser's cache too
     started = time.monotonic()
     page.goto("/ui/gallery")
     warm_first_screen_s = first_screen_shown(page, started)
@@ -275,7 +278,7 @@ def test_gallery_filters_and_scrolls_through_200_images(browser, api_url, screen
     assert page.locator(".tile").count() == 0
     response = page.goto("/ui/gallery?since=not-a-date")
     assert response.status == 422 and "since must be a date" in page.get_by_role("alert").inner_text()
-    timings = {"first_screen_cold_s": round(first_screen_s, 3), "first_screen_warm_s": round(warm_first_screen_s, 3)}
+    timings = {"first_screen_s": round(first_screen_s, 3), "first_screen_again_s": round(warm_first_screen_s, 3)}
     (ARTIFACTS / "gallery-timings.json").write_text(json.dumps(timings))
     print("gallery first screen:", timings)
     context.close()

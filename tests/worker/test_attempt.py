@@ -6,6 +6,7 @@ Each test's jobs sit in a queue of their own, so a requeue's Celery message can 
 else (a stack worker, another test) ever sees them."""
 from __future__ import annotations
 
+import base64
 import io
 import time
 import uuid
@@ -38,8 +39,8 @@ def fake_image(spec, seed: int) -> Image.Image:
 
 
 class FakeRunner:
-    """The runner's interface: `run(spec, on_step, should_stop)`, `run_batch(specs, ...)`, `model_id`, `revision`,
-    `variant`.
+    """The runner's interface: `run(spec, on_step, should_stop, previews)`, `run_batch(specs, ...)`, `model_id`,
+    `revision`, `variant`. A preview (when asked for) is a fake JPEG naming its step and image row.
     Checks `should_stop` at every step boundary as the real generation does. `at_step(step)` runs test code inside
     the generation; with `wait_for_stop` the runner then keeps "generating" until told to stop."""
 
@@ -54,7 +55,7 @@ class FakeRunner:
         self.batches: list = []
         self.steps: list[tuple[int, int]] = []
 
-    def _steps(self, spec, on_step, should_stop):
+    def _steps(self, spec, on_step, should_stop, previews=None, rows: int = 1):
         for step in range(1, spec.steps + 1):
             if should_stop and should_stop():
                 raise GenerationInterrupted(step - 1, spec.steps)
@@ -70,19 +71,21 @@ class FakeRunner:
             self.steps.append((step, spec.steps))
             if on_step:
                 on_step(step, spec.steps)
+            if previews is not None and step % previews.every == 0 and step < spec.steps:
+                previews.deliver(step, [f"jpeg {step} row {row}".encode() for row in range(rows)])
 
-    def run(self, spec, *, on_step=None, should_stop=None):
+    def run(self, spec, *, on_step=None, should_stop=None, previews=None):
         self.runs.append(spec)
-        self._steps(spec, on_step, should_stop)
+        self._steps(spec, on_step, should_stop, previews, len(spec.seeds))
         if self.fail is not None:
             raise self.fail
         return [fake_image(spec, seed) for seed in spec.seeds]
 
-    def run_batch(self, specs, *, on_step=None, should_stop=None):
+    def run_batch(self, specs, *, on_step=None, should_stop=None, previews=None):
         self.batches.append(list(specs))
         if self.fail_batch is not None:
             raise self.fail_batch
-        self._steps(specs[0], on_step, should_stop)
+        self._steps(specs[0], on_step, should_stop, previews, sum(len(spec.seeds) for spec in specs))
         return [[fake_image(spec, seed) for seed in spec.seeds] for spec in specs]
 
 
@@ -158,6 +161,30 @@ def test_success_stores_pngs_at_deterministic_keys_and_completes(env):
         assert recipe["prompt"] == "a sign that says OPEN" and recipe["steps"] == 3
         assert np.array_equal(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")),
                               np.asarray(fake_image(runner.runs[0], seed)))
+
+
+def test_previews_land_in_each_jobs_slot_from_its_first_image_row(env):
+    """The test stack asks for a preview every 2 steps: each job's slot (common/previews.py) holds its own row."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from common import previews
+
+    settings, tenant, queue, _ = env
+    assert settings.worker.preview_every_steps == 2
+    job_id = new_job(tenant, queue, seed=11, num_images=2)
+    assert run_attempt(job_id, make_ctx(settings, FakeRunner())) == "succeeded"
+
+    async def read():
+        client = aioredis.Redis.from_url(settings.redis.url)
+        try:
+            return await previews.read(client, job_id)
+        finally:
+            await client.aclose()
+
+    step, url = asyncio.run(read())
+    assert step == 2 and base64.b64decode(url.split(",", 1)[1]) == b"jpeg 2 row 0"
 
 
 def test_overlapped_finish_returns_finishing_then_completes_on_the_finisher(env):

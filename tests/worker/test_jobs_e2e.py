@@ -52,6 +52,9 @@ def test_job_succeeds_and_png_in_s3_decodes_with_recipe(client, worker, services
             assert im.format == "PNG" and im.size == (320, 256)
         recipe = read_recipe(data)
         assert recipe["prompt"] == JOB["prompt"] and recipe["seed"] == image["seed"]
+        # the console's thumbnail, written beside the image by the worker (common/thumbnails.py)
+        with Image.open(io.BytesIO(s3_get(services, image["key"][:-len(".png")] + ".thumb.webp"))) as thumb:
+            assert thumb.format == "WEBP" and thumb.size == (320, 256)  # already under 384 px: kept as it is
         assert recipe["preset"] == "V4_TURBO_12" and (recipe["width"], recipe["height"]) == (320, 256)
         assert recipe["model"] == str(tiny_model)
         # the presigned URL serves the same bytes
