@@ -88,14 +88,26 @@ def request_from_form(form: FormData) -> JobRequest:
 def request_from_job(params: dict[str, Any], *, new_seed: bool, priority: str) -> JobRequest:
     """The request that makes this job again: the same recipe (prompt or caption, preset, size, steps,
     guidance, adapters by name, remix input) with its seed, or with a new one the server picks."""
-    body: dict[str, Any] = {k: params[k] for k in ("prompt", "caption", "preset", "width", "height", "steps",
+    body: dict[str, Any] = {k: params[k] for k in ("caption", "preset", "width", "height", "steps",
                                                    "guidance_scale", "num_images", "output_format", "output_quality",
                                                    "strength") if params.get(k) is not None}
+    if "caption" not in body:  # a magic prompt's job stores the caption it rendered: that, not the prompt, again
+        body["prompt"] = params["prompt"]
     if not new_seed:
         body["seed"] = params["seed"]
     if params.get("loras"):
         body["loras"] = [{"name": lora["name"], "scale": lora["scale"]} for lora in params["loras"]]
     if image := params.get("image"):
-        body["image"] = f"upload:{image['sha256']}"  # stored in the tenant's inputs when it was first used
+        body["image"] = _image_reference(image)
     body["priority"] = priority
     return JobRequest.model_validate(body)
+
+
+def _image_reference(image: dict[str, Any]) -> str | dict[str, Any]:
+    """A remix input as a new request names it: an upload (kept under the tenant's `inputs/` by content) by its
+    sha256, an earlier image by its job and index (its key is `.../<job id>/<index>.<ext>`)."""
+    key = image["key"]
+    if "/inputs/" in f"/{key}":
+        return f"upload:{image['sha256']}"
+    job_id, name = key.rsplit("/", 2)[-2:]
+    return {"job_id": job_id, "index": int(name.split(".", 1)[0])}
