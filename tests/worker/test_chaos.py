@@ -35,6 +35,7 @@ import httpx
 import pytest
 from sqlalchemy import text
 
+from common.thumbnails import thumbnail_key
 from tests.support import wait_until
 from tests.worker.conftest import make_own_stack
 
@@ -388,7 +389,8 @@ def test_chaos(chaos_stack, tiny_model):
                       aws_access_key_id="test", aws_secret_access_key="test")
     keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=stack.bucket)
             for o in page.get("Contents", [])]
-    assert sorted(keys) == sorted(i.key for i in images)
+    # (each image and its console thumbnail beside it, common/thumbnails.py)
+    assert sorted(keys) == sorted([i.key for i in images] + [thumbnail_key(i.key) for i in images])
     for image in rng.sample(images, 20):
         body = s3.get_object(Bucket=stack.bucket, Key=image.key)["Body"].read()
         assert hashlib.sha256(body).hexdigest() == image.sha256
