@@ -141,15 +141,10 @@ def get_batch(batch_id: str, request: Request, session: SessionDep, tenant: Curr
 
 
 @router.get("/{batch_id}/events", response_class=StreamingResponse, responses={
-    200: {"description": "Server-Sent Events: `progress` ({status, request_counts, items_per_min, eta_s}) on each "
+    200: events.openapi_200("Server-Sent Events: `progress` ({status, request_counts, items_per_min, eta_s}) on each "
                          "change of the status or counts, then `done` (the batch object) and the end; a "
                          "`: keep-alive` comment while nothing changes; `timeout` when the stream reached its "
-                         "longest (reconnect with Last-Event-ID)",
-          "content": {"text/event-stream": {"schema": {
-              "type": "object", "required": ["event", "data"],
-              "properties": {"event": {"type": "string", "enum": ["progress", "done", "timeout"]},
-                             "id": {"type": "string"},
-                             "data": {"type": "string", "contentMediaType": "application/json"}}}}}},
+                         "longest (reconnect with Last-Event-ID)"),
     **error_responses(404, 422, 429)})
 async def batch_events(batch_id: str, request: Request, key_hash: KeyHash, settings: SettingsDep,
                        last_event_id: Annotated[str | None, Header(max_length=200)] = None) -> StreamingResponse:

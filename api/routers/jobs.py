@@ -77,15 +77,10 @@ async def get_job(job_id: str, request: Request, store: JobStoreDep, key_hash: K
 
 
 @router.get("/{job_id}/events", response_class=StreamingResponse, responses={
-    200: {"description": "Server-Sent Events: `progress` ({status, step, total, queue_position, eta_s}, and `preview`, "
+    200: events.openapi_200("Server-Sent Events: `progress` ({status, step, total, queue_position, eta_s}, and `preview`, "
                          "a data: URL of a small JPEG, while a running job has one) on each change, then `done` (the "
                          "job object) and the end; a `: keep-alive` comment while nothing "
-                         "changes; `timeout` when the stream reached its longest (reconnect with Last-Event-ID)",
-          "content": {"text/event-stream": {"schema": {
-              "type": "object", "required": ["event", "data"],
-              "properties": {"event": {"type": "string", "enum": ["progress", "done", "timeout"]},
-                             "id": {"type": "string"},
-                             "data": {"type": "string", "contentMediaType": "application/json"}}}}}},
+                         "changes; `timeout` when the stream reached its longest (reconnect with Last-Event-ID)"),
     **error_responses(404, 422, 429)})
 async def job_events(job_id: str, request: Request, store: JobStoreDep, key_hash: KeyHash, storage: StorageDep,
                      settings: SettingsDep,
