@@ -77,7 +77,8 @@ async def get_job(job_id: str, request: Request, store: JobStoreDep, key_hash: K
 
 
 @router.get("/{job_id}/events", response_class=StreamingResponse, responses={
-    200: events.openapi_200("Server-Sent Events: `progress` ({status, step, total, queue_position, eta_s}, and `preview`, "
+    200: events.openapi_200("Server-Sent Events: `progress` ({status, step, total, queue_position, eta_s}, and "
+                         "`preview`, "
                          "a data: URL of a small JPEG, while a running job has one) on each change, then `done` (the "
                          "job object) and the end; a `: keep-alive` comment while nothing "
                          "changes; `timeout` when the stream reached its longest (reconnect with Last-Event-ID)"),
