@@ -484,22 +484,24 @@ class Bench:
 
     def _batch_rows(self, weights: str, loaded, ntok: int) -> None:
         """Batches of different prompts (different lengths: the padded, masked path), as dynamic batching of
-        different jobs would run them; batch 1 is the same prompt alone."""
-        path = "compile" if getattr(loaded.pipe, "_letterpress_compiled", False) else "fast"
-        for size in self.args.batch_res:
-            for batch in self.args.batch_sizes:
-                prompts = [self.args.prompt + _BATCH_SUFFIXES[i % len(_BATCH_SUFFIXES)] for i in range(batch)]
-                counts = [token_count(loaded, p) for p in prompts]
-                from worker.pipeline.fast_path import padded_text_length
+        different jobs would run them; batch 1 is the same prompt alone. With `--cfg-free`, the same batches again
+        at guidance 1.0 (V4_FAST_20: one transformer pass a step, so a small image fills less of the GPU)."""
+        from worker.pipeline.fast_path import padded_text_length
 
-                tokens = padded_text_length(counts)
-                steps = self.args.steps_for(size)
-                fn = lambda n, prompts=prompts, size=size: run_fast(
-                    loaded, [make_spec(p, size, n, (self.args.seed + i,)) for i, p in enumerate(prompts)])
-                row = self._row(weights, path, size, batch, steps, fn, tokens=tokens, prompt_tokens=counts,
-                                stock_flops=False)
-                row["kind"] = "batching"
-                self._record(row)
+        base = "compile" if getattr(loaded.pipe, "_letterpress_compiled", False) else "fast"
+        kinds = [(base, "V4_QUALITY_48", 2)] + ([(f"{base}+cfg-free", "V4_FAST_20", 1)] if self.args.cfg_free else [])
+        for path, preset, passes in kinds:
+            for size in self.args.batch_res:
+                for batch in self.args.batch_sizes:
+                    prompts = [self.args.prompt + _BATCH_SUFFIXES[i % len(_BATCH_SUFFIXES)] for i in range(batch)]
+                    counts = [token_count(loaded, p) for p in prompts]
+                    steps = self.args.steps_for(size)
+                    fn = lambda n, prompts=prompts, size=size, preset=preset: run_fast(loaded, [
+                        make_spec(p, size, n, (self.args.seed + i,), preset=preset) for i, p in enumerate(prompts)])
+                    row = self._row(weights, path, size, batch, steps, fn, tokens=padded_text_length(counts),
+                                    prompt_tokens=counts, stock_flops=False, passes=passes)
+                    row["kind"] = "batching"
+                    self._record(row)
 
     def _equivalence(self, weights: str, loaded, ntok: int, paths: list[str]) -> None:
         """Images at a full preset's steps: stock vs stock-tight vs fast (vs compiled)."""
