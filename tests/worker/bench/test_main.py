@@ -10,6 +10,7 @@ from worker.bench.__main__ import main
     (["--help"], "usage: letterpress bench ", "--e2e-only"),
     (["profile", "--help"], "usage: letterpress bench profile ", "--fused"),
     (["e2e-worker", "--help"], "usage: bench e2e-worker ", "--random-real"),
+    (["matmuls", "--help"], "usage: letterpress bench matmuls ", "--no-linears"),
 ])
 def test_dispatch(capsys, argv, prog, option):
     with pytest.raises(SystemExit) as exit_info:
@@ -17,3 +18,9 @@ def test_dispatch(capsys, argv, prog, option):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith(prog) and option in out
+
+
+def test_matmuls_says_it_needs_cuda(capsys):
+    """The matmul rates are a GPU measurement: on a CPU machine the command refuses with a reason, not a table."""
+    assert main(["matmuls"]) == 2
+    assert "needs CUDA" in capsys.readouterr().err

@@ -35,7 +35,7 @@ def test_tiny_bench_writes_every_row_with_sane_fields(tmp_path):
     assert not [r for r in rows if "error" in r], [r.get("error") for r in rows]
     names = [(r["name"], r["batch"]) for r in rows]
     assert names == [("fp32 stock", 1), ("fp32 stock-tight", 1), ("fp32 fast", 1), ("fp32 fast+cfg-free", 1),
-                     ("fp32 fast", 1), ("fp32 fast", 2)]
+                     ("fp32 fast", 1), ("fp32 fast", 2), ("fp32 fast+cfg-free", 1), ("fp32 fast+cfg-free", 2)]
     for r in rows:
         assert r["s_step"] > 0 and r["fixed_s"] >= 0 and r["steps_timed"] == 3
         for preset, ipm in r["img_per_min"].items():  # the cost columns follow from the measured rate
@@ -55,6 +55,8 @@ def test_tiny_bench_writes_every_row_with_sane_fields(tmp_path):
     cfg_free = rows[3]
     assert cfg_free["path"] == "fast+cfg-free" and cfg_free["tflop_step"] < fast["tflop_step"]  # one pass (tiny: text-bound)
     assert rows[5]["prompt_tokens"][0] != rows[5]["prompt_tokens"][1]  # a mixed-length batch: the masked path
+    # --cfg-free: the batching rows again at guidance 1.0, one pass a step
+    assert rows[7]["kind"] == "batching" and rows[7]["tflop_step"] < rows[5]["tflop_step"]
     equivalence = {e["path"]: e for e in result["equivalence"]}
     assert equivalence["fast"]["vs_stock"]["max"] <= 1 and equivalence["fast"]["steps"] == 3
     md = (tmp_path / "bench.md").read_text()
