@@ -97,3 +97,18 @@ def test_a_tenant_has_its_own_rate_when_an_admin_sets_one(http):
     with limited("1/minute"):  # the default is low now; the exempt tenant is not limited
         assert all(fresh.get("/v1/jobs", headers={"Authorization": f"Bearer {other.key}"}).status_code == 200
                    for _ in range(3))
+
+
+def test_a_window_another_api_process_opened_is_counted_and_its_reset_read_from_redis(stack_env):
+    """Two API processes share one budget per key: a second app (its own process-local window ends) joining a
+    window the first opened continues the count and reads the window's end from Redis, not a fresh full window."""
+    tenant = make_tenant()
+    first, second = (TestClient(create_app(), raise_server_exceptions=False) for _ in range(2))
+    headers = {"Authorization": f"Bearer {tenant.key}"}
+    with limited("5/10 second"):
+        time.sleep(10 - time.time() % 10 + 0.05)  # a fresh window: about 10 s left
+        assert first.get("/v1/jobs", headers=headers).headers["ratelimit-remaining"] == "4"
+        time.sleep(3)
+        joined = second.get("/v1/jobs", headers=headers)
+        assert joined.headers["ratelimit-remaining"] == "3"
+        assert 6 <= int(joined.headers["ratelimit-reset"]) <= 8  # the first window's end, not 10 s from now
