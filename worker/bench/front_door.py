@@ -82,9 +82,11 @@ class RawHttp:
         return status
 
 
-async def open_loop(client: RawHttp, rate: float, duration: float, request: Callable[[int], bytes]) -> dict:
+async def open_loop(client: RawHttp, rate: float, duration: float, request: Callable[[int], bytes],
+                    server_cpu: Callable[[], float] = lambda: 0.0) -> dict:
     """Send `request(i)` at `rate` per second for `duration` seconds. Latency counts from the request's scheduled
-    time, so time spent waiting for a free connection is in it (no coordinated omission)."""
+    time, so time spent waiting for a free connection is in it (no coordinated omission). `server_cpu_ms` is the
+    server's CPU time (`server_cpu()`, seconds) over the run divided by the requests it answered 2xx."""
     latencies: list[float] = []
     statuses: Counter[str] = Counter()
 
@@ -97,6 +99,7 @@ async def open_loop(client: RawHttp, rate: float, duration: float, request: Call
         except (OSError, ValueError, IndexError, asyncio.IncompleteReadError) as exc:
             statuses[type(exc).__name__] += 1
 
+    cpu0 = server_cpu()
     start, tasks, n = time.perf_counter(), [], int(rate * duration)
     for i in range(n):
         due = start + i / rate
@@ -105,9 +108,28 @@ async def open_loop(client: RawHttp, rate: float, duration: float, request: Call
             await asyncio.sleep(delay)
         tasks.append(asyncio.create_task(one(i, due)))
     await asyncio.gather(*tasks)
+    succeeded = sum(v for k, v in statuses.items() if k.startswith("2"))
     return {"rate": rate, "sent": n, "answered": len(latencies), "statuses": dict(statuses),
             "p50_ms": _ms(percentile(latencies, 0.50)), "p99_ms": _ms(percentile(latencies, 0.99)),
-            "wall_s": round(time.perf_counter() - start, 2)}
+            "wall_s": round(time.perf_counter() - start, 2),
+            "server_cpu_ms": round((server_cpu() - cpu0) * 1000 / succeeded, 3) if succeeded else None}
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) the process and its children (uvicorn's worker processes) have used so far,
+    from /proc: a server's cost per request, which unlike latency does not swing with the machine's load."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rpartition(")")[2].split()
+        except OSError:  # it ended meanwhile
+            continue
+        if int(entry.name) == pid or int(fields[1]) == pid:  # fields[1]: the parent's pid
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -151,20 +173,22 @@ async def healthz_during_uploads(url: str, key: str, workdir: Path, uploads: int
             "healthz_max_ms": _ms(max(probes) if probes else None)}
 
 
-async def run(url: str, key: str, args, workdir: Path) -> dict:
+async def run(url: str, key: str, args, workdir: Path, api_pid: int) -> dict:
     host, port = url.removeprefix("http://").split(":")
+    server_cpu = lambda: tree_cpu_s(api_pid)  # noqa: E731
     client = RawHttp(host, int(port), key, connections=args.connections, timeout=args.timeout)
     result: dict = {"submit": [], "read": []}
     async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}) as setup:
         job_id = (await setup.post("/v1/jobs", json=JOB)).json()["id"]
     for rate in args.submit_rates:
         result["submit"].append(await open_loop(client, rate, args.duration,
-                                                lambda i: client.build("POST", "/v1/jobs", {**JOB, "seed": i})))
+                                                lambda i: client.build("POST", "/v1/jobs", {**JOB, "seed": i}),
+                                                server_cpu))
         print(json.dumps({"submit": result["submit"][-1]}), flush=True)
         await asyncio.sleep(args.pause)
     read = client.build("GET", f"/v1/jobs/{job_id}")
     for rate in args.read_rates:
-        result["read"].append(await open_loop(client, rate, args.duration, lambda i: read))
+        result["read"].append(await open_loop(client, rate, args.duration, lambda i: read, server_cpu))
         print(json.dumps({"read": result["read"][-1]}), flush=True)
         await asyncio.sleep(args.pause)
     if args.uploads:
@@ -174,12 +198,13 @@ async def run(url: str, key: str, args, workdir: Path) -> dict:
 
 
 def render(result: dict) -> str:
-    rows = ["| call | rate /s | sent | answered | statuses | p50 ms | p99 ms |", "|---|---|---|---|---|---|---|"]
+    rows = ["| call | rate /s | sent | answered | statuses | p50 ms | p99 ms | API CPU ms a 2xx |",
+            "|---|---|---|---|---|---|---|---|"]
     for call, path in (("submit", "POST /v1/jobs"), ("read", "GET /v1/jobs/{id}")):
         for r in result[call]:
             rows.append(f"| {path} | {r['rate']:g} | {r['sent']} | {r['answered']} | "
                         f"{', '.join(f'{k}: {v}' for k, v in sorted(r['statuses'].items()))} | {r['p50_ms']} | "
-                        f"{r['p99_ms']} |")
+                        f"{r['p99_ms']} | {r['server_cpu_ms']} |")
     if "uploads" in result:
         u = result["uploads"]
         rows.append(f"\n/healthz while {u['uploads']} uploads of {u['lines']} lines run ({u['wall_s']} s; "
@@ -221,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
             key = create_api_key(session, tenant=get_or_create_tenant(session, "bench"), name="bench")
     api, url = start_api(env)
     try:
-        result = asyncio.run(run(url, key, args, workdir))
+        result = asyncio.run(run(url, key, args, workdir, api.pid))
     finally:
         api.terminate()
         api.wait(30)
