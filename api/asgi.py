@@ -10,6 +10,7 @@ from common.auth import hash_key
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Send = Callable[[Message], Awaitable[None]]
+Receive = Callable[[], Awaitable[Message]]
 
 
 def header(scope: Scope, name: bytes) -> str:

@@ -1,6 +1,13 @@
-"""`GET /metrics` of the API process: requests by route and status with their latency
-(prometheus-fastapi-instrumentator's `http_requests_total` and `http_request_duration_seconds`), what was accepted,
-and the queue as Postgres and Redis see it, read at scrape time. Every name and its alert: docs/OPERATIONS.md.
+"""`GET /metrics` of the API process: requests by route and status with their latency (`http_requests_total`,
+`http_request_duration_seconds`: `RequestMetrics`), what was accepted, and the queue as Postgres and Redis see it,
+read at scrape time. Every name and its alert: docs/OPERATIONS.md.
+
+`RequestMetrics` is a pure-ASGI layer that reads the route template the router matched (`scope["route"]`, set by
+Starlette/FastAPI while routing) after the call: prometheus-fastapi-instrumentator, used before, matched every
+request against the routes a second time and built a Request, a Response and five metrics around it, which cost
+about a tenth of a poll's CPU in this process (docs/PERFORMANCE.md, "Front door under load"). Same names and labels
+as before (handler = the route template, "none" when no route matched; status = its class, `2xx`...), so the
+dashboards and alerts read them unchanged.
 
 One scrape target per API process: with `LETTERPRESS_API__WORKERS` above 1 a scrape reaches one uvicorn process of
 the pod, so run one process a pod and scale pods (deploy/). The queue gauges are the same from every API process.
@@ -9,13 +16,17 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from fastapi import FastAPI
-from prometheus_client import REGISTRY, Counter
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
-from prometheus_fastapi_instrumentator import Instrumentator
 from sqlalchemy.exc import SQLAlchemyError
+from starlette.requests import Request
+from starlette.responses import Response
+
+from api.asgi import Receive, Scope, Send, StatusWatch
 
 from common.broker import QUEUES, WEBHOOK_QUEUE, queue_depth
 from common.db import session_scope
@@ -28,6 +39,33 @@ JOBS_ACCEPTED = Counter("letterpress_api_jobs_accepted_total", "Jobs created by 
 JOBS_FROM_CACHE = Counter("letterpress_api_jobs_answered_from_cache_total",
                           "Jobs POST /v1/jobs answered at once from the result cache (common/cache_answers.py)")
 BATCH_ITEMS_ACCEPTED = Counter("letterpress_api_batch_items_accepted_total", "Items of batches created")
+REQUESTS = Counter("http_requests_total", "Requests by route template, method and status class",
+                   ["handler", "method", "status"])
+LATENCY = Histogram("http_request_duration_seconds", "Seconds from a request's arrival to its answer's end",
+                    ["handler", "method"],
+                    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0))
+NOT_INSTRUMENTED = ("/metrics",)
+
+
+class RequestMetrics:
+    """Counts each request and times it, by the route template it matched."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in NOT_INSTRUMENTED:
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        watch = StatusWatch(send)
+        try:
+            await self.app(scope, receive, watch)
+        finally:  # an exception escaping here was answered 500 by Starlette's outer error layer
+            route = scope.get("route")
+            handler = getattr(route, "path", None) or "none"
+            method = scope["method"]
+            REQUESTS.labels(handler, method, f"{str(watch.status or 500)[0]}xx").inc()
+            LATENCY.labels(handler, method).observe(time.perf_counter() - started)
 
 
 # name -> (help, labels) of every gauge QueueCollector reports: those read from Postgres, then the rest
@@ -109,7 +147,12 @@ def install(app: FastAPI, settings: Settings) -> None:
     """Instrument the routes and serve /metrics. The collectors live in the process's one registry, so a second
     app in the same process (tests) reuses them."""
     global _collector
-    Instrumentator(excluded_handlers=["/metrics"]).instrument(app).expose(app, include_in_schema=False)
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics(_request: Request) -> Response:  # sync: the queue collector reads Postgres (on the threadpool)
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_middleware(RequestMetrics)
     with _registered:
         if _collector is None:
             _collector = QueueCollector(settings)
