@@ -118,7 +118,14 @@ KEY_SCOPES = _compile(
     select(ApiKey.scopes, *quotas.usage_row(Tenant.id, Tenant.limits, _DEFAULTS)).join(Tenant, Tenant.id == ApiKey.tenant_id)
     .where(usable_key(bindparam("key_hash"))))
 INSERT_JOB = _insert_statement()
-MARK_ENQUEUED = _compile(update(_JOBS).where(_JOBS.c.id == bindparam("job_id")).values(enqueued_at=func.now()))
+# One statement that also turns synchronous_commit off for its own (implicit) transaction: the set_config runs in
+# a FROM subquery, so the commit does not wait for the WAL flush, without a pipeline of SET LOCAL and the update
+# (which cost about 0.5 ms of this process's CPU a submit).
+_NO_SYNC = select(func.set_config(literal_column("'synchronous_commit'"), literal_column("'off'"),
+                                  literal_column("true")).label("setting")).subquery("no_sync")
+MARK_ENQUEUED = _compile(update(_JOBS).where(_JOBS.c.id == bindparam("job_id"),
+                                             _NO_SYNC.c.setting == literal_column("'off'"))
+                         .values(enqueued_at=func.now()).returning(_JOBS.c.id))
 
 
 def _job(row: dict[str, Any], images: list[dict] | None = None) -> Job:
@@ -281,13 +288,11 @@ class JobStore:
 
     async def mark_enqueued(self, job_id: uuid.UUID) -> None:
         """Record that the job's message was sent, without waiting for the WAL flush: the mark is advisory
-        (common.dispatch) and a lost one only means a second, harmless send. One round trip (a pipeline).
+        (common.dispatch) and a lost one only means a second, harmless send. One statement (MARK_ENQUEUED).
         It runs after the job is committed and sent, so a database error here is logged, not answered: a 503
         would make the caller submit the job again."""
         try:
-            async with self.connection() as conn, conn.pipeline(), conn.transaction():
-                await conn.execute("SET LOCAL synchronous_commit TO OFF")
-                await conn.execute(MARK_ENQUEUED, {"job_id": job_id})
+            await self._fetchone(MARK_ENQUEUED, {"job_id": job_id})
         except (psycopg.OperationalError, PoolTimeout) as exc:
             log.warning("job %s was sent but not marked enqueued (maintenance will send it again): %s",
                         job_id, exc)

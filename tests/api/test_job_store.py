@@ -1,0 +1,27 @@
+"""api/job_store.py's enqueue mark: one statement that records the send and turns synchronous_commit off for its own
+transaction only (the mark is advisory: a lost one means a second, harmless send by maintenance)."""
+from __future__ import annotations
+
+import psycopg
+
+from api.job_store import MARK_ENQUEUED, conninfo
+from common.db import session_scope
+from common.job_states import create_job
+from common.settings import get_settings
+from tests.common.test_job_states import PARAMS
+from tests.support import make_tenant
+
+
+def test_the_mark_sets_enqueued_at_and_relaxes_only_its_own_commit(stack_env):
+    tenant = make_tenant()
+    with session_scope() as session:
+        job, _ = create_job(session, tenant_id=tenant.id, params=PARAMS, queue="held-mark")
+        session.commit()
+        job_id = job.id
+    with psycopg.connect(conninfo(get_settings().database.url)) as conn:  # a transaction, to look inside it
+        assert conn.execute("SHOW synchronous_commit").fetchone()[0] == "on"
+        assert conn.execute(MARK_ENQUEUED, {"job_id": job_id}).fetchone()[0] == job_id
+        assert conn.execute("SHOW synchronous_commit").fetchone()[0] == "off"  # the FROM subquery ran
+        conn.commit()
+        assert conn.execute("SHOW synchronous_commit").fetchone()[0] == "on"  # and ended with its transaction
+        assert conn.execute("SELECT enqueued_at FROM jobs WHERE id = %s", (job_id,)).fetchone()[0] is not None
