@@ -9,17 +9,22 @@ about a tenth of a poll's CPU in this process (docs/PERFORMANCE.md, "Front door 
 as before (handler = the route template, "none" when no route matched; status = its class, `2xx`...), so the
 dashboards and alerts read them unchanged.
 
-One scrape target per API process: with `LETTERPRESS_API__WORKERS` above 1 a scrape reaches one uvicorn process of
-the pod, so run one process a pod and scale pods (deploy/). The queue gauges are the same from every API process.
+Several uvicorn processes (`LETTERPRESS_API__WORKERS` above 1, started by `letterpress api` or `make up`) keep their
+counters and histograms in prometheus_client's multiprocess files (`PROMETHEUS_MULTIPROC_DIR`, set and emptied by
+common.devstack.stack.api_env), and a scrape of any of them sums all of them. Without that variable (one process)
+the process's own registry is served. In Kubernetes, one process a pod scales with pods (deploy/). The queue gauges
+are read at scrape time, the same from every process.
 """
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 
 from fastapi import FastAPI
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy.exc import SQLAlchemyError
@@ -143,6 +148,18 @@ _registered = threading.Lock()
 _collector: QueueCollector | None = None
 
 
+def _scrape_registry() -> CollectorRegistry:
+    """What a scrape reads: every API process's counters and histograms (from the multiprocess files) and the queue,
+    when several processes serve; else this process's registry (the queue collector is registered in it)."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return REGISTRY
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)
+    if _collector is not None:
+        registry.register(_collector)
+    return registry
+
+
 def install(app: FastAPI, settings: Settings) -> None:
     """Instrument the routes and serve /metrics. The collectors live in the process's one registry, so a second
     app in the same process (tests) reuses them."""
@@ -150,7 +167,7 @@ def install(app: FastAPI, settings: Settings) -> None:
 
     @app.get("/metrics", include_in_schema=False)
     def metrics(_request: Request) -> Response:  # sync: the queue collector reads Postgres (on the threadpool)
-        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(_scrape_registry()), media_type=CONTENT_TYPE_LATEST)
 
     app.add_middleware(RequestMetrics)
     with _registered:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from datetime import datetime, timedelta, timezone
@@ -33,9 +34,11 @@ def _exec_module(module: str, *args: str) -> int:
 
 
 def cmd_api(args) -> int:
-    from common.devstack.stack import api_argv
+    from common.devstack.stack import api_argv, api_env
 
-    return subprocess.call(api_argv(get_settings(), host=args.host, port=args.port))
+    settings = get_settings()
+    env = api_env(settings, dict(os.environ), args.port)
+    return subprocess.call(api_argv(settings, host=args.host, port=args.port), env=env)
 
 
 def cmd_worker(args) -> int:

@@ -9,6 +9,7 @@ configured the worker serves the tiny random-weight model (built here first). UR
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -47,6 +48,21 @@ def api_argv(settings: Settings, *, host: str | None = None, port: int | None = 
             str(port or settings.api.port), "--workers", str(settings.api.workers)]
 
 
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's own variable
+
+
+def api_env(settings: Settings, env: dict[str, str], port: int | None = None) -> dict[str, str]:
+    """`env` for the API server's processes. With several uvicorn workers, their metrics are kept in
+    prometheus_client's multiprocess files (`PROMETHEUS_MULTIPROC_DIR`, emptied here before they start, as the
+    library requires) so that a scrape of any of them sums all of them (api/metrics.py)."""
+    if settings.api.workers <= 1 or env.get(MULTIPROC_ENV):
+        return env
+    directory = settings.home.absolute() / "run" / f"api-metrics-{port or settings.api.port}"
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    return {**env, MULTIPROC_ENV: str(directory)}
+
+
 def run_dev_stack(api_port: int | None = None, workers: bool = True) -> int:
     settings = get_settings()
     home = settings.home.absolute()
@@ -71,7 +87,7 @@ def run_dev_stack(api_port: int | None = None, workers: bool = True) -> int:
         migrate()
         key = _dev_key(home)
         child_env = {**os.environ, **env}
-        procs = [subprocess.Popen(api_argv(settings, port=port), env=child_env)]
+        procs = [subprocess.Popen(api_argv(settings, port=port), env=api_env(get_settings(), child_env, port))]
         if workers:
             ensure_default_tiny_model(get_settings())
             procs.append(subprocess.Popen([sys.executable, "-m", "worker.launcher"], env=child_env))
