@@ -8,10 +8,12 @@ expired key ends its console sessions on the next click. A session idles out aft
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
 import secrets
+import weakref
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -33,8 +35,18 @@ class ConsoleSession:
         return bool(presented) and hmac.compare_digest(self.csrf, presented)
 
 
+# One client (and connection pool) per event loop and Redis URL: uvicorn runs one loop, a test client several, and
+# a pool belongs to the loop it was made on.
+_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, aioredis.Redis]] = weakref.WeakKeyDictionary()
+
+
 def _redis(settings: Settings) -> aioredis.Redis:
-    return aioredis.Redis.from_url(settings.redis.url, socket_connect_timeout=2, socket_timeout=2)
+    per_loop = _clients.setdefault(asyncio.get_running_loop(), {})
+    client = per_loop.get(settings.redis.url)
+    if client is None:
+        client = per_loop[settings.redis.url] = aioredis.Redis.from_url(
+            settings.redis.url, socket_connect_timeout=2, socket_timeout=2)
+    return client
 
 
 def _token_hash(token: str) -> str:
@@ -45,11 +57,7 @@ async def create(settings: Settings, key_hash: str) -> str:
     """A new session for the key with this hash; returns the token for the cookie."""
     token = secrets.token_urlsafe(32)
     record = json.dumps({"key_hash": key_hash, "csrf": secrets.token_urlsafe(32)})
-    client = _redis(settings)
-    try:
-        await client.set(_PREFIX + _token_hash(token), record, ex=settings.console.session_ttl_s)
-    finally:
-        await client.aclose()
+    await _redis(settings).set(_PREFIX + _token_hash(token), record, ex=settings.console.session_ttl_s)
     return token
 
 
@@ -58,11 +66,7 @@ async def find(settings: Settings, token: str | None) -> ConsoleSession | None:
     if not token or len(token) > 128:
         return None
     token_hash = _token_hash(token)
-    client = _redis(settings)
-    try:
-        record = await client.getex(_PREFIX + token_hash, ex=settings.console.session_ttl_s)
-    finally:
-        await client.aclose()
+    record = await _redis(settings).getex(_PREFIX + token_hash, ex=settings.console.session_ttl_s)
     if record is None:
         return None
     data = json.loads(record)
@@ -70,8 +74,4 @@ async def find(settings: Settings, token: str | None) -> ConsoleSession | None:
 
 
 async def end(settings: Settings, session: ConsoleSession) -> None:
-    client = _redis(settings)
-    try:
-        await client.delete(_PREFIX + session.token_hash)
-    finally:
-        await client.aclose()
+    await _redis(settings).delete(_PREFIX + session.token_hash)

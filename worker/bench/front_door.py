@@ -2,12 +2,15 @@
 
     python -m worker.bench.front_door                       # submit 50..400/s, read 100..1000/s, uploads
     python -m worker.bench.front_door --submit-rates 50,100 --read-rates 100 --duration 10 --api-workers 2
+    python -m worker.bench.front_door --in-process 1000 --submit-rates "" --read-rates "" --uploads 0
 
 Starts throwaway Postgres and Redis and the API under uvicorn (no GPU worker: submits only queue), then drives
 open-loop load: requests leave on a fixed schedule whatever the answers, so a slow server shows as latency and
 timeouts, not as a politely slower client. For each rate it reports answered, status counts, p50/p99 latency and
 timeouts; then /healthz p50/p99 while 30 batch uploads (1,000 lines each) run at once. The load generator runs
 on the same machine: on a 2-core box it takes CPU from the API, so read the figures as a lower bound.
+`--in-process N` first runs api.request_cost: N reads and N submits through the app called in-process, the API's
+own CPU a call without HTTP or a load generator (a steadier figure for comparing two builds).
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import argparse
 import asyncio
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -25,7 +29,7 @@ from typing import Callable
 
 import httpx
 
-from worker.bench.batch_ingest import start_api, start_services, write_jsonl
+from worker.bench.batch_ingest import REPO, start_api, start_services, write_jsonl
 
 JOB = {"prompt": "a poster that says HELLO", "width": 1024, "height": 1024, "preset": "V4_TURBO_12"}
 
@@ -197,6 +201,15 @@ async def run(url: str, key: str, args, workdir: Path, api_pid: int) -> dict:
     return result
 
 
+def in_process_cost(env: dict[str, str], key: str, calls: int) -> list[dict]:
+    """api.request_cost in its own process (the bench's worker package must not import the api package)."""
+    proc = subprocess.run([sys.executable, "-m", "api.request_cost", "--key", key, "--calls", str(calls)], cwd=REPO,
+                          env={**os.environ, **env}, capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        raise SystemExit(f"api.request_cost failed:\n{proc.stderr[-3000:]}")
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
 def render(result: dict) -> str:
     rows = ["| call | rate /s | sent | answered | statuses | p50 ms | p99 ms | API CPU ms a 2xx |",
             "|---|---|---|---|---|---|---|---|"]
@@ -205,6 +218,9 @@ def render(result: dict) -> str:
             rows.append(f"| {path} | {r['rate']:g} | {r['sent']} | {r['answered']} | "
                         f"{', '.join(f'{k}: {v}' for k, v in sorted(r['statuses'].items()))} | {r['p50_ms']} | "
                         f"{r['p99_ms']} | {r['server_cpu_ms']} |")
+    for r in result.get("in_process", []):
+        rows.append(f"\nIn-process, {r['call']}: {r['cpu_ms']} ms CPU, {r['wall_ms']} ms wall a call "
+                    f"({r['calls']} calls)")
     if "uploads" in result:
         u = result["uploads"]
         rows.append(f"\n/healthz while {u['uploads']} uploads of {u['lines']} lines run ({u['wall_s']} s; "
@@ -224,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--upload-lines", type=int, default=1000)
     parser.add_argument("--api-workers", type=int, default=1, help="uvicorn worker processes")
     parser.add_argument("--connections", type=int, default=256, help="keep-alive connections of the load")
+    parser.add_argument("--in-process", type=int, default=0, metavar="N",
+                        help="first, N reads and N submits through the app in-process (api.request_cost)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     args.submit_rates = [float(x) for x in args.submit_rates.split(",") if x]
@@ -244,9 +262,11 @@ def main(argv: list[str] | None = None) -> int:
         migrate()
         with session_scope() as session:
             key = create_api_key(session, tenant=get_or_create_tenant(session, "bench"), name="bench")
+    in_process = in_process_cost(env, key, args.in_process) if args.in_process else []
     api, url = start_api(env)
     try:
         result = asyncio.run(run(url, key, args, workdir, api.pid))
+        result["in_process"] = in_process
     finally:
         api.terminate()
         api.wait(30)
