@@ -24,15 +24,14 @@ import time
 
 from fastapi import FastAPI
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.requests import Request
 from starlette.responses import Response
 
 from api.asgi import Receive, Scope, Send, StatusWatch
-
 from common.broker import QUEUES, WEBHOOK_QUEUE, queue_depth
 from common.db import session_scope
 from common.fleet import queue_snapshot
