@@ -5,7 +5,7 @@ read at scrape time. Every name and its alert: docs/OPERATIONS.md.
 `RequestMetrics` is a pure-ASGI layer that reads the route template the router matched (`scope["route"]`, set by
 Starlette/FastAPI while routing) after the call: prometheus-fastapi-instrumentator, used before, matched every
 request against the routes a second time and built a Request, a Response and five metrics around it, which cost
-about a tenth of a poll's CPU in this process (docs/PERFORMANCE.md, "Front door under load"). Same names and labels
+a noticeable share of a poll's CPU (docs/PERFORMANCE.md, "Front door: what a request costs"). Same names and labels
 as before (handler = the route template, "none" when no route matched; status = its class, `2xx`...), so the
 dashboards and alerts read them unchanged.
 
