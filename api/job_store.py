@@ -115,8 +115,8 @@ READ_JOB = _read_statement()
 KEY_RATE = _compile(select(Tenant.limits.op("->>")(literal_column("'requests_per_key'")).label("rate"))
                     .join(ApiKey, ApiKey.tenant_id == Tenant.id).where(usable_key(bindparam("key_hash"))))
 KEY_SCOPES = _compile(
-    select(ApiKey.scopes, *quotas.usage_row(Tenant.id, Tenant.limits, _DEFAULTS)).join(Tenant, Tenant.id == ApiKey.tenant_id)
-    .where(usable_key(bindparam("key_hash"))))
+    select(ApiKey.scopes, *quotas.usage_row(Tenant.id, Tenant.limits, _DEFAULTS))
+    .join(Tenant, Tenant.id == ApiKey.tenant_id).where(usable_key(bindparam("key_hash"))))
 INSERT_JOB = _insert_statement()
 # One statement that also turns synchronous_commit off for its own (implicit) transaction: the set_config runs in
 # a FROM subquery, so the commit does not wait for the WAL flush, without a pipeline of SET LOCAL and the update
