@@ -53,7 +53,8 @@ def test_tiny_bench_writes_every_row_with_sane_fields(tmp_path):
     # Float32 on CPU: the fast path is within one level of the stock call and equal to stock at equal length.
     assert fast["diff_vs_stock"]["max"] <= 1 and fast["diff_vs_stock_tight"]["max"] == 0
     cfg_free = rows[3]
-    assert cfg_free["path"] == "fast+cfg-free" and cfg_free["tflop_step"] < fast["tflop_step"]  # one pass (tiny: text-bound)
+    # one pass a step (the tiny model is text-bound, so fewer FLOPs but not half)
+    assert cfg_free["path"] == "fast+cfg-free" and cfg_free["tflop_step"] < fast["tflop_step"]
     assert rows[5]["prompt_tokens"][0] != rows[5]["prompt_tokens"][1]  # a mixed-length batch: the masked path
     # --cfg-free: the batching rows again at guidance 1.0, one pass a step
     assert rows[7]["kind"] == "batching" and rows[7]["tflop_step"] < rows[5]["tflop_step"]
