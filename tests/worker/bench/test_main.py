@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from worker.bench.__main__ import main
 
@@ -20,6 +21,7 @@ def test_dispatch(capsys, argv, prog, option):
     assert out.startswith(prog) and option in out
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the command measures instead")
 def test_matmuls_says_it_needs_cuda(capsys):
     """The matmul rates are a GPU measurement: on a CPU machine the command refuses with a reason, not a table."""
     assert main(["matmuls"]) == 2
