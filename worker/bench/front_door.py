@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import subprocess
@@ -179,7 +180,7 @@ async def healthz_during_uploads(url: str, key: str, workdir: Path, uploads: int
 
 async def run(url: str, key: str, args, workdir: Path, api_pid: int) -> dict:
     host, port = url.removeprefix("http://").split(":")
-    server_cpu = lambda: tree_cpu_s(api_pid)  # noqa: E731
+    server_cpu = functools.partial(tree_cpu_s, api_pid)
     client = RawHttp(host, int(port), key, connections=args.connections, timeout=args.timeout)
     result: dict = {"submit": [], "read": []}
     async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}) as setup:

@@ -53,6 +53,7 @@ import torch
 
 from common.presets import PRESETS
 from worker.bench import e2e as bench_e2e
+from worker.bench import matmuls
 from worker.bench.models import (
     DEFAULT_PROMPT,
     build_random_real,
@@ -212,15 +213,7 @@ def gemm_peaks(device: str) -> dict[str, float]:
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
 
     def rate(fn) -> float:
-        for _ in range(3):
-            fn()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return 2 * n**3 * reps / (start.elapsed_time(end) / 1e3) / 1e12
+        return matmuls.rate(fn, 2.0 * n**3, reps)
 
     out["bf16_tflops"] = rate(lambda: a @ b)
     try:
