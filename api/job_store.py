@@ -13,7 +13,9 @@ the key rule (common.auth.usable_key) have one definition; rows come back as tra
 built by the same common.representation as everywhere else. What is not here stays in the ORM: idempotent submits
 (their replay and race rules live in common.job_states.create_job), cancels, lists and every other route.
 
-One pool per app, opened and closed by its lifespan on the server's event loop (JobStore.connection).
+One pool per app, opened and closed by its lifespan on the server's event loop (JobStore.connection), and with it
+the send queue that sends submitted jobs to the broker off the request (api/send_queue.py). Queue places are kept
+a second per job (api/recent_places.py).
 """
 from __future__ import annotations
 
@@ -36,6 +38,8 @@ from sqlalchemy.dialects.postgresql.psycopg import dialect as psycopg_dialect
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import ColumnProperty
 
+from api.recent_places import RecentPlaces
+from api.send_queue import SendQueue
 from common import quotas
 from common.auth import usable_key
 from common.db import server_options
@@ -123,7 +127,7 @@ INSERT_JOB = _insert_statement()
 # (which cost about 0.5 ms of this process's CPU a submit).
 _NO_SYNC = select(func.set_config(literal_column("'synchronous_commit'"), literal_column("'off'"),
                                   literal_column("true")).label("setting")).subquery("no_sync")
-MARK_ENQUEUED = _compile(update(_JOBS).where(_JOBS.c.id == bindparam("job_id"),
+MARK_ENQUEUED = _compile(update(_JOBS).where(_JOBS.c.id == func.any(bindparam("job_ids")),
                                              _NO_SYNC.c.setting == literal_column("'off'"))
                          .values(enqueued_at=func.now()).returning(_JOBS.c.id))
 
@@ -161,6 +165,8 @@ class JobStore:
         self._pool_loop: asyncio.AbstractEventLoop | None = None
         self._reachable_at: tuple[float, bool] = (-1e9, True)  # (when asked, the answer): JobStore._reachable
         self._closing: set[asyncio.Task] = set()
+        self.sends = SendQueue(self.mark_enqueued)
+        self.places = RecentPlaces()
 
     def _connect_kwargs(self) -> dict[str, Any]:
         return {"autocommit": True, "row_factory": dict_row, "connect_timeout": 5, "options": server_options(self.db)}
@@ -174,8 +180,10 @@ class JobStore:
         pool = self._new_pool()
         await pool.open(wait=False)
         self._pool, self._pool_loop = pool, asyncio.get_running_loop()
+        self.sends.start()
 
     async def close(self) -> None:
+        await self.sends.close()  # what is pending is sent and marked on the pool, before it closes
         pool, self._pool, self._pool_loop = self._pool, None, None
         if pool is not None:
             await pool.close()
@@ -287,28 +295,39 @@ class JobStore:
         raise quotas.refusal(max_active=row["max_active"], active=row["active"], max_images=row["max_images"],
                              images=row["images"], adding=adding_images)
 
-    async def mark_enqueued(self, job_id: uuid.UUID) -> None:
-        """Record that the job's message was sent, without waiting for the WAL flush: the mark is advisory
+    async def mark_enqueued(self, job_ids: list[uuid.UUID]) -> None:
+        """Record that the jobs' messages were sent, without waiting for the WAL flush: the mark is advisory
         (common.dispatch) and a lost one only means a second, harmless send. One statement (MARK_ENQUEUED).
-        It runs after the job is committed and sent, so a database error here is logged, not answered: a 503
-        would make the caller submit the job again."""
+        It runs after the jobs were answered and sent, so a database error here is logged, not raised."""
         try:
-            await self._fetchone(MARK_ENQUEUED, {"job_id": job_id})
+            await self._fetchone(MARK_ENQUEUED, {"job_ids": job_ids})
         except (psycopg.OperationalError, PoolTimeout) as exc:
-            log.warning("job %s was sent but not marked enqueued (maintenance will send it again): %s",
-                        job_id, exc)
+            log.warning("%d jobs were sent but not marked enqueued (maintenance will send them again): %s",
+                        len(job_ids), exc)
 
-    async def queue_place(self, job: Job) -> QueuePlace | None:
-        """common.queue_position.queue_place on this pool: the same statements, the same throughput cache.
-        None when the job is not queued, or when the database fails here: the job itself was read or committed
-        already, and its answer without a position beats a 503 (which, after a submit, invites a duplicate)."""
+    async def queue_place(self, job: Job, *, new: bool = False) -> QueuePlace | None:
+        """common.queue_position.queue_place on this pool: the same statements, the same throughput cache, the
+        answer kept a second per job (api/recent_places.py); `new`: the job was just inserted, the newest of its
+        queue. None when the job is not queued, or when the database fails here: the job itself was read or
+        committed already, and its answer without a position beats a 503 (which, after a submit, invites a
+        duplicate)."""
         if job.status != JobStatus.QUEUED:
             return None
+        known, place = self.places.of(job.id)
+        if not known and new:
+            place = self.places.of_new(job.queue)
+            known = place is not None
+        if known:
+            return place
         try:
-            return await self._queue_place(job)
+            place = await self._queue_place(job)
         except (psycopg.OperationalError, PoolTimeout) as exc:
             log.warning("queue position of job %s not read: %s", job.id, exc)
             return None
+        self.places.remember(job.id, place)
+        if new and place is not None:
+            self.places.remember_new(job.queue, place, cached_throughput(self.db.url)[1])
+        return place
 
     async def _queue_place(self, job: Job) -> QueuePlace | None:
         sql, params = position_query(job_id=job.id, batch_item=job.batch_id is not None)

@@ -2,7 +2,8 @@
 validation, quota, adapter and remix rules, and the same two paths.
 
 - Without an Idempotency-Key, adapters or an input image: one statement inserts the job for the key's tenant
-  (api/job_store.py), the message is sent off the event loop, and the send is marked.
+  (api/job_store.py); its message is sent and marked after the answer, with those of other submits
+  (api/send_queue.py).
 - With any of them, or an explicit seed (a request the result cache may answer): the ORM path of
   common.job_states (whose replay and race rules apply), adapters resolved by name inside the tenant, a remix's
   image read, checked and stored (common.input_images), and a cache hit answered at once, never queued
@@ -20,7 +21,7 @@ from common.adapters import resolve_loras
 from common.auth import authenticate_hash
 from common.broker import interactive_queue
 from common.db import session_scope
-from common.dispatch import dispatch, send_in_order
+from common.dispatch import dispatch
 from common.input_images import resolve_image
 from common.job_request import JobRequest, to_params
 from common.models import Job, JobStatus
@@ -42,9 +43,9 @@ async def submit_job(body: JobRequest, *, key_hash: str, store: JobStore, settin
         job, created = await run_in_threadpool(_create_in_session, key_hash, submitted, storage, settings, scopes)
     else:
         job, created = await store.insert(key_hash, job_states.new_job_values(**submitted)), True
-        # after the commit: if Redis is down the job stays queued, unsent, and maintenance sends it later
-        if await run_in_threadpool(send_in_order, [(job.id, job.queue)]):
-            await store.mark_enqueued(job.id)
+        # after the commit, off the request (api/send_queue.py): if Redis is down the job stays queued, unsent,
+        # and maintenance sends it later
+        await store.sends.send(job.id, job.queue)
     if created:
         metrics.JOBS_ACCEPTED.inc()
         if job.status == JobStatus.SUCCEEDED:

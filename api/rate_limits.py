@@ -9,9 +9,14 @@ library's fixed window, counted in Redis, so every API process shares one budget
   are slowed by api/wrong_keys.py, which runs first).
 - Redis unreachable: the call goes through uncounted (logged at most once a minute): a limit protects the fleet,
   it must not take the front door down with Redis.
-- One Redis round trip a call: the window's counter is incremented (the `limits` storage's atomic INCR with
-  expiry) and the window's end is remembered per key in the process (known when this call opened the window,
-  else asked once: the library's `hit` plus `get_window_stats` cost three round trips a call).
+- Call numbers are reserved from Redis a few at a time: each API process takes the next `reserve_size` numbers of
+  the key's window with one INCRBY (the `limits` storage's atomic increment with expiry) and hands them to its
+  calls; the call numbered past the rate is refused. So the rate is never exceeded across processes, a key's
+  calls cost a Redis round trip every `reserve_size` calls, and a small rate (under RESERVE_DIVISOR a window) is
+  counted call by call, exactly. What a process reserved and did not use when the window ends (at most
+  `reserve_size` - 1 calls, 1% of the rate) is lost to that window: the key is refused that much early at worst,
+  never let past. The window's end is remembered with the reservation (known when it opened the window, else
+  asked once).
 - A tenant may have a rate of its own (`tenants.limits.requests_per_key`, set by an admin): looked up by key once
   per TENANT_RATE_TTL_S per process (so a change takes effect within that), the default otherwise; "" turns the
   limit off for that tenant.
@@ -25,6 +30,7 @@ import math
 import time
 import weakref
 from collections import OrderedDict
+from dataclasses import dataclass
 
 from limits import RateLimitItem, parse
 from limits.aio.storage import Storage
@@ -36,7 +42,21 @@ from common.settings import get_settings
 log = logging.getLogger(__name__)
 LOG_EVERY_S = 60.0
 TENANT_RATE_TTL_S = 30.0
-TENANT_RATES_KEPT = 10_000  # keys whose tenant rate is remembered per process (and whose window's end)
+TENANT_RATES_KEPT = 10_000  # keys whose tenant rate is remembered per process (and whose reservation)
+RESERVE_DIVISOR = 100  # a process reserves 1% of a key's rate at a time...
+RESERVE_MAX = 50       # ...and at most this many call numbers
+
+
+def reserve_size(amount: int) -> int:
+    """Call numbers a process reserves at a time for a key whose window allows `amount` calls."""
+    return max(1, min(RESERVE_MAX, amount // RESERVE_DIVISOR))
+
+
+@dataclass
+class _Reserved:
+    next: int    # the next call number this process holds in the key's window
+    last: int    # the last one it holds
+    end: float   # when the window ends (epoch seconds)
 
 
 class KeyRateLimit:
@@ -48,7 +68,7 @@ class KeyRateLimit:
         self._rates: dict[str, RateLimitItem] = {}
         self._last_warning = 0.0
         self._tenant_rates: OrderedDict[str, tuple[float, str | None]] = OrderedDict()  # key hash -> (until, rate)
-        self._window_ends: OrderedDict[str, float] = OrderedDict()  # window counter key -> its end (epoch seconds)
+        self._reserved: OrderedDict[str, _Reserved] = OrderedDict()  # window counter key -> numbers held
 
     async def _rate_for(self, scope, digest: str, default: str) -> str:
         """The key's tenant's own rate when it has one, else `default` (cached; the database is asked on a miss)."""
@@ -79,16 +99,24 @@ class KeyRateLimit:
     async def _count(self, storage: Storage, item: RateLimitItem, digest: str) -> tuple[int, float]:
         """This call's number in the key's current fixed window, and when the window ends (epoch seconds)."""
         key = item.key_for("key", digest)
-        count = await storage.incr(key, item.get_expiry())
         now = time.time()
-        end = self._window_ends.get(key)
-        if count == 1 or end is None or end <= now:  # a new window, or one another process opened
-            end = now + item.get_expiry() if count == 1 else await storage.get_expiry(key)
-            self._window_ends[key] = end
-            while len(self._window_ends) > TENANT_RATES_KEPT:
-                self._window_ends.popitem(last=False)
-        self._window_ends.move_to_end(key)
-        return count, end
+        held = self._reserved.get(key)
+        if held is None or held.next > held.last or held.end <= now:
+            size = reserve_size(item.amount)
+            last = await storage.incr(key, item.get_expiry(), amount=size)
+            first = last - size + 1
+            if first == 1:  # this reservation opened the window
+                end = now + item.get_expiry()
+            elif held is not None and held.end > now:  # the same window as the last reservation
+                end = held.end
+            else:  # a window another process opened
+                end = await storage.get_expiry(key)
+            held = self._reserved[key] = _Reserved(next=first, last=last, end=end)
+            while len(self._reserved) > TENANT_RATES_KEPT:
+                self._reserved.popitem(last=False)
+        self._reserved.move_to_end(key)
+        count, held.next = held.next, held.next + 1
+        return count, held.end
 
     async def __call__(self, scope, receive, send) -> None:
         settings = get_settings()

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import sys
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 
 import redis as redis_lib
@@ -66,7 +68,18 @@ def get_celery() -> Celery:
 def enqueue_generate(job_id: uuid.UUID, queue: str) -> None:
     """Send after the job row committed. Raises when Redis is unreachable: the caller records the job as not
     yet enqueued, and maintenance re-enqueues it."""
-    get_celery().send_task(GENERATE_TASK, args=[str(job_id)], queue=queue, retry=False)
+    with generate_sender() as send:
+        send(job_id, queue)
+
+
+@contextmanager
+def generate_sender() -> Iterator[Callable[[uuid.UUID, str], None]]:
+    """`enqueue_generate` over one producer taken from the pool for a run of sends (the API's send queue,
+    api/send_queue.py), instead of one taken and given back per message."""
+    app = get_celery()
+    with app.producer_or_acquire() as producer:
+        yield lambda job_id, queue: app.send_task(GENERATE_TASK, args=[str(job_id)], queue=queue, retry=False,
+                                                  producer=producer)
 
 
 def enqueue_webhook(event_id: str, countdown: float | None = None) -> None:

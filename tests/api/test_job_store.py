@@ -12,16 +12,18 @@ from tests.common.test_job_states import PARAMS
 from tests.support import make_tenant
 
 
-def test_the_mark_sets_enqueued_at_and_relaxes_only_its_own_commit(stack_env):
+def test_the_mark_sets_enqueued_at_of_its_jobs_and_relaxes_only_its_own_commit(stack_env):
     tenant = make_tenant()
     with session_scope() as session:
-        job, _ = create_job(session, tenant_id=tenant.id, params=PARAMS, queue="held-mark")
+        jobs = [create_job(session, tenant_id=tenant.id, params=PARAMS, queue="held-mark")[0] for _ in range(3)]
         session.commit()
-        job_id = job.id
+        marked, other = [j.id for j in jobs[:2]], jobs[2].id
     with psycopg.connect(conninfo(get_settings().database.url)) as conn:  # a transaction, to look inside it
         assert conn.execute("SHOW synchronous_commit").fetchone()[0] == "on"
-        assert conn.execute(MARK_ENQUEUED, {"job_id": job_id}).fetchone()[0] == job_id
+        assert {row[0] for row in conn.execute(MARK_ENQUEUED, {"job_ids": marked}).fetchall()} == set(marked)
         assert conn.execute("SHOW synchronous_commit").fetchone()[0] == "off"  # the FROM subquery ran
         conn.commit()
         assert conn.execute("SHOW synchronous_commit").fetchone()[0] == "on"  # and ended with its transaction
-        assert conn.execute("SELECT enqueued_at FROM jobs WHERE id = %s", (job_id,)).fetchone()[0] is not None
+        enqueued = dict(conn.execute("SELECT id, enqueued_at IS NOT NULL FROM jobs WHERE id = ANY(%s)",
+                                     ([*marked, other],)).fetchall())
+    assert enqueued == {marked[0]: True, marked[1]: True, other: False}

@@ -111,3 +111,28 @@ def test_a_window_another_api_process_opened_is_counted_and_its_reset_read_from_
         joined = second.get("/v1/jobs", headers=headers)
         assert joined.headers["ratelimit-remaining"] == "3"
         assert 1 <= int(joined.headers["ratelimit-reset"]) <= 7  # the first window's end, not 10 s from now
+
+
+def test_processes_reserve_call_numbers_and_never_let_a_key_past_its_rate(stack_env, monkeypatch):
+    """A rate of 1,000 a window: each app reserves reserve_size(1000) = 10 call numbers a Redis round trip. Two apps
+    taking turns answer exactly 1,000 calls within the rate between them, then 429, with one INCRBY per ten calls."""
+    from limits.aio.storage import RedisStorage
+
+    from api.rate_limits import reserve_size
+
+    increments = []
+    incr = RedisStorage.incr
+
+    async def counted(self, key, expiry, amount=1):
+        increments.append(amount)
+        return await incr(self, key, expiry, amount)
+
+    monkeypatch.setattr(RedisStorage, "incr", counted)
+    tenant = make_tenant()
+    apps = [TestClient(create_app(), raise_server_exceptions=False) for _ in range(2)]
+    headers = {"Authorization": f"Bearer {tenant.key}"}
+    with limited("1000/minute"):
+        statuses = [apps[i % 3 % 2].get("/v1/usage", headers=headers).status_code for i in range(1030)]
+    assert reserve_size(1000) == 10
+    assert statuses.count(200) == 1000 and set(statuses[1010:]) == {429}
+    assert set(increments) == {10} and 100 <= len(increments) <= 105  # a round trip per ten calls

@@ -64,6 +64,37 @@ def test_tiny_bench_writes_every_row_with_sane_fields(tmp_path):
     assert "| fp32 fast |" in md and "python" in md and "-m worker.bench " in md
 
 
+def test_int8_is_a_weight_stage_and_reports_its_error_against_the_first_stage():
+    from worker.bench.paths import STAGE_PATHS, WEIGHT_STAGES, parse_args, render_markdown
+
+    assert STAGE_PATHS["int8"] == STAGE_PATHS["fp8"]
+    assert WEIGHT_STAGES.index("int8") < WEIGHT_STAGES.index("fp8")  # both need dense weights: one a run
+    args = parse_args(["--size", "tiny", "--device", "cpu", "--weights", "bf16,int8", "--error-steps", "0"])
+    assert args.weights == ["bf16", "int8"] and args.error_steps == 0
+    with pytest.raises(SystemExit):
+        parse_args(["--weights", "int4"])
+    result = {"meta": {"date": "d", "device": "NVIDIA H200", "torch": "t", "diffusers": "d", "transformers": "t",
+                       "size": "real", "command": "python3 -m worker.bench"}, "rows": [], "equivalence": [],
+              "errors": [{"weights": "int8", "vs": "bf16", "size": 1024, "what": "one step's velocity (t = 0.5)",
+                          "rel": 0.018},
+                         {"weights": "int8", "vs": "bf16", "size": 1024, "what": "fast+compile image, 6 steps",
+                          "rel": 0.05, "mean": 1.25, "max": 40}]}
+    md = render_markdown(result)
+    assert "| int8 | bf16 | 1024² | one step's velocity (t = 0.5) | 1.80% |  |" in md
+    assert "| int8 | bf16 | 1024² | fast+compile image, 6 steps | 5.00% | 1.25 / 40 |" in md
+
+
+def test_pixel_diff_has_the_relative_error():
+    from PIL import Image
+
+    from worker.bench.paths import pixel_diff
+
+    ref, other = Image.new("RGB", (4, 4), (100, 100, 100)), Image.new("RGB", (4, 4), (110, 100, 100))
+    diff = pixel_diff(other, ref)
+    assert diff["max"] == 10 and diff["rel"] == pytest.approx(10 / (100 * 3**0.5))
+    assert pixel_diff(ref, ref)["rel"] == 0.0
+
+
 def test_step_flops_match_the_design_figure_for_the_real_model():
     """DESIGN.md: one step at 1024² with trimmed text is about 168 TFLOP."""
     config = SimpleNamespace(num_attention_heads=18, attention_head_dim=256, num_layers=34, intermediate_size=12288,

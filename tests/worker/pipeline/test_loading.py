@@ -3,6 +3,7 @@ selection (pure, so GPU rules are checked on CPU) and the error messages users a
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import httpx
@@ -38,6 +39,7 @@ L4_24 = DeviceInfo(kind="cuda", total_memory=24 * 10**9, capability=(8, 9), name
 RTX3090_24 = DeviceInfo(kind="cuda", total_memory=24 * 10**9, capability=(8, 6), name="NVIDIA GeForce RTX 3090")
 H100_80 = DeviceInfo(kind="cuda", total_memory=80 * 10**9, capability=(9, 0), name="NVIDIA H100 80GB HBM3")
 L40S_48 = DeviceInfo(kind="cuda", total_memory=48 * 10**9, capability=(8, 9), name="NVIDIA L40S")
+T4_16 = DeviceInfo(kind="cuda", total_memory=16 * 10**9, capability=(7, 5), name="Tesla T4")
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +116,9 @@ def test_tiny_tokenizer_tokenizes_any_text(tiny_dir):
         ("nf4-dequant", A100_80, "nf4-dequant"),
         ("fp8", H100_80, "fp8"),
         ("fp8", L40S_48, "fp8"),  # Ada
+        ("int8", A100_80, "int8"),  # Ampere: what int8 is for
+        ("INT8", RTX3090_24, "int8"),  # no measured memory plan: loaded resident, unchecked (test_memory_plans.py)
+        ("int8", H100_80, "int8"),  # Hopper runs it too (the H200 measured it)
         ("", CPU, "fp32"),
     ],
 )
@@ -127,6 +132,8 @@ def test_resolve_variant(requested, device, expected):
         ("fp8", A100_80, ["8.9", "H100", "sm_80", "A100"]),
         ("fp8", RTX3090_24, ["8.9", "L40S", "sm_86"]),
         ("fp8", CPU, ["no CUDA GPU"]),
+        ("int8", CPU, ["int8 needs a CUDA GPU", "8.0", "A100", "no CUDA GPU", "fp32"]),
+        ("int8", T4_16, ["int8 needs a CUDA GPU", "8.0", "Tesla T4 is sm_75"]),
         ("nf4", CPU, ["bitsandbytes", "CUDA GPU"]),
         ("nf4-dequant", CPU, ["bitsandbytes", "CUDA GPU"]),
         ("int3", H100_80, ["unknown model variant", "nf4-dequant"]),
@@ -144,6 +151,66 @@ def test_resolve_variant_refuses_impossible_choices(requested, device, fragments
 def test_load_refuses_nf4_on_cpu_before_loading(tiny_dir):
     with pytest.raises(ModelConfigError, match="CUDA"):
         load_pipeline(ModelSettings(id=str(tiny_dir), variant="nf4"), device="cpu")
+
+
+def test_load_refuses_int8_on_cpu_before_loading(tiny_dir):
+    with pytest.raises(ModelConfigError, match="int8 needs a CUDA GPU.*no CUDA GPU"):
+        load_pipeline(ModelSettings(id=str(tiny_dir), variant="int8"), device="cpu")
+
+
+# ---------------------------------------------------------------- fp8 and int8: which linears torchao quantizes
+
+
+@pytest.fixture(scope="module")
+def tiny_transformer(tiny_dir):
+    from diffusers import Ideogram4Transformer2DModel
+
+    return Ideogram4Transformer2DModel.from_pretrained(tiny_dir / "transformer")
+
+
+def _linears(model: torch.nn.Module, keep) -> set[str]:
+    return {fqn for fqn, module in model.named_modules() if isinstance(module, torch.nn.Linear) and keep(module, fqn)}
+
+
+def test_int8_quantizes_the_block_linears_fed_by_every_token_not_the_adaln_ones(tiny_transformer):
+    from worker.pipeline.loading import block_linear, int8_block_linear
+
+    every = _linears(tiny_transformer, lambda module, fqn: True)
+    fp8, int8 = _linears(tiny_transformer, block_linear), _linears(tiny_transformer, int8_block_linear)
+    layers = len(tiny_transformer.layers)
+    per_block = ("attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0", "feed_forward.w1",
+                 "feed_forward.w2", "feed_forward.w3")
+    assert int8 == {f"layers.{i}.{name}" for i in range(layers) for name in per_block}
+    # adaln_modulation sees one row a sample (torch._int_mm refuses M = 1): bf16 under int8, fp8 under fp8
+    assert fp8 - int8 == {f"layers.{i}.adaln_modulation" for i in range(layers)}
+    # neither touches the embedders, the text projection or the final layer (its adaLN included)
+    assert {"input_proj", "llm_cond_proj", "adaln_proj", "final_layer.linear",
+            "final_layer.adaln_modulation"} <= every - fp8
+
+
+def test_int8_and_fp8_without_torchao_say_what_to_install(tiny_transformer, monkeypatch):
+    from worker.pipeline.loading import _QUANTIZERS
+
+    monkeypatch.setitem(sys.modules, "torchao", None)  # `import torchao...` raises ImportError
+    monkeypatch.setitem(sys.modules, "torchao.quantization", None)
+    for variant in ("int8", "fp8"):
+        with pytest.raises(ModelConfigError, match=f"{variant} needs torchao: pip install 'letterpress\\[gpu\\]'"):
+            _QUANTIZERS[variant](tiny_transformer)
+    assert all(type(p) is torch.nn.Parameter for p in tiny_transformer.parameters())  # nothing was converted
+
+
+def test_int8_quantization_of_the_tiny_transformer_keeps_adaln_bf16(tiny_dir):
+    """torchao on the CPU (where it is installed): the shared helper converts exactly the filtered linears."""
+    pytest.importorskip("torchao.quantization")
+    from diffusers import Ideogram4Transformer2DModel
+
+    from worker.pipeline.loading import _quantize_int8_model, int8_block_linear
+
+    transformer = Ideogram4Transformer2DModel.from_pretrained(tiny_dir / "transformer", torch_dtype=torch.bfloat16)
+    _quantize_int8_model(transformer)
+    converted = {fqn for fqn, module in transformer.named_modules()
+                 if isinstance(module, torch.nn.Linear) and type(module.weight) is not torch.nn.Parameter}
+    assert converted == _linears(transformer, int8_block_linear)
 
 
 # ---------------------------------------------------------------- default model

@@ -146,16 +146,46 @@ def test_fp8_only_where_fp8_tensor_cores_are():
         resolve_plan("fp8", gpu(141, (8, 6), "NVIDIA RTX A6000"), max_pixels=PX_1024)
 
 
+def test_int8_from_ampere_on_and_only_by_name():
+    assert "int8" in memory_plans.APPROXIMATE
+    for capability in ((8, 0), (8, 6), (8, 9), (9, 0), (10, 0)):
+        assert "int8" not in memory_plans.variants_for(capability)  # what auto may pick
+        assert "int8" in memory_plans.variants_for(capability, approximate=True)
+    assert "fp8" not in memory_plans.variants_for((8, 0), approximate=True)  # Ampere: int8, no fp8
+    assert "int8" not in memory_plans.variants_for((7, 5), approximate=True)  # Turing: neither
+    assert "int8" not in memory_plans.variants_for(None, approximate=True)
+    with pytest.raises(ModelConfigError, match="int8 needs a CUDA GPU.*sm_75"):
+        resolve_plan("int8", gpu(16, (7, 5), "Tesla T4"), max_pixels=PX_1024)
+
+
+@pytest.mark.parametrize("gb, capability, pixels, expected", AUTO)
+def test_auto_never_picks_int8(gb, capability, pixels, expected):
+    for cap in (capability, (8, 6), (8, 9)):
+        plan = memory_plans.choose(gb * GB, cap, pixels)
+        assert plan is None or plan.variant not in memory_plans.APPROXIMATE
+
+
+def test_explicit_int8_loads_resident_unchecked_until_its_plans_are_measured():
+    assert "int8" not in memory_plans.MEASURED_VARIANTS
+    for device in (gpu(80, AMPERE, "NVIDIA A100-SXM4-80GB"), gpu(24, (8, 6), "NVIDIA GeForce RTX 3090")):
+        for pixels in (PX_1024, PX_2048):
+            assert resolve_plan("int8", device, max_pixels=pixels) == memory_plans.MemoryPlan("int8", "resident")
+
+
 def test_cpu_plans_do_not_consult_the_table():
     cpu = DeviceInfo(kind="cpu")
     assert resolve_plan("auto", cpu, max_pixels=4096 * 4096) == memory_plans.MemoryPlan("fp32", "resident")
     assert resolve_plan("bf16", cpu).variant == "bf16"
     with pytest.raises(ModelConfigError, match="CUDA GPU"):
         resolve_plan("nf4", cpu)
+    for variant in ("int8", "fp8"):
+        with pytest.raises(ModelConfigError, match=f"{variant} needs a .*this worker has no CUDA GPU"):
+            resolve_plan(variant, cpu)
 
 
 def test_measured_table_is_complete_and_consistent():
-    for variant in memory_plans.SPEED_ORDER:
+    assert set(memory_plans.SPEED_ORDER) - memory_plans.MEASURED_VARIANTS == {"int8"}  # not measured yet
+    for variant in memory_plans.MEASURED_VARIANTS:
         for side in memory_plans.MEASURED_SIDES:
             resident = memory_plans.MEASURED[(variant, "resident", side)]
             offload = memory_plans.MEASURED[(variant, "offload", side)]

@@ -1,0 +1,65 @@
+"""Queue places the API process computed in the last PLACE_TTL_S, so a poll does not count the queue again.
+
+A position is one statement (common.queue_position), but it counts index entries up to the job's place: a job
+10,000 deep costs Postgres milliseconds a poll, and clients poll often. Within a second the answer barely moves
+(the ETA is an estimate anyway), so each process keeps, per job, the place it last computed, for PLACE_TTL_S:
+a job polled 1,000 times a second costs one count a second.
+
+A new job (`POST /v1/jobs`) stands behind every job queued in its lane and the lanes served before it, so its
+place is that of the newest job of its queue: the first submit to a queue after the TTL counts it (the real
+statement, on the new job); the next ones within the TTL add the jobs this process queued there since. That is
+at most PLACE_TTL_S old, counting jobs other processes submitted meanwhile late and jobs workers took meanwhile
+early; the next poll of the job counts afresh.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+
+from common.queue_position import QueuePlace, eta_s
+
+PLACE_TTL_S = 1.0
+KEPT = 10_000  # jobs whose place is remembered per process
+
+
+@dataclass
+class _Newest:
+    until: float
+    place: QueuePlace
+    rate: float | None   # jobs started per second when it was counted (for the ETA)
+    added: int = 0       # jobs this process queued behind it since
+
+
+class RecentPlaces:
+    def __init__(self, ttl_s: float = PLACE_TTL_S):
+        self.ttl_s = ttl_s
+        self._by_job: OrderedDict[uuid.UUID, tuple[float, QueuePlace | None]] = OrderedDict()
+        self._newest: dict[str, _Newest] = {}
+
+    def of(self, job_id: uuid.UUID) -> tuple[bool, QueuePlace | None]:
+        """(True, place) when this job's place was computed within the TTL, else (False, None)."""
+        hit = self._by_job.get(job_id)
+        if hit is None or hit[0] < time.monotonic():
+            return False, None
+        return True, hit[1]
+
+    def remember(self, job_id: uuid.UUID, place: QueuePlace | None) -> None:
+        self._by_job[job_id] = (time.monotonic() + self.ttl_s, place)
+        self._by_job.move_to_end(job_id)
+        while len(self._by_job) > KEPT:
+            self._by_job.popitem(last=False)
+
+    def of_new(self, queue: str) -> QueuePlace | None:
+        """The place of a job just queued in `queue` when the newest one's place there is known within the TTL
+        (None: count it, then `remember_new`)."""
+        newest = self._newest.get(queue)
+        if newest is None or newest.until < time.monotonic():
+            return None
+        newest.added += 1
+        position = newest.place.position + newest.added
+        return replace(newest.place, position=position, eta_s=eta_s(position, newest.rate))
+
+    def remember_new(self, queue: str, place: QueuePlace, rate: float | None) -> None:
+        self._newest[queue] = _Newest(until=time.monotonic() + self.ttl_s, place=place, rate=rate)

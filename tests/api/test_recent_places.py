@@ -1,0 +1,54 @@
+"""api/recent_places.py: a job's place is kept for the TTL, then counted again; a new job's place follows the newest
+counted one of its queue plus the jobs queued behind it since, within the TTL only."""
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from api import recent_places
+from api.recent_places import RecentPlaces
+from common.queue_position import QueuePlace
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(recent_places.time, "monotonic", lambda: now[0])
+    return now
+
+
+def test_a_place_is_kept_for_the_ttl_only(clock):
+    places, job = RecentPlaces(ttl_s=1.0), uuid.uuid4()
+    assert places.of(job) == (False, None)
+    places.remember(job, QueuePlace(position=7, eta_s=8.0))
+    clock[0] += 0.9
+    assert places.of(job) == (True, QueuePlace(position=7, eta_s=8.0))
+    places.remember(uuid.uuid4(), None)  # a job that left the queue is remembered as such
+    clock[0] += 0.2
+    assert places.of(job) == (False, None)
+
+
+def test_new_jobs_follow_the_newest_counted_place_of_their_queue(clock):
+    places = RecentPlaces(ttl_s=1.0)
+    assert places.of_new("interactive") is None  # nothing counted yet: the caller counts
+    places.remember_new("interactive", QueuePlace(position=10, eta_s=5.5), rate=2.0)
+    assert places.of_new("interactive") == QueuePlace(position=11, eta_s=6.0)
+    assert places.of_new("interactive") == QueuePlace(position=12, eta_s=6.5)
+    assert places.of_new("interactive-high") is None  # another lane has its own count
+    clock[0] += 1.1
+    assert places.of_new("interactive") is None
+
+
+def test_no_eta_without_a_throughput(clock):
+    places = RecentPlaces(ttl_s=1.0)
+    places.remember_new("interactive", QueuePlace(position=0, eta_s=None), rate=None)
+    assert places.of_new("interactive") == QueuePlace(position=1, eta_s=None)
+
+
+def test_memory_is_bounded(clock, monkeypatch):
+    monkeypatch.setattr(recent_places, "KEPT", 3)
+    places, jobs = RecentPlaces(), [uuid.uuid4() for _ in range(5)]
+    for job in jobs:
+        places.remember(job, QueuePlace(position=1, eta_s=None))
+    assert [places.of(job)[0] for job in jobs] == [False, False, True, True, True]
