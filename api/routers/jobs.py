@@ -12,13 +12,16 @@ from sqlalchemy import select
 from starlette.background import BackgroundTask
 
 from api import event_streams as events
+from api.asgi import bearer_key
 from api.deps import CurrentTenant, IdempotencyKey, JobStoreDep, KeyHash, SessionDep, SettingsDep, StorageDep
 from api.job_store import JobStore
 from api.job_submission import submit_job
+from api.lean_routes import LeanRoute, served_by
 from api.pagination import newest_first
 from api.schemas.errors import error_responses
 from api.schemas.jobs import JOB_EXAMPLES, JobList, JobOut
 from common import job_states, previews
+from common.auth import key_hash_of
 from common.errors import NotFound
 from common.image_files import FORMATS, content_type_of
 from common.job_request import JobRequest
@@ -29,7 +32,7 @@ from common.settings import Settings
 from common.storage import Storage
 
 log = logging.getLogger(__name__)
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=LeanRoute)
 
 
 _LOCATION = {"Location": {"description": "the job's URL", "schema": {"type": "string"}}}
@@ -72,11 +75,20 @@ async def create_job(body: Annotated[JobRequest, Body(openapi_examples=JOB_EXAMP
     return job_out(request, storage, job, await store.queue_place(job, new=created))
 
 
+async def read_job(request: Request) -> Response:
+    """`GET /v1/jobs/{job_id}` without FastAPI's dependency solving (api/lean_routes.py): the presented key (401
+    without one, as KeyHash answers), the job of its tenant with its queue place, the JobOut as JSON."""
+    store: JobStore = request.app.state.job_store
+    job = await store.read(key_hash_of(bearer_key(request.scope)), request.path_params["job_id"])
+    out = job_out(request, request.app.state.storage, job, await store.queue_place(job))
+    return Response(out.__pydantic_serializer__.to_json(out), media_type="application/json")
+
+
 @router.get("/{job_id}", response_model=JobOut, name="get_job", responses=error_responses(404, 422))
-async def get_job(job_id: str, request: Request, store: JobStoreDep, key_hash: KeyHash,
-                  storage: StorageDep) -> JobOut:
-    job = await store.read(key_hash, job_id)
-    return job_out(request, storage, job, await store.queue_place(job))
+@served_by(read_job)
+async def get_job(job_id: str, request: Request, key_hash: KeyHash) -> Response:
+    """The job, with its queue position and ETA while it is queued."""
+    return await read_job(request)
 
 
 @router.get("/{job_id}/events", response_class=StreamingResponse, responses={

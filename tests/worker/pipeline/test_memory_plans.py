@@ -140,7 +140,7 @@ def test_fp8_only_where_fp8_tensor_cores_are():
     assert memory_plans.variants_for((8, 6))[0] == "bf16"
     assert memory_plans.variants_for((8, 9))[0] == "bf16"  # auto: exact variants only
     assert memory_plans.variants_for((8, 9), approximate=True)[0] == "fp8"  # Ada: L4, L40S, RTX 4090
-    assert memory_plans.variants_for((8, 0), approximate=True)[0] == "bf16"  # no fp8 tensor cores
+    assert memory_plans.variants_for((8, 0), approximate=True)[:2] == ("int8", "bf16")  # no fp8 tensor cores
     assert memory_plans.variants_for(None)[0] == "bf16"
     with pytest.raises(ModelConfigError, match="sm_86"):
         resolve_plan("fp8", gpu(141, (8, 6), "NVIDIA RTX A6000"), max_pixels=PX_1024)
