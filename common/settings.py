@@ -56,7 +56,7 @@ class ModelSettings(BaseModel):
     # Hub id or local path. Empty: the tiny random-weight model under LETTERPRESS_HOME when there is no GPU,
     # `ideogram-ai/ideogram-4-nf4` when there is one.
     id: str = ""
-    # auto | bf16 | nf4 | nf4-dequant | fp8 | fp32
+    # auto | bf16 | nf4 | nf4-dequant | fp8 | int8 | fp32 (worker/pipeline/loading.py; auto never picks fp8 or int8)
     variant: str = "auto"
     revision: str | None = None
     hf_token: SecretStr | None = None

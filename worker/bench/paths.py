@@ -25,9 +25,14 @@ Paths: `stock` is the stock `Ideogram4Pipeline.__call__` (text left-padded to 2,
 there); `fast` is `worker.pipeline.fast_path` (eager); `fast+compile` adds regional compile (`prepare_compiled`).
 Weights: `bf16`; `nf4` (bitsandbytes NF4 in both transformers and the text encoder, as the published checkpoint
 ships); `nf4-dequant` (the NF4 weights dequantized once to dense bf16 by the loader's `dequantize_linear4bit`);
-`fp8` (the loader's torchao float8 rowwise quantization of the repeated blocks). With random weights the variants
-are made in place, one after another (bf16 -> nf4 -> nf4-dequant -> fp8) with the loader's own conversion
-functions; with `--model` each is a fresh `load_pipeline` of that variant.
+`int8` and `fp8` (the loader's torchao int8 and float8 dynamic quantization of the repeated blocks). With random
+weights the variants are made in place, one after another (bf16 -> nf4 -> nf4-dequant -> int8 | fp8) with the
+loader's own conversion functions (int8 and fp8 both need dense weights: a run takes one of them); with `--model`
+each is a fresh `load_pipeline` of that variant. A stage the GPU cannot run (fp8 below sm_89) is skipped, saying why.
+
+Error against the first stage (bf16; fp32 on CPU), same inputs: one conditional transformer pass on fixed random
+latents at mid-schedule (`rel_err = ||v - v_ref|| / ||v_ref||`, at each size), every timed row's image against
+the first stage's image of the same path and size, and a full preset's image (`--error-steps`, fast path).
 
 Random weights of the real sizes give the real model's speed and memory, not its images: the pixel differences
 are those of a random network, which amplifies rounding differences more than a trained one is likely to.
@@ -64,13 +69,14 @@ from worker.bench.models import (
 
 PATHS = ("stock", "stock-tight", "fast", "compile", "compile-cudnn")
 CUDNN_FIRST = ("CUDNN_ATTENTION",)
-WEIGHT_STAGES = ("bf16", "nf4", "nf4-dequant", "fp8")
+WEIGHT_STAGES = ("bf16", "nf4", "nf4-dequant", "int8", "fp8")
 # Which code paths each weight stage runs, in order (eager first, compile last).
 STAGE_PATHS = {
     "fp32": ("stock", "stock-tight", "fast", "compile"),
     "bf16": ("stock", "stock-tight", "fast", "compile", "compile-cudnn"),
     "nf4": ("stock", "fast"),
     "nf4-dequant": ("fast", "compile"),
+    "int8": ("fast", "compile", "compile-cudnn"),
     "fp8": ("fast", "compile", "compile-cudnn"),
 }
 DEFAULT_PRESETS = ("V4_QUALITY_48", "V4_DEFAULT_20", "V4_TURBO_12")
@@ -135,12 +141,22 @@ class Stages:
             yield from self._random_stages()
 
     def _stages(self) -> list[str]:
+        from worker.pipeline.loading import ModelConfigError, check_gpu_capable, detect_device
+
         if not self.device.startswith("cuda"):
             return ["fp32"]
-        return [s for s in WEIGHT_STAGES if s in self.args.weights]
+        stages = []
+        for stage in (s for s in WEIGHT_STAGES if s in self.args.weights):
+            try:
+                if stage in ("fp8", "int8"):
+                    check_gpu_capable(stage, detect_device(self.device))
+                stages.append(stage)
+            except ModelConfigError as exc:
+                self.log(f"{stage}: skipped: {exc}")
+        return stages
 
     def _random_stages(self):
-        from worker.pipeline.loading import _quantize_fp8, dequantize_linear4bit
+        from worker.pipeline.loading import dequantize_linear4bit, quantize_pipeline
 
         t0 = time.perf_counter()
         loaded = build_random_real(self.device)
@@ -162,12 +178,16 @@ class Stages:
                 n = sum(dequantize_linear4bit(t) for t in (loaded.pipe.transformer,
                                                             loaded.pipe.unconditional_transformer))
                 self.log(f"nf4-dequant: {n} layers dequantized (text encoder stays nf4, as in the loader)")
-            elif stage == "fp8":
+            elif stage in ("int8", "fp8"):
+                if current in ("int8", "fp8"):
+                    self.log(f"{stage} needs dense weights and {current} replaced them: skipped (run {stage} "
+                             "in a bench of its own)")
+                    continue
                 uncompile(loaded.pipe)
-                if current == "nf4":  # fp8 needs dense weights
+                if current == "nf4":  # int8 and fp8 need dense weights
                     dequantize_linear4bit(loaded.pipe.transformer)
                     dequantize_linear4bit(loaded.pipe.unconditional_transformer)
-                _quantize_fp8(loaded.pipe)
+                quantize_pipeline(loaded.pipe, stage)
             gc.collect()
             torch.cuda.empty_cache()
             _sync(self.device)
@@ -288,6 +308,7 @@ def token_count(loaded, prompt: str) -> int:
 
 
 def pixel_diff(a, b) -> dict[str, float] | None:
+    """uint8 level differences of image `a` against `b`, and `rel`: ||a - b|| / ||b|| over all pixels."""
     import numpy as np
 
     if a is None or b is None or a.size != b.size:
@@ -295,7 +316,31 @@ def pixel_diff(a, b) -> dict[str, float] | None:
     x = np.asarray(a, dtype=np.int16)
     y = np.asarray(b, dtype=np.int16)
     d = np.abs(x - y)
-    return {"mean": float(d.mean()), "max": int(d.max()), "frac_differing": float((d > 0).mean())}
+    rel = float(np.linalg.norm(d.astype(np.float64)) / max(np.linalg.norm(y.astype(np.float64)), 1e-12))
+    return {"mean": float(d.mean()), "max": int(d.max()), "frac_differing": float((d > 0).mean()), "rel": rel}
+
+
+@torch.no_grad()
+def velocity_probe(loaded, prompt: str, size: int, seed: int) -> torch.Tensor:
+    """One conditional transformer pass at mid-schedule (t = 0.5) on fixed random latents: the velocity (float32,
+    on the CPU) whose error against the reference weights is a variant's one-step error, free of the sampler."""
+    from worker.pipeline.fast_path import _attention_kernels, _prepare_conditioning, _transformer_pass, encode_text
+
+    pipe = loaded.pipe
+    device = torch.device(loaded.device)
+    grid = size // (pipe.vae_scale_factor * pipe.patch_size)
+    cond = _prepare_conditioning(pipe, [encode_text(loaded, prompt)], grid, grid, device, loaded.max_sequence_length)
+    noise = torch.randn(1, grid * grid, pipe.transformer.config.in_channels,
+                        generator=torch.Generator("cpu").manual_seed(seed))
+    t_model = torch.full((1,), 0.5, device=device, dtype=pipe.transformer.dtype)
+    with _attention_kernels(device):
+        velocity = _transformer_pass(pipe.transformer, noise.to(device), t_model, cond.cond_rotary, cond.text_block,
+                                     cond.attention_mask)
+    return velocity.cpu()
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-12))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -312,6 +357,9 @@ class Bench:
         self.result: dict[str, Any] = {"meta": self._meta(), "rows": [], "equivalence": [], "stages": {},
                                        "log": []}
         self.reference: dict[tuple[int, str], Any] = {}  # (size, kind) -> image of the stock (or stock-tight) row
+        self.result["errors"] = []  # each stage against the first one (bf16; fp32 on CPU), same inputs
+        self.error_ref: str | None = None  # that first stage
+        self.error_refs: dict[tuple, Any] = {}  # its velocities and images, by what they are
 
     def log(self, message: str) -> None:
         line = f"[{time.strftime('%H:%M:%S')}] {message}"
@@ -386,8 +434,28 @@ class Bench:
                 torch.cuda.empty_cache()
         return row
 
+    def _error(self, weights: str, key: tuple, what: str, size: int, value: Any) -> None:
+        """Keep `value` (a velocity or an image) as the reference for the first stage; later stages' errors."""
+        if self.error_ref in (None, weights):
+            self.error_ref = weights
+            self.error_refs[key] = value
+            return
+        ref = self.error_refs.get(key)
+        if ref is None:
+            return
+        entry: dict[str, Any] = {"weights": weights, "vs": self.error_ref, "size": size, "what": what}
+        if isinstance(value, torch.Tensor):
+            entry["rel"] = rel_err(value, ref)
+        else:
+            entry.update(pixel_diff(value, ref) or {})
+        self.result["errors"].append(entry)
+        self.log(f"error {weights} vs {self.error_ref} {size}² {what}: rel {entry.get('rel', float('nan')):.4f}")
+
     def _record(self, row: dict[str, Any]) -> None:
         image = row.pop("image", None)
+        if row["batch"] == 1 and image is not None and row.get("kind") != "batching":
+            self._error(row["weights"], ("row", row["size"], row["path"]), f"{_path_label(row['path'])} image, "
+                        f"{row['steps_timed']} steps", row["size"], image)
         ref_key = (row["size"], "stock")
         if row["batch"] == 1 and image is not None:
             if row["path"] == "stock" and ref_key not in self.reference:
@@ -411,6 +479,12 @@ class Bench:
         self.result["meta"]["prompt_tokens"] = ntok
         paths = [p for p in STAGE_PATHS[weights] if p in self.args.paths]
         main = [p for p in paths if p != "compile-cudnn"]
+        for size in self.args.sizes:  # eager, before any compile: the weights' own error
+            try:
+                velocity = velocity_probe(loaded, prompt, size, self.args.seed)
+                self._error(weights, ("velocity", size), "one step's velocity (t = 0.5)", size, velocity)
+            except Exception as exc:  # noqa: BLE001 - a failed probe is a result
+                self.log(f"{weights}: velocity probe at {size}² failed: {type(exc).__name__}: {exc}"[:600])
         for path in main:
             if path == "compile":
                 self._compile(weights, loaded)
@@ -419,6 +493,8 @@ class Bench:
             self._batch_rows(weights, loaded, ntok)
         if weights in ("bf16", "fp32") and self.args.equiv_steps:
             self._equivalence(weights, loaded, ntok, paths)
+        if self.args.error_steps:
+            self._preset_error(weights, loaded)
         if "compile-cudnn" in paths:
             # The same compiled path with cuDNN attention first: graphs are traced under the kernel choice, so
             # they are dropped and compiled again; the product default is restored for the next stage.
@@ -495,6 +571,22 @@ class Bench:
                                     prompt_tokens=counts, stock_flops=False, passes=passes)
                     row["kind"] = "batching"
                     self._record(row)
+
+    def _preset_error(self, weights: str, loaded) -> None:
+        """A full preset's image on the fast path (compiled if this stage is) against the first stage's."""
+        size, steps = self.args.sizes[0], self.args.error_steps
+        preset = next((p for p in PRESETS.values() if p.steps == steps), PRESETS["V4_DEFAULT_20"])
+        path = "fast+compile" if getattr(loaded.pipe, "_letterpress_compiled", False) else "fast"
+        try:
+            image = run_fast(loaded, [make_spec(self.args.prompt, size, steps, (self.args.seed,),
+                                                preset=preset.name)])[1][0]
+        except Exception as exc:  # noqa: BLE001
+            self.log(f"{weights}: full-preset error run failed: {type(exc).__name__}: {exc}"[:600])
+            return
+        if self.args.save_images:
+            image.save(self.out / f"error_{weights}_{size}_{steps}.png")
+        self._error(weights, ("preset", size, steps), f"{path} image, {steps} steps ({preset.name})", size, image)
+        self.save()
 
     def _equivalence(self, weights: str, loaded, ntok: int, paths: list[str]) -> None:
         """Images at a full preset's steps: stock vs stock-tight vs fast (vs compiled)."""
@@ -646,6 +738,14 @@ def render_markdown(result: dict[str, Any]) -> str:
                 return f"{d['mean']:.3f} / {d['max']} / {d['frac_differing']:.4f}" if d else ""
             lines.append(f"| {e['weights']} | {e['path']} | {e['size']}² | {e['steps']} | {fmt(e['vs_stock'])} | "
                          f"{fmt(e['vs_stock_tight'])} |")
+    if result.get("errors"):
+        lines += ["", "Error against the first stage, same inputs (velocity: ||v - v_ref|| / ||v_ref||; images: the "
+                  "same over uint8 pixels, and the mean / max level difference):", "",
+                  "| weights | vs | size | what | rel error | px mean / max |", "|---|---|---|---|---|---|"]
+        for e in result["errors"]:
+            px = f"{e['mean']:.2f} / {e['max']}" if "mean" in e else ""
+            rel = f"{100 * e['rel']:.2f}%" if "rel" in e else ""
+            lines.append(f"| {e['weights']} | {e['vs']} | {e['size']}² | {e['what']} | {rel} | {px} |")
     stages = result.get("stages") or {}
     if stages:
         lines += ["", "Stage costs (s): " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()
@@ -689,6 +789,8 @@ def parse_args(argv: Sequence[str] | None):
                         "presets: no unconditional pass)")
     p.add_argument("--equiv-steps", type=int, default=None,
                    help="steps of the full-preset equivalence run (default 20; 0 = off)")
+    p.add_argument("--error-steps", type=int, default=None,
+                   help="steps of the full-preset image compared with the first stage's (default 20, tiny 4; 0 = off)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--no-gemm", action="store_true", help="skip the matmul ceiling measurement")
@@ -721,6 +823,7 @@ def parse_args(argv: Sequence[str] | None):
     args.batch_res = _ints(args.batch_res or ("64" if tiny else "512,1024"))
     args.batch_weights = args.batch_weights or ("fp32" if on_cpu else "bf16")
     args.equiv_steps = args.equiv_steps if args.equiv_steps is not None else (4 if tiny else 20)
+    args.error_steps = args.error_steps if args.error_steps is not None else (4 if tiny else 20)
     base_steps = args.steps or (3 if tiny else 6)
     args.steps_for = lambda size: base_steps if (args.steps or size < 2048) else max(3, base_steps - 2)
     args.e2e_size = args.e2e_size or (256 if tiny else 1024)
@@ -729,7 +832,7 @@ def parse_args(argv: Sequence[str] | None):
     if args.e2e_compile is None:
         args.e2e_compile = not on_cpu
     if args.e2e_only:
-        args.e2e, args.paths, args.batch_sizes, args.equiv_steps = True, [], [], 0
+        args.e2e, args.paths, args.batch_sizes, args.equiv_steps, args.error_steps = True, [], [], 0, 0
     unknown = set(args.paths) - set(PATHS)
     if unknown:
         p.error(f"unknown paths {sorted(unknown)}: choose from {', '.join(PATHS)}")

@@ -305,9 +305,9 @@ def run(args) -> dict[str, Any]:
     loaded = _load(args)
     pipe = loaded.pipe
     if args.fp8:  # the loader's own fp8 conversion (torchao float8 rowwise, repeated blocks only)
-        from worker.pipeline.loading import _quantize_fp8
+        from worker.pipeline.loading import quantize_pipeline
 
-        _quantize_fp8(pipe)
+        quantize_pipeline(pipe, "fp8")
     result["load_s"] = time.perf_counter() - t0
 
     def compiled_step(label: str, **compile_kwargs) -> Step:

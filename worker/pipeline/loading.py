@@ -15,17 +15,24 @@ Variants (the memory figures are for the real model):
 | `nf4`         | bitsandbytes NF4 as shipped, about 16 GiB (12)      | 24-40 GB GPUs; CUDA only           |
 | `nf4-dequant` | NF4 weights dequantized once to bf16 (transformers) | NF4's numbers at bf16 speed        |
 | `fp8`         | torchao float8 rowwise in the transformer blocks    | sm_89+ from 40 GB, approximate     |
+| `int8`        | torchao int8 dynamic per row in the transformer blocks | sm_80+ (for Ampere), approximate |
 
-`auto` picks a memory plan (worker.pipeline.memory_plans): the fastest variant whose measured peak fits this GPU
-at the largest image the API accepts (`api.max_width` x `api.max_height`), with the text encoder resident, or
+`auto` picks a memory plan (worker.pipeline.memory_plans): the fastest exact variant whose measured peak fits this
+GPU at the largest image the API accepts (`api.max_width` x `api.max_height`), with the text encoder resident, or
 offloaded to CPU memory between jobs (`TextEncoderOffload`) when only that fits. An explicit variant gets the
 placement that fits it, and one that fits in no placement is refused at start, naming the plan that would.
+
+fp8 and int8 are approximate (8-bit activations and weights) and only ever loaded by name. int8 is for GPUs without
+fp8 (Ampere: A100, A10, RTX 30xx, whose int8 tensor cores run at twice their bf16 rate); it was measured on an H200
+only, where it ran 1.06x bf16 (docs/PERFORMANCE.md, "The int8 variant on the H200"), and its memory plan is not
+measured, so it loads with the text encoder resident, unchecked.
 """
 from __future__ import annotations
 
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -43,9 +50,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-VARIANTS = ("fp32", "bf16", "nf4", "nf4-dequant", "fp8")
+VARIANTS = ("fp32", "bf16", "nf4", "nf4-dequant", "fp8", "int8")
 DEFAULT_HUB_MODEL = "ideogram-ai/ideogram-4-nf4"
 FP8_MIN_CAPABILITY = memory_plans.FP8_MIN_CAPABILITY
+INT8_MIN_CAPABILITY = memory_plans.INT8_MIN_CAPABILITY
 _QUANTIZED_TRANSFORMERS = ("transformer", "unconditional_transformer")
 _NF4_COMPONENTS = ("transformer", "unconditional_transformer", "text_encoder")
 
@@ -123,13 +131,17 @@ def resolve_plan(requested: str, device_info: DeviceInfo, *,
                 f"variant {variant} needs bitsandbytes and a CUDA GPU, and this worker has none: "
                 "use fp32 (or bf16, slower) on CPU"
             )
-        if variant == "fp8":
-            _check_fp8_capable(device_info)
+        if variant in _GPU_NEEDS:
+            check_gpu_capable(variant, device_info)
         return MemoryPlan(variant="fp32" if variant == "auto" else variant, text_encoder="resident")
-    if variant == "fp8":
-        _check_fp8_capable(device_info)
+    if variant in _GPU_NEEDS:
+        check_gpu_capable(variant, device_info)
     if variant == "fp32":  # not in the table: float32 on a GPU is a debugging choice
         return MemoryPlan(variant="fp32", text_encoder="resident")
+    if variant != "auto" and variant not in memory_plans.MEASURED_VARIANTS:
+        log.warning("no memory plan is measured for variant %s: loading it with the text encoder resident, "
+                    "unchecked", variant)
+        return MemoryPlan(variant=variant, text_encoder="resident")
     if memory_plans.measured_side(max_pixels) is None:
         if variant == "auto":
             raise ModelConfigError(
@@ -166,20 +178,31 @@ def _no_plan_message(device_info: DeviceInfo, max_pixels: int) -> str:
             "does not fit; use a larger GPU or lower LETTERPRESS_API__MAX_WIDTH/MAX_HEIGHT")
 
 
-def _check_fp8_capable(device_info: DeviceInfo) -> None:
-    supported = ("fp8 needs a GPU with fp8 tensor cores, compute capability 8.9 or newer: Ada (L4, L40S, RTX 4090), "
-                 "Hopper (H100, H200, the tested target) or Blackwell (B200)")
+# The variants that need a CUDA GPU of at least a compute capability: (capability, what it needs, what to use
+# instead). int8's floor is bf16's: everything around its int8 matmuls computes in bf16.
+_GPU_NEEDS = {
+    "fp8": (FP8_MIN_CAPABILITY, "fp8 needs a GPU with fp8 tensor cores, compute capability 8.9 or newer: Ada (L4, "
+            "L40S, RTX 4090), Hopper (H100, H200, the tested target) or Blackwell (B200)", "bf16 or nf4"),
+    "int8": (INT8_MIN_CAPABILITY, "int8 needs a CUDA GPU of compute capability 8.0 or newer (int8 matmuls, bf16 "
+             "around them): Ampere (A100, A10, RTX 30xx, the intended target), Ada, Hopper (H200, the tested one) "
+             "or Blackwell", "nf4"),
+}
+
+
+def check_gpu_capable(variant: str, device_info: DeviceInfo) -> None:
+    """Refuse fp8 or int8 on a device without the tensor cores it runs on (the bench skips such stages too)."""
+    minimum, supported, instead = _GPU_NEEDS[variant]
     if device_info.kind != "cuda":
         raise ModelConfigError(f"{supported}; this worker has no CUDA GPU: use fp32 on CPU")
     cap = device_info.capability or (0, 0)
-    if cap < FP8_MIN_CAPABILITY:
+    if cap < minimum:
         raise ModelConfigError(
-            f"{supported}; {device_info.name} is sm_{cap[0]}{cap[1]}: use bf16 or nf4 on this GPU"
+            f"{supported}; {device_info.name} is sm_{cap[0]}{cap[1]}: use {instead} on this GPU"
         )
 
 
 def dtype_for(variant: str) -> torch.dtype:
-    """The compute dtype of a variant (NF4 and fp8 compute in bf16)."""
+    """The compute dtype of a variant (NF4, fp8 and int8 compute in bf16)."""
     return torch.float32 if variant == "fp32" else torch.bfloat16
 
 
@@ -338,9 +361,10 @@ def _load(source: _ModelSource, plan: MemoryPlan, device_info: DeviceInfo) -> tu
 def place_components(pipe: Ideogram4Pipeline, variant: str, device: str) -> int:
     """Move the pipeline's models to `device` one at a time, converting each transformer as it arrives.
 
-    fp8 quantizes each block linear as it arrives (torchao's `quantize_(..., device=)`), so a bf16 transformer never
-    sits whole on the GPU: loading a bf16 pipeline first would need the card the fp8 plan avoids. An offloaded text
-    encoder stays where its `TextEncoderOffload` put it. Returns how many NF4 layers were dequantized.
+    fp8 and int8 quantize each block linear as it arrives (torchao's `quantize_(..., device=)`), so a bf16
+    transformer never sits whole on the GPU: loading a bf16 pipeline first would need the card the plan avoids. An
+    offloaded text encoder stays where its `TextEncoderOffload` put it. Returns how many NF4 layers were
+    dequantized.
     """
     dequantized = 0
     for name, module in pipe.components.items():
@@ -348,9 +372,9 @@ def place_components(pipe: Ideogram4Pipeline, variant: str, device: str) -> int:
             continue
         if name == "text_encoder" and getattr(pipe, "_letterpress_text_offload", None) is not None:
             continue
-        if name in _QUANTIZED_TRANSFORMERS and variant == "fp8":
+        if name in _QUANTIZED_TRANSFORMERS and variant in _QUANTIZERS:
             dequantized += dequantize_linear4bit(module)  # an NF4 checkpoint (bitsandbytes loaded it on the GPU)
-            _quantize_fp8_model(module, device=device)  # one block linear at a time onto the device
+            _QUANTIZERS[variant](module, device=device)  # one block linear at a time onto the device
             continue
         module.to(device)
         if name in _QUANTIZED_TRANSFORMERS and variant != "nf4":
@@ -506,35 +530,76 @@ def _replace_linear4bit(module: torch.nn.Module, bnb, dtype: torch.dtype) -> int
     return replaced
 
 
-def _quantize_fp8(pipe: Ideogram4Pipeline) -> None:
-    """`_quantize_fp8_model` on both transformers (the bench converts a whole pipeline in place)."""
+def quantize_pipeline(pipe: Ideogram4Pipeline, variant: str) -> None:
+    """fp8 or int8 in both transformers' blocks, in place (the bench converts a whole pipeline this way)."""
     for name in _QUANTIZED_TRANSFORMERS:
         if getattr(pipe, name) is not None:
-            _quantize_fp8_model(getattr(pipe, name))
+            _QUANTIZERS[variant](getattr(pipe, name))
+
+
+def block_linear(module: torch.nn.Module, fqn: str) -> bool:
+    """A linear layer of the repeated blocks (`layers.N...`): what fp8 quantizes."""
+    return isinstance(module, torch.nn.Linear) and fqn.startswith("layers.")
+
+
+def int8_block_linear(module: torch.nn.Module, fqn: str) -> bool:
+    """A block linear whose input has a row per token: what int8 quantizes.
+
+    Not `adaln_modulation`: its input is the per-sample timestep embedding, one row a sample, and `torch._int_mm`
+    refuses fewer than 17 rows. Every other block linear (attention q/k/v/out, the SwiGLU w1/w2/w3) sees all text
+    and image tokens: thousands of rows at any size the API accepts.
+    """
+    return block_linear(module, fqn) and fqn.rsplit(".", 1)[-1] != "adaln_modulation"
+
+
+def _quantize_block_linears(transformer: torch.nn.Module, variant: str, make_config: Callable[[], Any],
+                            filter_fn: Callable[[torch.nn.Module, str], bool], device: str | None = None) -> None:
+    """Apply torchao's `make_config()` to the linears `filter_fn` accepts: what fp8 and int8 share.
+
+    With `device`, each linear is moved there just before it is quantized and the rest of the model after
+    (torchao's own option), so the bf16 weights pass through the GPU one layer at a time. Without torchao: a
+    `ModelConfigError` saying what to install.
+    """
+    try:
+        from torchao.quantization import quantize_
+
+        config = make_config()
+    except ImportError as exc:
+        raise ModelConfigError(f"{variant} needs torchao: pip install 'letterpress[gpu]' (or torchao>=0.10)"
+                               ) from exc
+    quantize_(transformer, config, filter_fn=filter_fn, device=device)
 
 
 def _quantize_fp8_model(transformer: torch.nn.Module, device: str | None = None) -> None:
     """torchao float8 dynamic activations x float8 weights, per-row scales, in the repeated blocks only.
 
     Approximate by nature (8-bit activations and weights). The embedders, the once-a-job text projection and the
-    final layer stay bf16: they cost little and matter most for fidelity. With `device`, each linear is moved there
-    just before it is quantized and the rest of the model after (torchao's own option), so the bf16 weights pass
-    through the GPU one layer at a time.
+    final layer stay bf16: they cost little and matter most for fidelity.
     """
-    try:
-        from torchao.quantization import (
-            Float8DynamicActivationFloat8WeightConfig,
-            PerRow,
-            quantize_,
-        )
-    except ImportError as exc:
-        raise ModelConfigError("fp8 needs torchao: pip install 'letterpress[gpu]' (or torchao>=0.10)") from exc
+    def config():
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
 
-    def in_blocks(module: torch.nn.Module, fqn: str) -> bool:
-        return isinstance(module, torch.nn.Linear) and fqn.startswith("layers.")
+        return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
 
-    quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=in_blocks,
-              device=device)
+    _quantize_block_linears(transformer, "fp8", config, block_linear, device)
+
+
+def _quantize_int8_model(transformer: torch.nn.Module, device: str | None = None) -> None:
+    """torchao int8 dynamic activations (per token) x int8 weights (per channel), in the repeated blocks only.
+
+    For GPUs without fp8 (Ampere's int8 tensor cores run at twice its bf16 rate; not measured here: no A100 was
+    lent). Approximate like fp8, and bf16 where fp8 is, plus the per-sample adaLN projections (`int8_block_linear`).
+    On Hopper `torch._int_mm` runs at the bf16 rate: 1.06x bf16 a step on the H200 (docs/PERFORMANCE.md).
+    """
+    def config():
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig
+
+        return Int8DynamicActivationInt8WeightConfig()
+
+    _quantize_block_linears(transformer, "int8", config, int8_block_linear, device)
+
+
+_QUANTIZERS = {"fp8": _quantize_fp8_model, "int8": _quantize_int8_model}
 
 
 def translate_load_error(exc: BaseException, *, model_id: str, variant: str, device_info: DeviceInfo | None = None,
@@ -548,7 +613,7 @@ def translate_load_error(exc: BaseException, *, model_id: str, variant: str, dev
     if missing_package is not None:
         return ModelConfigError(
             f"loading {model_id} as {variant} needs a package that is not installed ({_short(missing_package)}): "
-            "pip install 'letterpress[gpu]' (bitsandbytes for NF4, torchao for fp8)"
+            "pip install 'letterpress[gpu]' (bitsandbytes for NF4, torchao for fp8 and int8)"
         )
     if _is_gated(chain):
         return ModelConfigError(

@@ -13,10 +13,11 @@ A plan is a weight variant and where the Qwen3-VL text encoder lives:
 - `offload`: its repeated blocks in CPU memory, copied onto the GPU one block at a time while a prompt is encoded
   (worker.pipeline.loading.TextEncoderOffload); a cached prompt costs nothing, a new one pays the copy.
 
-`choose` picks the fastest exact variant (`variants_for`: fp8 is approximate, so `auto` never picks it; it stays an
-explicit choice, issue 15) whose measured need (the smallest memory cap it ran under, plus `HEADROOM_BYTES`) fits
-the device at the largest image the worker may be sent, resident before offloaded. `placement_for` answers the same
-for one variant (an explicit `LETTERPRESS_MODEL__VARIANT`). Why the caps and not the peaks: see `Peak`.
+`choose` picks the fastest exact variant (`variants_for`: fp8 and int8 are approximate, so `auto` never picks them;
+they stay explicit choices, issue 15) whose measured need (the smallest memory cap it ran under, plus
+`HEADROOM_BYTES`) fits the device at the largest image the worker may be sent, resident before offloaded.
+`placement_for` answers the same for one variant (an explicit `LETTERPRESS_MODEL__VARIANT`). Why the caps and not
+the peaks: see `Peak`. int8 has no measured plans yet (`MEASURED_VARIANTS`): the loader loads it resident, unchecked.
 """
 from __future__ import annotations
 
@@ -29,10 +30,13 @@ HEADROOM_BYTES = 1 * GIB
 # Fastest first (docs/PERFORMANCE.md, H200 at 1024²: compiled fp8 0.182 s a step, bf16 0.271, nf4-dequant 0.271;
 # nf4 0.434 eager, the bench does not compile it); bf16 and nf4-dequant run at one speed, bf16 keeps the
 # checkpoint's exact numbers.
-SPEED_ORDER = ("fp8", "bf16", "nf4-dequant", "nf4")
-APPROXIMATE = frozenset({"fp8"})  # changes the checkpoint's numbers: only when asked for by name
+# int8 (sm_80+, for Ampere, which has no fp8) is measured on the H200 only: 0.261 s against bf16's 0.276 in one
+# process (docs/PERFORMANCE.md, "The int8 variant on the H200"); where it stands on an A100 is not measured.
+SPEED_ORDER = ("fp8", "int8", "bf16", "nf4-dequant", "nf4")
+APPROXIMATE = frozenset({"fp8", "int8"})  # change the checkpoint's numbers: only when asked for by name
 PLACEMENTS = ("resident", "offload")  # preferred first: offload pays a copy for each new prompt
 FP8_MIN_CAPABILITY = (8, 9)
+INT8_MIN_CAPABILITY = (8, 0)  # int8 tensor cores: Ampere and newer
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,7 @@ MEASURED: dict[tuple[str, str, int], Peak] = {
     ("nf4", "offload", 2048): Peak(allocated=17.79, reserved=27.12, runs_under=22.35),  # failed under 20.79
 }
 MEASURED_SIDES = (1024, 2048)
+MEASURED_VARIANTS = frozenset(variant for variant, _, _ in MEASURED)  # not int8: its plans are not measured yet
 MAX_MEASURED_PIXELS = MEASURED_SIDES[-1] ** 2
 
 
@@ -121,11 +126,17 @@ def placement_for(variant: str, total_memory: int, max_pixels: int) -> MemoryPla
     return None
 
 
+_MIN_CAPABILITY = {"fp8": FP8_MIN_CAPABILITY, "int8": INT8_MIN_CAPABILITY}
+
+
 def variants_for(capability: tuple[int, int] | None, *, approximate: bool = False) -> tuple[str, ...]:
-    """The table's variants `auto` may pick on a GPU of this compute capability, fastest first: the exact ones, and
-    with `approximate` also fp8 where the GPU has fp8 tensor cores."""
-    fp8_ok = approximate and capability is not None and tuple(capability) >= FP8_MIN_CAPABILITY
-    return tuple(v for v in SPEED_ORDER if v not in APPROXIMATE or fp8_ok)
+    """The variants a GPU of this compute capability runs, fastest first: the exact ones (what `auto` may pick),
+    and with `approximate` also fp8 and int8 where the GPU has their tensor cores (never for `auto`)."""
+    def runs(variant: str) -> bool:
+        need = _MIN_CAPABILITY.get(variant)
+        return need is None or (capability is not None and tuple(capability) >= need)
+
+    return tuple(v for v in SPEED_ORDER if runs(v) and (approximate or v not in APPROXIMATE))
 
 
 def choose(total_memory: int, capability: tuple[int, int] | None, max_pixels: int) -> MemoryPlan | None:
