@@ -4,6 +4,7 @@ a checkpoint saved without its unconditional transformer loads and runs the CFG-
 rest with a clear error."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 import dataclasses
@@ -98,12 +99,15 @@ def test_a_distilled_checkpoint_refuses_guidance_clearly(distilled):
 
 
 def test_a_distilled_checkpoint_compiles_its_one_transformer(distilled):
-    before = image_bytes(generate(distilled, preset_spec("V4_INSTANT_8")))
+    [before] = generate(distilled, preset_spec("V4_INSTANT_8"))
     torch._dynamo.reset()  # other tests in this process compiled the same block code: no stale cache entries
     prepare_compiled(distilled, warmup_sizes=[(32, 48)], warmup_steps=1)
     try:
-        assert image_bytes(generate(distilled, preset_spec("V4_INSTANT_8"))) == before
+        [after] = generate(distilled, preset_spec("V4_INSTANT_8"))
     finally:
         from worker.bench.models import uncompile
 
         uncompile(distilled.pipe)
+    # compiled kernels may round differently from eager on CPU (as in tests/worker/pipeline/test_adapters.py)
+    diff = np.abs(np.asarray(after, dtype=np.int16) - np.asarray(before, dtype=np.int16))
+    assert diff.max() <= 2, int(diff.max())
