@@ -50,7 +50,7 @@ class SendQueue:
     def __init__(self, mark: Mark):
         self._mark = mark
         self._pending: list[Job] = []
-        self._wake = asyncio.Event()
+        self._wake = asyncio.Event()  # made again by `start`, on the loop that sends
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
         self._closing = False
@@ -74,10 +74,7 @@ class SendQueue:
     async def send(self, job_id: uuid.UUID, queue: str) -> None:
         """Have the job's message sent: after this returns on the server's loop, at once on any other."""
         if self._task is None or self._loop is not asyncio.get_running_loop():
-            sent = await run_in_threadpool(send_run, [(job_id, queue)])
-            if sent:
-                await self._mark(sent)
-            return
+            return await self._deliver([(job_id, queue)])
         self._pending.append((job_id, queue))
         self._wake.set()
 
@@ -94,6 +91,10 @@ class SendQueue:
 
     async def _send_next(self) -> None:
         run, self._pending = self._pending[:MAX_RUN], self._pending[MAX_RUN:]
+        await self._deliver(run)
+
+    async def _deliver(self, run: list[Job]) -> None:
+        """Send the run and mark what was sent; any failure is logged (maintenance sends what stays unmarked)."""
         try:
             sent = await run_in_threadpool(send_run, run)
             if sent:
