@@ -37,8 +37,7 @@ async def submit_job(body: JobRequest, *, key_hash: str, store: JobStore, settin
     submitted = dict(params=params, queue=interactive_queue(body.priority), idempotency_key=idempotency_key,
                      metadata=body.metadata, webhook_url=body.webhook_url, max_attempts=settings.worker.max_attempts)
     # the fleet's result-cache scopes, when the cache may answer this request (a Redis read cached a few seconds)
-    scopes = await run_in_threadpool(cache_answers.fleet_scopes, settings.redis.url) if _cacheable(
-        params, settings) else []
+    scopes = await _fleet_scopes(settings) if _cacheable(params, settings) else []
     if idempotency_key is not None or "loras" in params or "image" in params or scopes:
         job, created = await run_in_threadpool(_create_in_session, key_hash, submitted, storage, settings, scopes)
     else:
@@ -51,6 +50,13 @@ async def submit_job(body: JobRequest, *, key_hash: str, store: JobStore, settin
         if job.status == JobStatus.SUCCEEDED:
             metrics.JOBS_FROM_CACHE.inc()
     return job, created
+
+
+async def _fleet_scopes(settings: Settings) -> list:
+    """cache_answers.fleet_scopes, on a thread only when its reading is stale (every few seconds): a thread hop
+    costs the event loop about 0.3 ms of CPU."""
+    known = cache_answers.known_fleet_scopes(settings.redis.url)
+    return known if known is not None else await run_in_threadpool(cache_answers.fleet_scopes, settings.redis.url)
 
 
 def _cacheable(params: dict, settings: Settings) -> bool:

@@ -36,8 +36,8 @@ Mark = Callable[[list[uuid.UUID]], Awaitable[None]]
 
 
 def send_run(jobs: list[Job]) -> list[uuid.UUID]:
-    """Send the run in order over one producer; the ids sent (stops at the first failure, as
-    common.dispatch.send_in_order does: the rest are left to maintenance)."""
+    """Send the run in order over one producer, in one Redis pipeline (common.broker.generate_sender); the ids
+    sent: none when the pipeline failed, so nothing unsent is marked (maintenance sends the run again)."""
     try:
         with generate_sender() as send:
             return send_in_order(jobs, send=send)

@@ -75,9 +75,12 @@ def enqueue_generate(job_id: uuid.UUID, queue: str) -> None:
 @contextmanager
 def generate_sender() -> Iterator[Callable[[uuid.UUID, str], None]]:
     """`enqueue_generate` over one producer taken from the pool for a run of sends (the API's send queue,
-    api/send_queue.py), instead of one taken and given back per message."""
+    api/send_queue.py), instead of one taken and given back per message. The run's messages go to Redis in one
+    pipeline when the block ends (kombu's `Producer.batch`), not one round trip each: a failed flush raises there,
+    so a caller marks nothing of the run as sent (a message that did go out is sent again by maintenance, and a
+    second delivery is a no-op at claim)."""
     app = get_celery()
-    with app.producer_or_acquire() as producer:
+    with app.producer_or_acquire() as producer, producer.batch():
         yield lambda job_id, queue: app.send_task(GENERATE_TASK, args=[str(job_id)], queue=queue, retry=False,
                                                   producer=producer)
 

@@ -43,10 +43,9 @@ def fleet_scopes(redis_url: str) -> list[tuple[str, str | None, str]]:
     """(model, revision, config) of every worker announced now (each worker's result-cache scope); [] when Redis
     cannot tell (then the queue answers, as without this module)."""
     now = time.monotonic()
-    with _lock:
-        found = _scopes.get(redis_url)
-        if found is not None and now - found[0] < SCOPES_TTL_S:
-            return found[1]
+    found = known_fleet_scopes(redis_url)
+    if found is not None:
+        return found
     try:
         client = redis_lib.Redis.from_url(redis_url, socket_connect_timeout=1, socket_timeout=1)
         try:
@@ -61,6 +60,14 @@ def fleet_scopes(redis_url: str) -> list[tuple[str, str | None, str]]:
     with _lock:
         _scopes[redis_url] = (now, scopes)
     return scopes
+
+
+def known_fleet_scopes(redis_url: str) -> list[tuple[str, str | None, str]] | None:
+    """`fleet_scopes` while its last reading is fresh, else None: no Redis call, so an async caller can ask on its
+    event loop and hop to a thread only when Redis must be read."""
+    with _lock:
+        found = _scopes.get(redis_url)
+    return found[1] if found is not None and time.monotonic() - found[0] < SCOPES_TTL_S else None
 
 
 def find_answer(session: Session, *, tenant_id: uuid.UUID, params: dict[str, Any],

@@ -12,7 +12,7 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz", response_model=HealthOut)
-def healthz() -> dict:
+async def healthz() -> dict:
     return {"status": "ok"}
 
 

@@ -89,6 +89,36 @@ def test_with_redis_down_the_jobs_stay_unsent_and_later_ones_go_through(stack_en
     assert all(_enqueued(later).values())
 
 
+def test_a_run_redis_refuses_at_the_flush_is_left_unmarked_for_maintenance(stack_env):
+    """A run goes to Redis in one pipeline, so Redis refusing its commands shows only when the pipeline is flushed,
+    after every send of the run "succeeded": none of the run may be marked (maintenance sends them again)."""
+    queue = f"held-send-{uuid.uuid4().hex[:6]}"
+    refused, later = _new_jobs(3, queue), _new_jobs(2, queue)
+    r = redis.Redis.from_url(get_settings().redis.url)
+    policy = r.config_get("maxmemory-policy")["maxmemory-policy"]
+
+    async def run() -> None:
+        store = JobStore(get_settings().database)
+        await store.open()
+        r.config_set("maxmemory-policy", "noeviction")
+        r.config_set("maxmemory", 1)  # every write is refused: OOM
+        try:
+            await _submit_all(store, refused, queue)
+            while store.sends.pending:
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.5)  # the run in flight fails at its flush and is logged
+        finally:
+            r.config_set("maxmemory", 0)
+            r.config_set("maxmemory-policy", policy)
+        await _submit_all(store, later, queue)
+        await store.close()
+
+    asyncio.run(run())
+    assert _enqueued(refused) == {job_id: False for job_id in refused}
+    assert _sent_ids(queue) == [str(i) for i in later]
+    assert all(_enqueued(later).values())
+
+
 def test_a_caller_on_another_loop_has_its_job_sent_at_once(stack_env):
     queue = f"held-send-{uuid.uuid4().hex[:6]}"
     [job_id] = _new_jobs(1, queue)
