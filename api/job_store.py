@@ -173,7 +173,7 @@ class JobStore:
 
     def _new_pool(self) -> AsyncConnectionPool:
         return AsyncConnectionPool(
-            conninfo(self.db.url), min_size=1, max_size=self.db.pool_size + self.db.max_overflow,
+            conninfo(self.db.url), min_size=self.db.pool_size, max_size=self.db.pool_size + self.db.max_overflow,
             timeout=self.db.pool_timeout_s, open=False, name="job-store", kwargs=self._connect_kwargs())
 
     async def open(self) -> None:

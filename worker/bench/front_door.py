@@ -7,7 +7,8 @@
 Starts throwaway Postgres and Redis and the API under uvicorn (no GPU worker: submits only queue), then drives
 open-loop load: requests leave on a fixed schedule whatever the answers, so a slow server shows as latency and
 timeouts, not as a politely slower client. For each rate it reports answered, status counts, p50/p99 latency and
-timeouts; then /healthz p50/p99 while 30 batch uploads (1,000 lines each) run at once. The load generator runs
+timeouts, each after a warm-up of the same load (`--warmup` seconds, reported apart: a cold server's first second
+fills its connections and caches); then /healthz p50/p99 while 30 batch uploads (1,000 lines each) run at once. The load generator runs
 on the same machine: on a 2-core box it takes CPU from the API, so read the figures as a lower bound.
 `--in-process N` first runs api.request_cost: N reads and N submits through the app called in-process, the API's
 own CPU a call without HTTP or a load generator (a steadier figure for comparing two builds).
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import gc
 import json
 import os
 import subprocess
@@ -26,7 +28,8 @@ import time
 import uuid
 from collections import Counter
 from pathlib import Path
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import httpx
 
@@ -87,6 +90,21 @@ class RawHttp:
         return status
 
 
+@contextmanager
+def collector_paused() -> Iterator[None]:
+    """The load generator's own full collections (about 0.1 s with this process's heap) would hold every request
+    due meanwhile and then send them in a burst, a stall of the instrument read as the server's: off while load
+    runs (what it allocates is freed by reference counts), the heap so far frozen out of later collections."""
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+        gc.unfreeze()
+
+
 async def open_loop(client: RawHttp, rate: float, duration: float, request: Callable[[int], bytes],
                     server_cpu: Callable[[], float] = lambda: 0.0) -> dict:
     """Send `request(i)` at `rate` per second for `duration` seconds. Latency counts from the request's scheduled
@@ -104,15 +122,16 @@ async def open_loop(client: RawHttp, rate: float, duration: float, request: Call
         except (OSError, ValueError, IndexError, asyncio.IncompleteReadError) as exc:
             statuses[type(exc).__name__] += 1
 
-    cpu0 = server_cpu()
-    start, tasks, n = time.perf_counter(), [], int(rate * duration)
-    for i in range(n):
-        due = start + i / rate
-        delay = due - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one(i, due)))
-    await asyncio.gather(*tasks)
+    with collector_paused():
+        cpu0 = server_cpu()
+        start, tasks, n = time.perf_counter(), [], int(rate * duration)
+        for i in range(n):
+            due = start + i / rate
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(i, due)))
+        await asyncio.gather(*tasks)
     succeeded = sum(v for k, v in statuses.items() if k.startswith("2"))
     return {"rate": rate, "sent": n, "answered": len(latencies), "statuses": dict(statuses),
             "p50_ms": _ms(percentile(latencies, 0.50)), "p99_ms": _ms(percentile(latencies, 0.99)),
@@ -185,16 +204,15 @@ async def run(url: str, key: str, args, workdir: Path, api_pid: int) -> dict:
     result: dict = {"submit": [], "read": []}
     async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}) as setup:
         job_id = (await setup.post("/v1/jobs", json=JOB)).json()["id"]
-    for rate in args.submit_rates:
-        result["submit"].append(await open_loop(client, rate, args.duration,
-                                                lambda i: client.build("POST", "/v1/jobs", {**JOB, "seed": i}),
-                                                server_cpu))
-        print(json.dumps({"submit": result["submit"][-1]}), flush=True)
-        await asyncio.sleep(args.pause)
     read = client.build("GET", f"/v1/jobs/{job_id}")
-    for rate in args.read_rates:
-        result["read"].append(await open_loop(client, rate, args.duration, lambda i: read, server_cpu))
-        print(json.dumps({"read": result["read"][-1]}), flush=True)
+    calls = [("submit", rate, lambda i: client.build("POST", "/v1/jobs", {**JOB, "seed": i}))
+             for rate in args.submit_rates] + [("read", rate, lambda i: read) for rate in args.read_rates]
+    for call, rate, request in calls:
+        if args.warmup:  # the same load first, reported apart: the server's connections and caches filling
+            warm = await open_loop(client, rate, args.warmup, request, server_cpu)
+            result.setdefault("warmup", []).append({"call": call, **warm})
+        result[call].append(await open_loop(client, rate, args.duration, request, server_cpu))
+        print(json.dumps({call: result[call][-1]}), flush=True)
         await asyncio.sleep(args.pause)
     if args.uploads:
         result["uploads"] = await healthz_during_uploads(url, key, workdir, args.uploads, args.upload_lines)
@@ -219,6 +237,9 @@ def render(result: dict) -> str:
             rows.append(f"| {path} | {r['rate']:g} | {r['sent']} | {r['answered']} | "
                         f"{', '.join(f'{k}: {v}' for k, v in sorted(r['statuses'].items()))} | {r['p50_ms']} | "
                         f"{r['p99_ms']} | {r['server_cpu_ms']} |")
+    for r in result.get("warmup", []):
+        rows.append(f"\nWarm-up of {r['call']} at {r['rate']:g}/s ({r['sent']} requests just before the row above, "
+                    f"not in it): {r['statuses']}, p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms")
     for r in result.get("in_process", []):
         rows.append(f"\nIn-process, {r['call']}: {r['cpu_ms']} ms CPU, {r['wall_ms']} ms wall a call "
                     f"({r['calls']} calls)")
@@ -236,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--read-rates", default="100,300,1000")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per rate")
     parser.add_argument("--pause", type=float, default=3.0, help="seconds between rates")
+    parser.add_argument("--warmup", type=float, default=2.0,
+                        help="seconds of the same load before each rate's measured run, reported apart (0: none)")
     parser.add_argument("--timeout", type=float, default=10.0)
     parser.add_argument("--uploads", type=int, default=30)
     parser.add_argument("--upload-lines", type=int, default=1000)
