@@ -1,8 +1,9 @@
 """`letterpress worker`: one Celery worker process per visible GPU, each pinned with CUDA_VISIBLE_DEVICES, or one
-CPU worker when there is no GPU. Supervises them: a crashed worker is restarted; SIGTERM/SIGINT is forwarded so
-each drains (docs/RELIABILITY.md)."""
+CPU worker when there is no GPU. Supervises them: a crashed worker is restarted; the first SIGTERM/SIGINT is
+forwarded so each drains (docs/RELIABILITY.md), and a worker stops when the launcher dies."""
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -14,6 +15,7 @@ from common.broker import QUEUES
 from common.settings import get_settings
 
 log = logging.getLogger("letterpress.worker")
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def visible_gpus() -> list[str]:
@@ -44,11 +46,24 @@ def metrics_ports(names: list[str], base: int) -> dict[str, int]:
 
 
 def spawn(name: str, gpu: str | None, queues: str, metrics_port: int) -> subprocess.Popen:
+    """A worker in a session of its own, so the only stop signal it gets is the one this launcher forwards (a
+    terminal's Ctrl-C or a kill of the launcher's process group does not reach it directly), and that ends with
+    this launcher even if it is killed outright."""
     env = dict(os.environ)
     env["CUDA_VISIBLE_DEVICES"] = gpu if gpu is not None else ""
     env["LETTERPRESS_WORKER__METRICS_PORT"] = str(metrics_port)
     log.info("starting worker %s (CUDA_VISIBLE_DEVICES=%s)", name, env["CUDA_VISIBLE_DEVICES"] or "none")
-    return subprocess.Popen(worker_command(name, queues), env=env)
+    return subprocess.Popen(worker_command(name, queues), env=env, start_new_session=True,
+                            preexec_fn=_stop_with_parent)
+
+
+def _stop_with_parent() -> None:
+    """In the new worker, before exec: SIGTERM when the launcher dies, whatever killed it (Linux's
+    PR_SET_PDEATHSIG; elsewhere nothing)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,7 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     stopping = False
 
     def forward(signum, _frame):
+        # Once: a Celery worker that gets a second stop signal while handling the first can deadlock in its
+        # handler (the second takes the lock of `worker_shutting_down` that the first holds) and never exits.
         nonlocal stopping
+        if stopping:
+            return
         stopping = True
         for proc in procs.values():
             if proc.poll() is None:

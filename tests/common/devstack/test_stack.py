@@ -47,6 +47,21 @@ def test_up_then_submit_gets_a_png(tmp_path):
         up.wait(timeout=60)
     time.sleep(0.5)
     assert not _ready(port)
+    # nothing `up` started outlives it: the API, the launcher and its worker, the webhooks worker
+    wait_until(lambda: not _processes_of(home), 60, what="every process of letterpress up gone")
+
+
+def _processes_of(home) -> list[int]:
+    """The pids of the processes started with this LETTERPRESS_HOME."""
+    mark = f"LETTERPRESS_HOME={home}".encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and mark in open(f"/proc/{entry}/environ", "rb").read().split(b"\0"):
+                pids.append(int(entry))
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return pids
 
 
 def _ready(port: int) -> bool:
