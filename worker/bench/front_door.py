@@ -111,12 +111,14 @@ async def open_loop(client: RawHttp, rate: float, duration: float, request: Call
     time, so time spent waiting for a free connection is in it (no coordinated omission). `server_cpu_ms` is the
     server's CPU time (`server_cpu()`, seconds) over the run divided by the requests it answered 2xx."""
     latencies: list[float] = []
+    by_second: dict[int, list[float]] = {}  # the latencies of the requests due in each second of the run
     statuses: Counter[str] = Counter()
 
     async def one(i: int, due: float) -> None:
         try:
             statuses[str(await client.send(request(i)))] += 1
             latencies.append(time.perf_counter() - due)
+            by_second.setdefault(int(i / rate), []).append(latencies[-1])
         except (TimeoutError, asyncio.TimeoutError):
             statuses["timeout"] += 1
         except (OSError, ValueError, IndexError, asyncio.IncompleteReadError) as exc:
@@ -135,6 +137,7 @@ async def open_loop(client: RawHttp, rate: float, duration: float, request: Call
     succeeded = sum(v for k, v in statuses.items() if k.startswith("2"))
     return {"rate": rate, "sent": n, "answered": len(latencies), "statuses": dict(statuses),
             "p50_ms": _ms(percentile(latencies, 0.50)), "p99_ms": _ms(percentile(latencies, 0.99)),
+            "p99_ms_by_second": [_ms(percentile(by_second[s], 0.99)) for s in sorted(by_second)],
             "wall_s": round(time.perf_counter() - start, 2),
             "server_cpu_ms": round((server_cpu() - cpu0) * 1000 / succeeded, 3) if succeeded else None}
 
@@ -154,6 +157,12 @@ def tree_cpu_s(pid: int) -> float:
         if int(entry.name) == pid or int(fields[1]) == pid:  # fields[1]: the parent's pid
             total += (int(fields[11]) + int(fields[12])) / tick
     return total
+
+
+def _seconds_under(run: dict, ms: float) -> str:
+    """"k of n": the seconds of the run whose requests' p99 was under `ms`."""
+    seconds = run["p99_ms_by_second"]
+    return f"{sum(1 for p in seconds if p is not None and p < ms)} of {len(seconds)}"
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -230,13 +239,13 @@ def in_process_cost(env: dict[str, str], key: str, calls: int) -> list[dict]:
 
 
 def render(result: dict) -> str:
-    rows = ["| call | rate /s | sent | answered | statuses | p50 ms | p99 ms | API CPU ms a 2xx |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = ["| call | rate /s | sent | answered | statuses | p50 ms | p99 ms | seconds of p99 < 50 ms | "
+            "API CPU ms a 2xx |", "|---|---|---|---|---|---|---|---|---|"]
     for call, path in (("submit", "POST /v1/jobs"), ("read", "GET /v1/jobs/{id}")):
         for r in result[call]:
             rows.append(f"| {path} | {r['rate']:g} | {r['sent']} | {r['answered']} | "
                         f"{', '.join(f'{k}: {v}' for k, v in sorted(r['statuses'].items()))} | {r['p50_ms']} | "
-                        f"{r['p99_ms']} | {r['server_cpu_ms']} |")
+                        f"{r['p99_ms']} | {_seconds_under(r, 50.0)} | {r['server_cpu_ms']} |")
     for r in result.get("warmup", []):
         rows.append(f"\nWarm-up of {r['call']} at {r['rate']:g}/s ({r['sent']} requests just before the row above, "
                     f"not in it): {r['statuses']}, p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms")
