@@ -8,7 +8,8 @@ Run by `python -m worker.bench.front_door --in-process N` (which starts Postgres
 reads the database, Redis and storage settings from the environment like the API. Prints one JSON line per call
 kind: CPU ms and wall ms a call (process CPU: the event loop and the threadpool that sends to the broker), for
 `GET /v1/jobs/{id}` of a queued job (the read and its queue position) and `POST /v1/jobs` without a seed (the
-one-statement submit, the broker send, the enqueue mark and the position).
+one-statement submit, the broker send, the enqueue mark and the position), one at a time and 20 at once (as
+under load, where the broker sends and marks of the submits meanwhile group).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from collections.abc import Sequence
 from api.main import create_app
 
 JOB = {"prompt": "a poster that says HELLO", "width": 1024, "height": 1024, "preset": "V4_TURBO_12"}
+AT_ONCE = 20
 
 
 async def _call(app, key: str, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
@@ -49,6 +51,10 @@ async def _call(app, key: str, method: str, path: str, body: bytes = b"") -> tup
     return messages[0]["status"], b"".join(m.get("body", b"") for m in messages[1:])
 
 
+async def _statuses(call) -> list[int]:
+    return [(await call)[0]]
+
+
 async def measure(key: str, calls: int, warm: int) -> list[dict]:
     app = create_app()
     results = []
@@ -57,18 +63,29 @@ async def measure(key: str, calls: int, warm: int) -> list[dict]:
         if status != 202:
             raise SystemExit(f"the first submit answered {status}: {body[:300]!r}")
         job_path = f"/v1/jobs/{json.loads(body)['id']}"
-        kinds = {"GET /v1/jobs/{id}": (200, lambda: _call(app, key, "GET", job_path)),
-                 "POST /v1/jobs": (202, lambda: _call(app, key, "POST", "/v1/jobs", json.dumps(JOB).encode()))}
+
+        def submit():
+            return _call(app, key, "POST", "/v1/jobs", json.dumps(JOB).encode())
+
+        async def submits_at_once() -> list[int]:  # as under load: the sends of the submits meanwhile group
+            return [status for status, _ in await asyncio.gather(*(submit() for _ in range(AT_ONCE)))]
+
+        kinds = {"GET /v1/jobs/{id}": (200, lambda: _statuses(_call(app, key, "GET", job_path))),
+                 "POST /v1/jobs": (202, lambda: _statuses(submit())),
+                 f"POST /v1/jobs, {AT_ONCE} at once": (202, submits_at_once)}
         for name, (expected, one) in kinds.items():
-            for _ in range(warm):
+            for _ in range(max(1, warm // AT_ONCE) if name.endswith("at once") else warm):
                 await one()
             wall, cpu = time.perf_counter(), time.process_time()
-            statuses = [(await one())[0] for _ in range(calls)]
+            statuses = []
+            while len(statuses) < calls:
+                statuses += await one()
             cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+            calls_made = len(statuses)
             if set(statuses) != {expected}:
                 raise SystemExit(f"{name}: answered {sorted(set(statuses))}, expected {expected}")
-            results.append({"call": name, "calls": calls, "cpu_ms": round(cpu / calls * 1000, 3),
-                            "wall_ms": round(wall / calls * 1000, 3)})
+            results.append({"call": name, "calls": calls_made, "cpu_ms": round(cpu / calls_made * 1000, 3),
+                            "wall_ms": round(wall / calls_made * 1000, 3)})
     return results
 
 
