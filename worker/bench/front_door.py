@@ -8,8 +8,9 @@ Starts throwaway Postgres and Redis and the API under uvicorn (no GPU worker: su
 open-loop load: requests leave on a fixed schedule whatever the answers, so a slow server shows as latency and
 timeouts, not as a politely slower client. For each rate it reports answered, status counts, p50/p99 latency and
 timeouts, each after a warm-up of the same load (`--warmup` seconds, reported apart: a cold server's first second
-fills its connections and caches); then /healthz p50/p99 while 30 batch uploads (1,000 lines each) run at once. The load generator runs
-on the same machine: on a 2-core box it takes CPU from the API, so read the figures as a lower bound.
+fills its connections and caches); then /healthz p50/p99 while 30 batch uploads (1,000 lines each) run at once.
+The load generator runs on the same machine: on a 2-core box it takes CPU from the API, so read the figures as a
+lower bound.
 `--in-process N` first runs api.request_cost: N reads and N submits through the app called in-process, the API's
 own CPU a call without HTTP or a load generator (a steadier figure for comparing two builds).
 """
