@@ -313,20 +313,25 @@ class JobStore:
         duplicate)."""
         if job.status != JobStatus.QUEUED:
             return None
-        known, place = self.places.of(job.id)
-        if not known and new:
+        if new:
             place = self.places.of_new(job.queue)
-            known = place is not None
-        if known:
+        else:
+            known, place = self.places.of(job.id)
+            if known:
+                return place
+        if place is not None:
             return place
-        try:
+        try:  # this caller counts (one at a time per job and per lane: api/recent_places.py)
             place = await self._queue_place(job)
-        except (psycopg.OperationalError, PoolTimeout) as exc:
+        except BaseException as exc:
+            self.places.forget_count(job.queue if new else job.id)
+            if not isinstance(exc, (psycopg.OperationalError, PoolTimeout)):
+                raise
             log.warning("queue position of job %s not read: %s", job.id, exc)
             return None
-        self.places.remember(job.id, place)
-        if new and place is not None:
+        if new:
             self.places.remember_new(job.queue, place, cached_throughput(self.db.url)[1])
+        self.places.remember(job.id, place)
         return place
 
     async def _queue_place(self, job: Job) -> QueuePlace | None:

@@ -10,6 +10,12 @@ place is that of the newest job of its queue: the first submit to a queue after 
 statement, on the new job); the next ones within the TTL add the jobs this process queued there since. That is
 at most PLACE_TTL_S old, counting jobs other processes submitted meanwhile late and jobs workers took meanwhile
 early; the next poll of the job counts afresh.
+
+One count at a time per job and per lane: when a place is older than the TTL, the first caller counts it again
+and the others are answered the last place counted meanwhile (older by at most the count's duration). Without
+that, every request arriving during a count started its own, and since a count takes longer the deeper the
+queue, a deep queue under load multiplied its counts: Postgres's CPU a submit grew from 0.9 to 3.1 ms between
+4,000 and 16,000 queued jobs at 400 submits a second (docs/PERFORMANCE.md, "Front door: one count at a time").
 """
 from __future__ import annotations
 
@@ -37,29 +43,40 @@ class RecentPlaces:
         self.ttl_s = ttl_s
         self._by_job: OrderedDict[uuid.UUID, tuple[float, QueuePlace | None]] = OrderedDict()
         self._newest: dict[str, _Newest] = {}
+        self._counting: set[uuid.UUID | str] = set()  # the jobs and lanes whose place a caller is counting now
 
     def of(self, job_id: uuid.UUID) -> tuple[bool, QueuePlace | None]:
-        """(True, place) when this job's place was computed within the TTL, else (False, None)."""
+        """(True, place) when this job's place was computed within the TTL, or is being counted again now (the
+        last place); else (False, None): the caller counts it, then `remember` (or `forget_count`)."""
         hit = self._by_job.get(job_id)
-        if hit is None or hit[0] < time.monotonic():
-            return False, None
-        return True, hit[1]
+        if hit is not None and (hit[0] >= time.monotonic() or job_id in self._counting):
+            return True, hit[1]
+        self._counting.add(job_id)
+        return False, None
 
     def remember(self, job_id: uuid.UUID, place: QueuePlace | None) -> None:
+        self._counting.discard(job_id)
         self._by_job[job_id] = (time.monotonic() + self.ttl_s, place)
         self._by_job.move_to_end(job_id)
         while len(self._by_job) > KEPT:
             self._by_job.popitem(last=False)
 
+    def forget_count(self, key: uuid.UUID | str) -> None:
+        """The count of this job's (or lane's) place failed: the next caller counts."""
+        self._counting.discard(key)
+
     def of_new(self, queue: str) -> QueuePlace | None:
-        """The place of a job just queued in `queue` when the newest one's place there is known within the TTL
-        (None: count it, then `remember_new`)."""
+        """The place of a job just queued in `queue` when the newest one's place there is known within the TTL,
+        or is being counted again now; None: the caller counts it, then `remember_new` (or `forget_count`)."""
         newest = self._newest.get(queue)
-        if newest is None or newest.until < time.monotonic():
+        if newest is None or (newest.until < time.monotonic() and queue not in self._counting):
+            self._counting.add(queue)
             return None
         newest.added += 1
         position = newest.place.position + newest.added
         return replace(newest.place, position=position, eta_s=eta_s(position, newest.rate))
 
-    def remember_new(self, queue: str, place: QueuePlace, rate: float | None) -> None:
-        self._newest[queue] = _Newest(until=time.monotonic() + self.ttl_s, place=place, rate=rate)
+    def remember_new(self, queue: str, place: QueuePlace | None, rate: float | None) -> None:
+        self._counting.discard(queue)
+        if place is not None:
+            self._newest[queue] = _Newest(until=time.monotonic() + self.ttl_s, place=place, rate=rate)

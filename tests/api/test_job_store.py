@@ -2,6 +2,8 @@
 transaction only (the mark is advisory: a lost one means a second, harmless send by maintenance)."""
 from __future__ import annotations
 
+import asyncio
+
 import psycopg
 
 from api.job_store import MARK_ENQUEUED, conninfo
@@ -27,3 +29,35 @@ def test_the_mark_sets_enqueued_at_of_its_jobs_and_relaxes_only_its_own_commit(s
         enqueued = dict(conn.execute("SELECT id, enqueued_at IS NOT NULL FROM jobs WHERE id = ANY(%s)",
                                      ([*marked, other],)).fetchall())
     assert enqueued == {marked[0]: True, marked[1]: True, other: False}
+
+
+def test_concurrent_polls_of_a_job_whose_place_expired_count_it_once(stack_env, monkeypatch):
+    """api/recent_places.py: one count at a time; the polls meanwhile get the last place (a count per poll made a
+    deep queue's counts multiply under load)."""
+    from api.job_store import JobStore
+
+    tenant = make_tenant()
+    with session_scope() as session:
+        job = create_job(session, tenant_id=tenant.id, params=PARAMS)[0]
+        session.commit()
+        session.refresh(job)
+        session.expunge(job)
+    store = JobStore(get_settings().database)
+    counts = []
+    count = store._queue_place
+
+    async def counted(job):
+        counts.append(job.id)
+        await asyncio.sleep(0.2)  # a count that takes a while, as in a deep queue
+        return await count(job)
+
+    monkeypatch.setattr(store, "_queue_place", counted)
+
+    async def polls() -> list:
+        first = await store.queue_place(job)
+        store.places._by_job[job.id] = (0.0, first)  # expired long ago
+        return [first, *await asyncio.gather(*(store.queue_place(job) for _ in range(20)))]
+
+    places = asyncio.run(polls())
+    assert len(counts) == 2  # the first poll, then one for the 20 after it expired
+    assert places[0] is not None and all(place == places[0] for place in places)

@@ -1,5 +1,6 @@
 """api/recent_places.py: a job's place is kept for the TTL, then counted again; a new job's place follows the newest
-counted one of its queue plus the jobs queued behind it since, within the TTL only."""
+counted one of its queue plus the jobs queued behind it since, within the TTL only; one count at a time per job and
+per lane, the others answered the last place meanwhile."""
 from __future__ import annotations
 
 import uuid
@@ -52,3 +53,29 @@ def test_memory_is_bounded(clock, monkeypatch):
     for job in jobs:
         places.remember(job, QueuePlace(position=1, eta_s=None))
     assert [places.of(job)[0] for job in jobs] == [False, False, True, True, True]
+
+
+def test_while_one_caller_counts_a_place_again_the_others_get_the_last_one(clock):
+    places, job = RecentPlaces(ttl_s=1.0), uuid.uuid4()
+    places.remember(job, QueuePlace(position=7, eta_s=8.0))
+    clock[0] += 1.1
+    assert places.of(job) == (False, None)  # expired: this caller counts
+    assert places.of(job) == (True, QueuePlace(position=7, eta_s=8.0))  # meanwhile: the last place
+    places.remember(job, QueuePlace(position=5, eta_s=6.0))
+    assert places.of(job) == (True, QueuePlace(position=5, eta_s=6.0))
+    clock[0] += 1.1
+    assert places.of(job) == (False, None)
+    places.forget_count(job)  # that count failed: the next caller counts
+    assert places.of(job) == (False, None)
+
+
+def test_one_count_at_a_time_for_a_lane_of_new_jobs(clock):
+    places = RecentPlaces(ttl_s=1.0)
+    assert places.of_new("interactive") is None  # the first ever: this caller counts...
+    assert places.of_new("interactive") is None  # ...and with nothing counted yet, so does the next
+    places.remember_new("interactive", QueuePlace(position=10, eta_s=None), rate=None)
+    clock[0] += 1.1
+    assert places.of_new("interactive") is None  # expired: this caller counts
+    assert places.of_new("interactive") == QueuePlace(position=11, eta_s=None)  # meanwhile: the last count, on
+    places.remember_new("interactive", None, rate=None)  # the count found the job gone: nothing new is kept
+    assert places.of_new("interactive") is None  # expired and nobody counting: the next caller counts
