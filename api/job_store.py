@@ -239,8 +239,10 @@ class JobStore:
     async def _fetchone(self, sql: str, params: dict[str, Any]) -> dict | None:
         """One statement's first row. A connection Postgres dropped while it sat in the pool (a restart, an idle
         timeout) fails its first use; that is retried once on a fresh connection, the way the ORM's pre-ping
-        does it, instead of answering the caller 503 for a database that is up. A retried insert could in theory
-        run twice (a reply lost after the commit): the same risk as the client's own retry of a 503."""
+        does it, instead of answering the caller 503 for a database that is up. The pool's other idle connections
+        were most likely dropped with it, so they are checked first (psycopg_pool's `check`: the broken ones are
+        replaced). A retried insert could in theory run twice (a reply lost after the commit): the same risk as
+        the client's own retry of a 503."""
         for may_retry in (True, False):
             async with self.connection() as conn:
                 try:
@@ -248,6 +250,8 @@ class JobStore:
                 except psycopg.OperationalError:
                     if not (may_retry and conn.broken):
                         raise
+            if self._pool is not None and self._pool_loop is asyncio.get_running_loop():
+                await self._pool.check()
 
     async def tenant_rate(self, key_hash: str) -> str | None:
         """The request rate the key's tenant has of its own (api/rate_limits.py), or None (the default applies,
