@@ -85,7 +85,20 @@ def read_stream(client: ApiClient, batch_id: str, last_event_id: str | None = No
 
 @pytest.fixture
 def owner(stack_env):
+    """A tenant the feeder gives no turn: at its limit of one active job (a held one). A worker another test left
+    running on this stack would otherwise feed and run a batch's items in the moment between the API creating
+    them and `new_batch` holding them (it happened in CI: a moved count off by the item a worker ran)."""
+    from common.db import session_scope
+    from common.job_states import create_job
+    from common.models import Job, Tenant
+    from tests.common.test_job_states import PARAMS
+
     tenant = make_tenant()
+    with session_scope() as session:
+        session.execute(update(Tenant).where(Tenant.id == tenant.id).values(limits={"max_active_jobs": 1}))
+        held = create_job(session, tenant_id=tenant.id, params=PARAMS, queue=HELD)[0]
+        session.execute(update(Job).where(Job.id == held.id).values(enqueued_at=func.now()))
+        session.commit()
     yield tenant
     from tests.api.tenant_objects import cancel_everything
 
