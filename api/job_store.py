@@ -319,12 +319,12 @@ class JobStore:
             return None
         if new:
             place = self.places.of_new(job.queue)
+            if place is not None:
+                return place
         else:
             known, place = self.places.of(job.id)
             if known:
                 return place
-        if place is not None:
-            return place
         try:  # this caller counts (one at a time per job and per lane: api/recent_places.py)
             place = await self._queue_place(job)
         except BaseException as exc:

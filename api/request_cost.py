@@ -55,6 +55,14 @@ async def _statuses(call) -> list[int]:
     return [(await call)[0]]
 
 
+async def _at_least(one, calls: int) -> list[int]:
+    """The statuses of `one()` (a list each time) run until there are at least `calls`."""
+    statuses: list[int] = []
+    while len(statuses) < calls:
+        statuses += await one()
+    return statuses
+
+
 async def measure(key: str, calls: int, warm: int) -> list[dict]:
     app = create_app()
     results = []
@@ -74,12 +82,9 @@ async def measure(key: str, calls: int, warm: int) -> list[dict]:
                  "POST /v1/jobs": (202, lambda: _statuses(submit())),
                  f"POST /v1/jobs, {AT_ONCE} at once": (202, submits_at_once)}
         for name, (expected, one) in kinds.items():
-            for _ in range(max(1, warm // AT_ONCE) if name.endswith("at once") else warm):
-                await one()
+            await _at_least(one, warm)
             wall, cpu = time.perf_counter(), time.process_time()
-            statuses = []
-            while len(statuses) < calls:
-                statuses += await one()
+            statuses = await _at_least(one, calls)
             cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
             calls_made = len(statuses)
             if set(statuses) != {expected}:

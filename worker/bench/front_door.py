@@ -11,8 +11,9 @@ timeouts, each after a warm-up of the same load (`--warmup` seconds, reported ap
 fills its connections and caches); then /healthz p50/p99 while 30 batch uploads (1,000 lines each) run at once.
 The load generator runs on the same machine: on a 2-core box it takes CPU from the API, so read the figures as a
 lower bound.
-`--in-process N` first runs api.request_cost: N reads and N submits through the app called in-process, the API's
-own CPU a call without HTTP or a load generator (a steadier figure for comparing two builds).
+`--in-process N` first runs api.request_cost: N reads and N submits (one at a time, then 20 at once) through the
+app called in-process, the API's own CPU a call without HTTP or a load generator (a steadier figure for comparing
+two builds).
 """
 from __future__ import annotations
 
@@ -28,8 +29,8 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from pathlib import Path
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable, Iterator
 
 import httpx
@@ -248,8 +249,8 @@ def render(result: dict) -> str:
                         f"{', '.join(f'{k}: {v}' for k, v in sorted(r['statuses'].items()))} | {r['p50_ms']} | "
                         f"{r['p99_ms']} | {_seconds_under(r, 50.0)} | {r['server_cpu_ms']} |")
     for r in result.get("warmup", []):
-        rows.append(f"\nWarm-up of {r['call']} at {r['rate']:g}/s ({r['sent']} requests just before the row above, "
-                    f"not in it): {r['statuses']}, p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms")
+        rows.append(f"\nWarm-up of {r['call']} at {r['rate']:g}/s ({r['sent']} requests just before its measured "
+                    f"run, not in it): {r['statuses']}, p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms")
     for r in result.get("in_process", []):
         rows.append(f"\nIn-process, {r['call']}: {r['cpu_ms']} ms CPU, {r['wall_ms']} ms wall a call "
                     f"({r['calls']} calls)")
