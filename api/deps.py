@@ -59,8 +59,12 @@ def required_scope(method: str, path: str) -> str:
 def current_tenant(request: Request, session: SessionDep,
                    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)] = None) -> Tenant:
     """The key's tenant, when the key holds the scope this call needs (401 / 403 otherwise)."""
-    return authenticate(session, credentials.credentials if credentials else None,
-                        required_scope(request.method, request.url.path))
+    tenant = authenticate(session, credentials.credentials if credentials else None,
+                          required_scope(request.method, request.url.path))
+    # End the key's read here: a route that then reads a long upload or calls out must not hold a transaction
+    # open, or the database's idle_in_transaction_session_timeout ends it under the route (a 503).
+    session.commit()
+    return tenant
 
 
 CurrentTenant = Annotated[Tenant, Depends(current_tenant)]

@@ -86,15 +86,24 @@ def get(session: Session, *, tenant_id: uuid.UUID, name: str) -> Adapter:
     return adapter
 
 
-def register(session: Session, *, tenant_id: uuid.UUID, name: str, staged: StagedFile, storage: Storage,
-             settings: Settings, replace: bool = False, field: str = "file") -> Adapter:
-    """Check, store and record an adapter in the caller's transaction (committed by the caller: on failure to
-    commit, call `forget_unreferenced`). 409 when the name exists and `replace` is not set."""
-    check_name(name)
+def replaceable(session: Session, *, tenant_id: uuid.UUID, name: str, replace: bool) -> Adapter | None:
+    """The adapter a registration of `name` re-points (None for a new name); 409 when the name exists and
+    `replace` is not set. Asked before a file is fetched or stored, and again when the row is written."""
     existing = find(session, tenant_id=tenant_id, name=name)
     if existing is not None and not replace:
         raise Conflict(f"adapter {name} exists; register with replace=true to point the name at another file",
                        field="name")
+    return existing
+
+
+def register(session: Session, *, tenant_id: uuid.UUID, name: str, staged: StagedFile, storage: Storage,
+             settings: Settings, replace: bool = False, field: str = "file") -> Adapter:
+    """Check, store and record an adapter in the caller's transaction (committed by the caller: on any failure
+    after this is called, call `forget_unreferenced`). 409 when the name exists and `replace` is not set.
+
+    The file is read and uploaded before the session's first statement: those can take longer than the
+    database's idle_in_transaction_session_timeout, which would end a transaction left open across them."""
+    check_name(name)
     try:
         info = inspect_lora(staged.path, transformer_linear_shapes(settings.model))
     except NotALora as exc:
@@ -105,6 +114,7 @@ def register(session: Session, *, tenant_id: uuid.UUID, name: str, staged: Stage
     key = adapter_key(storage.prefix, tenant_id, staged.sha256)
     if not storage.exists(key):
         storage.put_file(key, staged.path)
+    existing = replaceable(session, tenant_id=tenant_id, name=name, replace=replace)
     values: dict[str, Any] = dict(
         sha256=staged.sha256, key=key, size_bytes=staged.size_bytes, rank=info.rank,
         target_modules=list(info.target_modules), layers=info.layers, layout=info.layout,

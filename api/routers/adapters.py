@@ -73,12 +73,14 @@ def _replace_flag(value: object) -> bool:
 def _register(session, tenant_id: uuid.UUID, settings: Settings, storage: Storage, name: str, replace: bool,
               source, source_name: str, field: str) -> Adapter:
     """Stage the file on local disk (hashed, size-capped), check it, store it and record it."""
+    adapters.replaceable(session, tenant_id=tenant_id, name=name, replace=replace)  # 409 before any download
+    session.commit()  # no transaction left open while the file is read, checked and uploaded (common.adapters)
     with tempfile.TemporaryDirectory(prefix="lp-adapter-") as tmp:
         staged = adapters.stage(source, Path(tmp) / "adapter.safetensors", max_bytes=settings.adapters.max_file_bytes,
                                 source_name=source_name, field=field)
-        adapter = adapters.register(session, tenant_id=tenant_id, name=name, staged=staged, storage=storage,
-                                    settings=settings, replace=replace, field=field)
         try:
+            adapter = adapters.register(session, tenant_id=tenant_id, name=name, staged=staged, storage=storage,
+                                        settings=settings, replace=replace, field=field)
             session.commit()
         except IntegrityError:  # a concurrent registration of the same name won
             session.rollback()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import io
 import pickle
+import time
 import uuid
 from pathlib import Path
 
@@ -77,6 +78,33 @@ def test_register_an_upload_read_it_back_and_find_it_stored_by_content(http):
     storage = shared_storage(get_settings().storage)
     key = adapter_key(storage.prefix, tenant.id, sha)
     assert storage.get(key) == data
+
+
+def test_a_registration_slower_than_the_idle_transaction_timeout_still_lands(stack_env, monkeypatch):
+    """The CI failure of stop 28: the first registration of an API process imports torch and diffusers to read
+    the model's shapes, which took longer than the database's idle_in_transaction_session_timeout while the
+    key's read and the name check held a transaction open; the server ended it and the caller got 503. Here the
+    timeout is 1 s and the file check sleeps 1.5 s (a URL of its own gives this block its own engine)."""
+    import common.adapters
+
+    settings = get_settings()
+    database = settings.database.model_copy(update={"idle_in_transaction_timeout_s": 1.0,
+                                                    "url": f"{settings.database.url}?application_name=lp-slow-check"})
+    real_inspect = common.adapters.inspect_lora
+
+    def slow_inspect(*args, **kwargs):
+        time.sleep(1.5)
+        return real_inspect(*args, **kwargs)
+
+    monkeypatch.setattr(common.adapters, "inspect_lora", slow_inspect)
+    with use_settings(settings.model_copy(update={"database": database})):
+        tenant = make_tenant()
+        with TestClient(create_app(), raise_server_exceptions=False) as slow_http:
+            resp = register_adapter(slow_http, tenant, "slow-look")
+            assert resp.status_code == 201, resp.text
+            again = register_adapter(slow_http, tenant, "slow-look")  # the name check's read is ended as well
+            assert again.status_code == 409, again.text
+            assert slow_http.get("/v1/adapters/slow-look", headers=auth(tenant)).status_code == 200
 
 
 def test_an_ai_toolkit_file_is_converted_by_diffusers_loader(http, transformer, tmp_path):
