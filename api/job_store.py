@@ -339,7 +339,7 @@ class JobStore:
         return place
 
     async def _queue_place(self, job: Job) -> QueuePlace | None:
-        sql, params = position_query(job_id=job.id, batch_item=job.batch_id is not None)
+        sql, params = position_query(job_id=job.id, queue=job.queue, batch_item=job.batch_id is not None)
         database = self.db.url
         async with self.connection() as conn:
             row = await (await conn.execute(_compile(sql), params)).fetchone()

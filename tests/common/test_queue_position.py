@@ -12,7 +12,7 @@ from sqlalchemy import event, func, select, text, update
 from common import batches, job_states
 from common import queue_position as qp
 from common.batches import BatchOptions, items_source
-from common.broker import interactive_queue
+from common.broker import BATCH_QUEUE, interactive_queue
 from common.models import Batch, Job
 from tests.support import scratch_settings
 
@@ -192,6 +192,14 @@ def test_lanes_are_served_in_order_and_every_interactive_job_before_batch_items(
     assert places_of([*high, *jobs, *low]) == [0, 1, 2, 3, 4, 5]  # a list page: one statement per lane
 
 
+def test_the_lanes_before_a_queue_are_those_workers_serve_first():
+    high, normal, low = (interactive_queue(p) for p in ("high", "normal", "low"))
+    assert qp.lanes_before(high) == []
+    assert qp.lanes_before(normal) == [high]
+    assert qp.lanes_before(low) == [high, normal]
+    assert qp.lanes_before(BATCH_QUEUE) == qp.lanes_before("test-none") == [high, normal, low]
+
+
 def test_the_position_reveals_no_more_than_the_rounds(db):
     """Tenant A's positions do not move when tenant B's backlog grows from 10 to 10,000: B only ever gets the turns
     round robin gives it before A's. A backlog smaller than those turns moves them by at most the turns."""
@@ -271,7 +279,7 @@ def test_past_the_exact_count_a_batchs_items_are_extrapolated(db):
 
     def at(job_id, exact_upto):
         with session() as s:
-            return qp.position(s, job_id=job_id, batch_item=True, exact_upto=exact_upto)
+            return qp.position(s, job_id=job_id, queue=BATCH_QUEUE, batch_item=True, exact_upto=exact_upto)
 
     for j in (mine[0], mine[9], mine[49], big[30], big[59]):
         assert at(j, 8) == at(j, 1000) == pos(j)
