@@ -206,7 +206,7 @@ FROM me, waiting w, sent s, rounds r, others o
 
 # Any other job: FIFO in its broker list (sent ones in send order, then unsent ones by age), behind every job
 # waiting in the lanes served before its own.
-FIFO_SQL = text(f"""
+FIFO_SQL = text("""
 WITH me AS (
     SELECT id, queue, enqueued_at, created_at FROM jobs WHERE id = :job_id AND status = 'queued'
 ),
@@ -228,7 +228,7 @@ SELECT s.n + u.n + h.n AS position FROM me, sent s, unsent u, higher h
 
 # FIFO_SQL for many jobs of one broker list at once (a list page): the same count, as each job's rank in the list's
 # order (sent ones in send order, then unsent ones by age), in one statement instead of one per job.
-FIFO_MANY_SQL = text(f"""
+FIFO_MANY_SQL = text("""
 WITH ranked AS (
     SELECT id, row_number() OVER (ORDER BY enqueued_at NULLS LAST, created_at, id) - 1 AS k
     FROM jobs WHERE status = 'queued' AND queue = :queue
