@@ -1,6 +1,7 @@
 """The FastAPI app. `uvicorn api.main:app` (or `letterpress api`)."""
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import threading
@@ -25,9 +26,11 @@ async def _lifespan(app: FastAPI):
                      daemon=True).start()
     await app.state.job_store.open()
     _freeze_startup_objects("app")
+    lag = asyncio.create_task(metrics.watch_event_loop_lag(), name="event-loop-lag")
     try:
         yield
     finally:
+        lag.cancel()
         await app.state.job_store.close()
 
 

@@ -1,6 +1,6 @@
 """`GET /metrics` of the API process: requests by route and status with their latency (`http_requests_total`,
-`http_request_duration_seconds`: `RequestMetrics`), what was accepted, and the queue as Postgres and Redis see it,
-read at scrape time. Every name and its alert: docs/OPERATIONS.md.
+`http_request_duration_seconds`: `RequestMetrics`), how late its event loop runs (`watch_event_loop_lag`), what
+was accepted, and the queue as Postgres and Redis see it, read at scrape time. Every name and its alert: docs/OPERATIONS.md.
 
 `RequestMetrics` is a pure-ASGI layer that reads the route template the router matched (`scope["route"]`, set by
 Starlette/FastAPI while routing) after the call: prometheus-fastapi-instrumentator, used before, matched every
@@ -17,6 +17,7 @@ are read at scrape time, the same from every process.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
@@ -49,6 +50,22 @@ LATENCY = Histogram("http_request_duration_seconds", "Seconds from a request's a
                     ["handler", "method"],
                     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0))
 NOT_INSTRUMENTED = ("/metrics",)
+EVENT_LOOP_LAG = Histogram("letterpress_api_event_loop_lag_seconds",
+                           "How late a timer of an API process's event loop fired: how long anything ready, a request "
+                           "among them, waited for the loop",
+                           buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
+LAG_INTERVAL_S = 0.25
+
+
+async def watch_event_loop_lag(interval_s: float = LAG_INTERVAL_S) -> None:
+    """Observe EVENT_LOOP_LAG every `interval_s` until cancelled (the app's lifespan runs it). A process whose
+    loop is saturated or blocked shows here before its requests time out, and it tells a slow API process from
+    a slow database or network: a request's latency with little lag was spent outside the loop."""
+    loop = asyncio.get_running_loop()
+    while True:
+        due = loop.time() + interval_s
+        await asyncio.sleep(interval_s)
+        EVENT_LOOP_LAG.observe(max(0.0, loop.time() - due))
 
 
 class RequestMetrics:

@@ -9,6 +9,9 @@ open-loop load: requests leave on a fixed schedule whatever the answers, so a sl
 timeouts, not as a politely slower client. For each rate it reports answered, status counts, p50/p99 latency and
 timeouts, each after a warm-up of the same load (`--warmup` seconds, reported apart: a cold server's first second
 fills its connections and caches); then /healthz p50/p99 while 30 batch uploads (1,000 lines each) run at once.
+Each rate also reports how many of the API processes' event-loop lag observations (`/metrics`, one every 0.25 s
+a process) came over 50 ms late: many, and the API processes themselves held the requests; few with a high p99,
+and the time went elsewhere (Postgres, the kernel, the machine).
 The load generator runs on the same machine: on a 2-core box it takes CPU from the API, so read the figures as a
 lower bound.
 `--in-process N` first runs api.request_cost: N reads and N submits (one at a time, then 20 at once) through the
@@ -144,6 +147,31 @@ async def open_loop(client: RawHttp, rate: float, duration: float, request: Call
             "server_cpu_ms": round((server_cpu() - cpu0) * 1000 / succeeded, 3) if succeeded else None}
 
 
+LAG = "letterpress_api_event_loop_lag_seconds"
+LATE_S = 0.05
+
+
+async def loop_lag(http: httpx.AsyncClient) -> tuple[float, float]:
+    """(observations, those over LATE_S late) of the API processes' event-loop lag so far, from /metrics (summed
+    over the uvicorn processes: the bench gives them prometheus_client's multiprocess directory)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = on_time = 0.0
+    for family in text_string_to_metric_families((await http.get("/metrics")).text):
+        if family.name == LAG:
+            for sample in family.samples:
+                if sample.name == f"{LAG}_count":
+                    total += sample.value
+                elif sample.name == f"{LAG}_bucket" and float(sample.labels["le"]) == LATE_S:
+                    on_time += sample.value
+    return total, total - on_time
+
+
+def _empty_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def tree_cpu_s(pid: int) -> float:
     """CPU seconds (user + system) the process and its children (uvicorn's worker processes) have used so far,
     from /proc: a server's cost per request, which unlike latency does not swing with the machine's load."""
@@ -213,8 +241,8 @@ async def run(url: str, key: str, args, workdir: Path, api_pid: int) -> dict:
     server_cpu = functools.partial(tree_cpu_s, api_pid)
     client = RawHttp(host, int(port), key, connections=args.connections, timeout=args.timeout)
     result: dict = {"submit": [], "read": []}
-    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}) as setup:
-        job_id = (await setup.post("/v1/jobs", json=JOB)).json()["id"]
+    setup = httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"})
+    job_id = (await setup.post("/v1/jobs", json=JOB)).json()["id"]
     read = client.build("GET", f"/v1/jobs/{job_id}")
     calls = [("submit", rate, lambda i: client.build("POST", "/v1/jobs", {**JOB, "seed": i}))
              for rate in args.submit_rates] + [("read", rate, lambda i: read) for rate in args.read_rates]
@@ -222,9 +250,14 @@ async def run(url: str, key: str, args, workdir: Path, api_pid: int) -> dict:
         if args.warmup:  # the same load first, reported apart: the server's connections and caches filling
             warm = await open_loop(client, rate, args.warmup, request, server_cpu)
             result.setdefault("warmup", []).append({"call": call, **warm})
+        lag_before = await loop_lag(setup)
         result[call].append(await open_loop(client, rate, args.duration, request, server_cpu))
+        (observed_before, late_before), (observed, late) = lag_before, await loop_lag(setup)
+        result[call][-1]["loop_lag"] = {"observed": round(observed - observed_before),
+                                        "over_50ms": round(late - late_before)}
         print(json.dumps({call: result[call][-1]}), flush=True)
         await asyncio.sleep(args.pause)
+    await setup.aclose()
     if args.uploads:
         result["uploads"] = await healthz_during_uploads(url, key, workdir, args.uploads, args.upload_lines)
         print(json.dumps({"uploads": result["uploads"]}), flush=True)
@@ -242,12 +275,13 @@ def in_process_cost(env: dict[str, str], key: str, calls: int) -> list[dict]:
 
 def render(result: dict) -> str:
     rows = ["| call | rate /s | sent | answered | statuses | p50 ms | p99 ms | seconds of p99 < 50 ms | "
-            "API CPU ms a 2xx |", "|---|---|---|---|---|---|---|---|---|"]
+            "API CPU ms a 2xx | event-loop lag > 50 ms |", "|---|---|---|---|---|---|---|---|---|---|"]
     for call, path in (("submit", "POST /v1/jobs"), ("read", "GET /v1/jobs/{id}")):
         for r in result[call]:
             rows.append(f"| {path} | {r['rate']:g} | {r['sent']} | {r['answered']} | "
                         f"{', '.join(f'{k}: {v}' for k, v in sorted(r['statuses'].items()))} | {r['p50_ms']} | "
-                        f"{r['p99_ms']} | {_seconds_under(r, 50.0)} | {r['server_cpu_ms']} |")
+                        f"{r['p99_ms']} | {_seconds_under(r, 50.0)} | {r['server_cpu_ms']} | "
+                        f"{r['loop_lag']['over_50ms']} of {r['loop_lag']['observed']} |")
     for r in result.get("warmup", []):
         rows.append(f"\nWarm-up of {r['call']} at {r['rate']:g}/s ({r['sent']} requests just before its measured "
                     f"run, not in it): {r['statuses']}, p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms")
@@ -286,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     env = {"LETTERPRESS_DATABASE__URL": db_url, "LETTERPRESS_REDIS__URL": redis_url,
            "LETTERPRESS_STORAGE__URL": f"file://{workdir / 'storage'}", "LETTERPRESS_ENV": "test",
            "UVICORN_WORKERS": str(args.api_workers),
+           # the uvicorn processes' metrics summed in one scrape (api/metrics.py), for their event-loop lag
+           "PROMETHEUS_MULTIPROC_DIR": str(_empty_dir(workdir / "metrics")),
            # one key drives the whole load: its per-key limit (api/rate_limits.py, still counted in Redis on every
            # call) must not be what answers, or this measures the limit instead of the server
            "LETTERPRESS_LIMITS__REQUESTS_PER_KEY": "1000000/second"}
