@@ -1,6 +1,7 @@
 """`GET /metrics` of the API process: requests by route and status with their latency (`http_requests_total`,
 `http_request_duration_seconds`: `RequestMetrics`), how late its event loop runs (`watch_event_loop_lag`), what
-was accepted, and the queue as Postgres and Redis see it, read at scrape time. Every name and its alert: docs/OPERATIONS.md.
+was accepted, and the queue as Postgres and Redis see it, read at scrape time. Every name and its alert:
+docs/OPERATIONS.md.
 
 `RequestMetrics` is a pure-ASGI layer that reads the route template the router matched (`scope["route"]`, set by
 Starlette/FastAPI while routing) after the call: prometheus-fastapi-instrumentator, used before, matched every
