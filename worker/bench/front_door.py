@@ -11,7 +11,8 @@ timeouts, each after a warm-up of the same load (`--warmup` seconds, reported ap
 fills its connections and caches); then /healthz p50/p99 while 30 batch uploads (1,000 lines each) run at once.
 Each rate also reports how many of the API processes' event-loop lag observations (`/metrics`, one every 0.25 s
 a process) came over 50 ms late: many, and the API processes themselves held the requests; few with a high p99,
-and the time went elsewhere (Postgres, the kernel, the machine).
+and the time went elsewhere (Postgres, the kernel, the machine). And how late the load generator itself started
+its requests (p99): a late instrument sends in bursts and adds its lateness to every latency it reports.
 The load generator runs on the same machine: on a 2-core box it takes CPU from the API, so read the figures as a
 lower bound.
 `--in-process N` first runs api.request_cost: N reads and N submits (one at a time, then 20 at once) through the
@@ -117,9 +118,11 @@ async def open_loop(client: RawHttp, rate: float, duration: float, request: Call
     server's CPU time (`server_cpu()`, seconds) over the run divided by the requests it answered 2xx."""
     latencies: list[float] = []
     by_second: dict[int, list[float]] = {}  # the latencies of the requests due in each second of the run
+    late_starts: list[float] = []  # how late this process started each request: the instrument's own lag
     statuses: Counter[str] = Counter()
 
     async def one(i: int, due: float) -> None:
+        late_starts.append(time.perf_counter() - due)
         try:
             statuses[str(await client.send(request(i)))] += 1
             latencies.append(time.perf_counter() - due)
@@ -143,6 +146,7 @@ async def open_loop(client: RawHttp, rate: float, duration: float, request: Call
     return {"rate": rate, "sent": n, "answered": len(latencies), "statuses": dict(statuses),
             "p50_ms": _ms(percentile(latencies, 0.50)), "p99_ms": _ms(percentile(latencies, 0.99)),
             "p99_ms_by_second": [_ms(percentile(by_second[s], 0.99)) for s in sorted(by_second)],
+            "load_generator_late_p99_ms": _ms(percentile(late_starts, 0.99)),
             "wall_s": round(time.perf_counter() - start, 2),
             "server_cpu_ms": round((server_cpu() - cpu0) * 1000 / succeeded, 3) if succeeded else None}
 
@@ -275,13 +279,15 @@ def in_process_cost(env: dict[str, str], key: str, calls: int) -> list[dict]:
 
 def render(result: dict) -> str:
     rows = ["| call | rate /s | sent | answered | statuses | p50 ms | p99 ms | seconds of p99 < 50 ms | "
-            "API CPU ms a 2xx | event-loop lag > 50 ms |", "|---|---|---|---|---|---|---|---|---|---|"]
+            "API CPU ms a 2xx | event-loop lag > 50 ms | load generator late p99 ms |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for call, path in (("submit", "POST /v1/jobs"), ("read", "GET /v1/jobs/{id}")):
         for r in result[call]:
             rows.append(f"| {path} | {r['rate']:g} | {r['sent']} | {r['answered']} | "
                         f"{', '.join(f'{k}: {v}' for k, v in sorted(r['statuses'].items()))} | {r['p50_ms']} | "
                         f"{r['p99_ms']} | {_seconds_under(r, 50.0)} | {r['server_cpu_ms']} | "
-                        f"{r['loop_lag']['over_50ms']} of {r['loop_lag']['observed']} |")
+                        f"{r['loop_lag']['over_50ms']} of {r['loop_lag']['observed']} | "
+                        f"{r['load_generator_late_p99_ms']} |")
     for r in result.get("warmup", []):
         rows.append(f"\nWarm-up of {r['call']} at {r['rate']:g}/s ({r['sent']} requests just before its measured "
                     f"run, not in it): {r['statuses']}, p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms")

@@ -1,6 +1,7 @@
 """`python -m worker.bench.front_door`, small: its own Postgres, Redis and two uvicorn processes, a second of each
 load, two uploads. The figures themselves are docs/PERFORMANCE.md's; this checks that the instrument runs and
-reports what it claims (statuses, latency, the API's CPU a request and its event loops' lag)."""
+reports what it claims (statuses, latency, the API's CPU a request, its event loops' lag and the load
+generator's own)."""
 from __future__ import annotations
 
 import json
@@ -28,6 +29,7 @@ def test_the_bench_runs_each_rate_and_reports_it(tmp_path):
         assert run["answered"] == run["sent"] and 0 < run["p50_ms"] <= run["p99_ms"] and run["server_cpu_ms"] > 0
         # two processes, a timer each every 0.25 s, over at least the run's second
         assert run["loop_lag"]["observed"] >= 4 and 0 <= run["loop_lag"]["over_50ms"] <= run["loop_lag"]["observed"]
+        assert run["load_generator_late_p99_ms"] >= 0
     uploads = result["uploads"]
     assert uploads["statuses"].get("202", 0) >= 1 and set(uploads["statuses"]) <= {"202", "429"}
     assert uploads["healthz_probes"] >= 1
