@@ -171,11 +171,6 @@ async def loop_lag(http: httpx.AsyncClient) -> tuple[float, float]:
     return total, total - on_time
 
 
-def _empty_dir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def tree_cpu_s(pid: int) -> float:
     """CPU seconds (user + system) the process and its children (uvicorn's worker processes) have used so far,
     from /proc: a server's cost per request, which unlike latency does not swing with the machine's load."""
@@ -245,23 +240,22 @@ async def run(url: str, key: str, args, workdir: Path, api_pid: int) -> dict:
     server_cpu = functools.partial(tree_cpu_s, api_pid)
     client = RawHttp(host, int(port), key, connections=args.connections, timeout=args.timeout)
     result: dict = {"submit": [], "read": []}
-    setup = httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"})
-    job_id = (await setup.post("/v1/jobs", json=JOB)).json()["id"]
-    read = client.build("GET", f"/v1/jobs/{job_id}")
-    calls = [("submit", rate, lambda i: client.build("POST", "/v1/jobs", {**JOB, "seed": i}))
-             for rate in args.submit_rates] + [("read", rate, lambda i: read) for rate in args.read_rates]
-    for call, rate, request in calls:
-        if args.warmup:  # the same load first, reported apart: the server's connections and caches filling
-            warm = await open_loop(client, rate, args.warmup, request, server_cpu)
-            result.setdefault("warmup", []).append({"call": call, **warm})
-        lag_before = await loop_lag(setup)
-        result[call].append(await open_loop(client, rate, args.duration, request, server_cpu))
-        (observed_before, late_before), (observed, late) = lag_before, await loop_lag(setup)
-        result[call][-1]["loop_lag"] = {"observed": round(observed - observed_before),
-                                        "over_50ms": round(late - late_before)}
-        print(json.dumps({call: result[call][-1]}), flush=True)
-        await asyncio.sleep(args.pause)
-    await setup.aclose()
+    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}) as setup:
+        job_id = (await setup.post("/v1/jobs", json=JOB)).json()["id"]
+        read = client.build("GET", f"/v1/jobs/{job_id}")
+        calls = [("submit", rate, lambda i: client.build("POST", "/v1/jobs", {**JOB, "seed": i}))
+                 for rate in args.submit_rates] + [("read", rate, lambda i: read) for rate in args.read_rates]
+        for call, rate, request in calls:
+            if args.warmup:  # the same load first, reported apart: the server's connections and caches filling
+                warm = await open_loop(client, rate, args.warmup, request, server_cpu)
+                result.setdefault("warmup", []).append({"call": call, **warm})
+            observed_before, late_before = await loop_lag(setup)
+            result[call].append(await open_loop(client, rate, args.duration, request, server_cpu))
+            observed, late = await loop_lag(setup)
+            result[call][-1]["loop_lag"] = {"observed": round(observed - observed_before),
+                                            "over_50ms": round(late - late_before)}
+            print(json.dumps({call: result[call][-1]}), flush=True)
+            await asyncio.sleep(args.pause)
     if args.uploads:
         result["uploads"] = await healthz_during_uploads(url, key, workdir, args.uploads, args.upload_lines)
         print(json.dumps({"uploads": result["uploads"]}), flush=True)
@@ -323,11 +317,12 @@ def main(argv: list[str] | None = None) -> int:
     args.read_rates = [float(x) for x in args.read_rates.split(",") if x]
     workdir = Path(tempfile.mkdtemp(prefix="lp-front-door-"))
     db_url, redis_url, services = start_services(workdir)
+    (workdir / "metrics").mkdir()
     env = {"LETTERPRESS_DATABASE__URL": db_url, "LETTERPRESS_REDIS__URL": redis_url,
            "LETTERPRESS_STORAGE__URL": f"file://{workdir / 'storage'}", "LETTERPRESS_ENV": "test",
            "UVICORN_WORKERS": str(args.api_workers),
            # the uvicorn processes' metrics summed in one scrape (api/metrics.py), for their event-loop lag
-           "PROMETHEUS_MULTIPROC_DIR": str(_empty_dir(workdir / "metrics")),
+           "PROMETHEUS_MULTIPROC_DIR": str(workdir / "metrics"),
            # one key drives the whole load: its per-key limit (api/rate_limits.py, still counted in Redis on every
            # call) must not be what answers, or this measures the limit instead of the server
            "LETTERPRESS_LIMITS__REQUESTS_PER_KEY": "1000000/second"}
