@@ -159,13 +159,13 @@ class JobStore:
     runs each request on a new loop; Schemathesis) gets a plain connection per statement instead: a pool's
     background tasks must not outlive the loop they were started on."""
 
-    def __init__(self, db: DatabaseSettings):
+    def __init__(self, db: DatabaseSettings, send_linger_s: float = 0.0):
         self.db = db
         self._pool: AsyncConnectionPool | None = None
         self._pool_loop: asyncio.AbstractEventLoop | None = None
         self._reachable_at: tuple[float, bool] = (-1e9, True)  # (when asked, the answer): JobStore._reachable
         self._closing: set[asyncio.Task] = set()
-        self.sends = SendQueue(self.mark_enqueued)
+        self.sends = SendQueue(self.mark_enqueued, linger_s=send_linger_s)
         self.places = RecentPlaces()
 
     def _connect_kwargs(self) -> dict[str, Any]:

@@ -60,7 +60,8 @@ def create_app() -> FastAPI:
     app = FastAPI(title="Letterpress", version="0.1.0", lifespan=_lifespan,
                   description="Queue-backed batch image generation for Ideogram 4")
     app.state.storage = shared_storage(settings.storage)
-    app.state.job_store = JobStore(settings.database)  # opened by the lifespan, on the server's event loop
+    # opened by the lifespan, on the server's event loop
+    app.state.job_store = JobStore(settings.database, send_linger_s=settings.api.send_linger_ms / 1000)
     install_error_handlers(app)
     limits.install(app)
     metrics.install(app, settings)

@@ -97,6 +97,9 @@ class ApiSettings(BaseModel):
     # Requests in flight at once in one API process (admission control, api/limits.py); one more is a 503 with
     # Retry-After at once, so an overload sheds load instead of queueing work whose callers have given up
     max_in_flight: int = Field(32, ge=1)
+    # How long a submitted job's broker send waits for the submits after it, to share one thread hop, Redis pipeline
+    # and enqueue mark with them (api/send_queue.py); 0: send at once
+    send_linger_ms: float = Field(20.0, ge=0, le=1000)
     # Server-Sent Events (api/event_streams.py): how often a stream reads its job, the keep-alive comment's period
     # when nothing changes, the longest a stream lasts (the client reconnects with Last-Event-ID), and the streams
     # one API process keeps open at once (one more: 429)

@@ -125,3 +125,35 @@ def test_a_caller_on_another_loop_has_its_job_sent_at_once(stack_env):
     store = JobStore(get_settings().database)  # never opened on a server loop (as under TestClient outside `with`)
     asyncio.run(store.sends.send(job_id, queue))
     assert _sent_ids(queue) == [str(job_id)] and _enqueued([job_id]) == {job_id: True}
+
+
+def test_sends_wait_their_linger_for_the_submits_after_them_and_go_in_one_run(stack_env):
+    """With a linger, the submits of those milliseconds share one run: one send pipeline and one mark. Without one,
+    a submit handed over while the queue is idle is sent in a run of its own."""
+    queue = f"held-send-{uuid.uuid4().hex[:6]}"
+    ids = _new_jobs(8, queue)
+
+    async def runs(linger_s: float, job_ids: list[uuid.UUID]) -> list[int]:
+        store = JobStore(get_settings().database, send_linger_s=linger_s)
+        marked: list[int] = []
+        mark = store.sends._mark
+
+        async def counting_mark(sent: list[uuid.UUID]) -> None:
+            marked.append(len(sent))
+            await mark(sent)
+
+        store.sends._mark = counting_mark
+        await store.open()
+        for handed, job_id in enumerate(job_ids, 1):  # submits 5 ms apart
+            await store.sends.send(job_id, queue)
+            await asyncio.sleep(0.005)
+            while not linger_s and sum(marked) < handed:  # without a linger: each after the last was sent
+                await asyncio.sleep(0.005)
+        await asyncio.sleep(linger_s + 0.3)
+        await store.close()
+        return marked
+
+    assert asyncio.run(runs(0.5, ids[:4])) == [4]
+    assert asyncio.run(runs(0.0, ids[4:])) == [1, 1, 1, 1]
+    assert _sent_ids(queue) == [str(i) for i in ids]
+    assert all(_enqueued(ids).values())
