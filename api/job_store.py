@@ -165,6 +165,7 @@ class JobStore:
         self._pool_loop: asyncio.AbstractEventLoop | None = None
         self._reachable_at: tuple[float, bool] = (-1e9, True)  # (when asked, the answer): JobStore._reachable
         self._closing: set[asyncio.Task] = set()
+        self._background: set[asyncio.Task] = set()  # queue places counted again off the request (queue_place)
         self.sends = SendQueue(self.mark_enqueued, linger_s=send_linger_s)
         self.places = RecentPlaces()
 
@@ -184,6 +185,9 @@ class JobStore:
 
     async def close(self) -> None:
         await self.sends.close()  # what is pending is sent and marked on the pool, before it closes
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         pool, self._pool, self._pool_loop = self._pool, None, None
         if pool is not None:
             await pool.close()
@@ -226,7 +230,7 @@ class JobStore:
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[psycopg.AsyncConnection]:
-        if self._pool is not None and self._pool_loop is asyncio.get_running_loop():
+        if self._on_server_loop():
             pool, conn = await self._checkout()
             try:
                 yield conn
@@ -250,7 +254,7 @@ class JobStore:
                 except psycopg.OperationalError:
                     if not (may_retry and conn.broken):
                         raise
-            if self._pool is not None and self._pool_loop is asyncio.get_running_loop():
+            if self._on_server_loop():
                 await self._pool.check()
 
     async def tenant_rate(self, key_hash: str) -> str | None:
@@ -312,20 +316,27 @@ class JobStore:
     async def queue_place(self, job: Job, *, new: bool = False) -> QueuePlace | None:
         """common.queue_position.queue_place on this pool: the same statements, the same throughput cache, the
         answer kept a second per job (api/recent_places.py); `new`: the job was just inserted, the newest of its
-        queue. None when the job is not queued, or when the database fails here: the job itself was read or
-        committed already, and its answer without a position beats a 503 (which, after a submit, invites a
-        duplicate)."""
+        queue. A place counted before is answered at once, and counted again in the background when its second is
+        over; only a place never counted here is counted while the caller waits. None when the job is not queued,
+        or when the database fails here: the job itself was read or committed already, and its answer without a
+        position beats a 503 (which, after a submit, invites a duplicate)."""
         if job.status != JobStatus.QUEUED:
             return None
         if new:
-            place = self.places.of_new(job.queue)
-            if place is not None:
-                return place
+            place, count = self.places.of_new(job.queue)
+            known = place is not None
         else:
-            known, place = self.places.of(job.id)
-            if known:
-                return place
-        try:  # this caller counts (one at a time per job and per lane: api/recent_places.py)
+            known, place, count = self.places.of(job.id)
+        if not count:
+            return place
+        if known and self._on_server_loop():
+            self._in_background(self._count_place(job, new=new))
+            return place
+        return await self._count_place(job, new=new)
+
+    async def _count_place(self, job: Job, *, new: bool) -> QueuePlace | None:
+        """Count the job's place (this caller was told to by self.places) and keep it."""
+        try:
             place = await self._queue_place(job)
         except BaseException as exc:
             self.places.forget_count(job.queue if new else job.id)
@@ -337,6 +348,22 @@ class JobStore:
             self.places.remember_new(job.queue, place, cached_throughput(self.db.url)[1])
         self.places.remember(job.id, place)
         return place
+
+    def _on_server_loop(self) -> bool:
+        """Whether this runs on the loop the pool was opened on (the server's, where a task outlives the request)."""
+        return self._pool is not None and self._pool_loop is asyncio.get_running_loop()
+
+    def _in_background(self, work) -> None:
+        """Run `work` as a task of its own: referenced until done (the loop keeps only weak references), its
+        failure logged (nobody awaits it), cancelled at close."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("a background count failed", exc_info=task.exception())
 
     async def _queue_place(self, job: Job) -> QueuePlace | None:
         sql, params = position_query(job_id=job.id, queue=job.queue, batch_item=job.batch_id is not None)

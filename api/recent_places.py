@@ -16,6 +16,12 @@ and the others are answered the last place counted meanwhile (older by at most t
 that, every request arriving during a count started its own, and since a count takes longer the deeper the
 queue, a deep queue under load multiplied its counts: Postgres's CPU a submit grew from 0.9 to 3.1 ms between
 4,000 and 16,000 queued jobs at 400 submits a second (docs/PERFORMANCE.md, "Front door: one count at a time").
+
+No caller waits for a recount: when a place is older than the TTL, the caller that is to count it again is
+answered the last place too and counts in the background (api/job_store.py); only a job or a lane never counted
+in this process is counted while its caller waits. A count takes milliseconds to tens of them in a deep queue, and
+the requests that waited on one were a share of the front door's p99. A place answered is therefore at most the
+TTL plus one count old.
 """
 from __future__ import annotations
 
@@ -45,14 +51,15 @@ class RecentPlaces:
         self._newest: dict[str, _Newest] = {}
         self._counting: set[uuid.UUID | str] = set()  # the jobs and lanes whose place a caller is counting now
 
-    def of(self, job_id: uuid.UUID) -> tuple[bool, QueuePlace | None]:
-        """(True, place) when this job's place was computed within the TTL, or is being counted again now (the
-        last place); else (False, None): the caller counts it, then `remember` (or `forget_count`)."""
+    def of(self, job_id: uuid.UUID) -> tuple[bool, QueuePlace | None, bool]:
+        """(known, place, count). known: `place` is the answer, counted within the TTL or, when older, the last
+        one. count: the caller is to count the place again, then `remember` (or `forget_count`): while it waits
+        when the place is not known, in the background when it is (its TTL is over and nobody counts it now)."""
         hit = self._by_job.get(job_id)
         if hit is not None and (hit[0] >= time.monotonic() or job_id in self._counting):
-            return True, hit[1]
+            return True, hit[1], False
         self._counting.add(job_id)
-        return False, None
+        return (False, None, True) if hit is None else (True, hit[1], True)
 
     def remember(self, job_id: uuid.UUID, place: QueuePlace | None) -> None:
         self._counting.discard(job_id)
@@ -65,16 +72,20 @@ class RecentPlaces:
         """The count of this job's (or lane's) place failed: the next caller counts."""
         self._counting.discard(key)
 
-    def of_new(self, queue: str) -> QueuePlace | None:
-        """The place of a job just queued in `queue` when the newest one's place there is known within the TTL,
-        or is being counted again now; None: the caller counts it, then `remember_new` (or `forget_count`)."""
+    def of_new(self, queue: str) -> tuple[QueuePlace | None, bool]:
+        """(place, count) of a job just queued in `queue`: the newest counted place there plus the jobs queued
+        behind it since, or None when none was counted. count: the caller is to count the new job's place, then
+        `remember_new` (or `forget_count`): while it waits when the place is None, in the background when not
+        (the newest place's TTL is over and nobody counts the lane now)."""
         newest = self._newest.get(queue)
-        if newest is None or (newest.until < time.monotonic() and queue not in self._counting):
+        count = newest is None or (newest.until < time.monotonic() and queue not in self._counting)
+        if count:
             self._counting.add(queue)
-            return None
+        if newest is None:
+            return None, count
         newest.added += 1
         position = newest.place.position + newest.added
-        return replace(newest.place, position=position, eta_s=eta_s(position, newest.rate))
+        return replace(newest.place, position=position, eta_s=eta_s(position, newest.rate)), count
 
     def remember_new(self, queue: str, place: QueuePlace | None, rate: float | None) -> None:
         self._counting.discard(queue)

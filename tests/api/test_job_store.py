@@ -1,12 +1,15 @@
-"""api/job_store.py's enqueue mark: one statement that records the send and turns synchronous_commit off for its own
-transaction only (the mark is advisory: a lost one means a second, harmless send by maintenance)."""
+"""api/job_store.py: the enqueue mark, one statement that records the send and turns synchronous_commit off for its
+own transaction only (the mark is advisory: a lost one means a second, harmless send by maintenance); queue places
+counted once at a time, and again off the request once a place is known."""
 from __future__ import annotations
 
 import asyncio
+import time
+from dataclasses import replace
 
 import psycopg
 
-from api.job_store import MARK_ENQUEUED, conninfo
+from api.job_store import MARK_ENQUEUED, JobStore, conninfo
 from common.db import session_scope
 from common.job_states import create_job
 from common.settings import get_settings
@@ -34,24 +37,9 @@ def test_the_mark_sets_enqueued_at_of_its_jobs_and_relaxes_only_its_own_commit(s
 def test_concurrent_polls_of_a_job_whose_place_expired_count_it_once(stack_env, monkeypatch):
     """api/recent_places.py: one count at a time; the polls meanwhile get the last place (a count per poll made a
     deep queue's counts multiply under load)."""
-    from api.job_store import JobStore
-
-    tenant = make_tenant()
-    with session_scope() as session:
-        job = create_job(session, tenant_id=tenant.id, params=PARAMS)[0]
-        session.commit()
-        session.refresh(job)
-        session.expunge(job)
+    job = _queued_job()
     store = JobStore(get_settings().database)
-    counts = []
-    count = store._queue_place
-
-    async def counted(job):
-        counts.append(job.id)
-        await asyncio.sleep(0.2)  # a count that takes a while, as in a deep queue
-        return await count(job)
-
-    monkeypatch.setattr(store, "_queue_place", counted)
+    counts = _slow_counts(store, monkeypatch)
 
     async def polls() -> list:
         first = await store.queue_place(job)
@@ -61,3 +49,75 @@ def test_concurrent_polls_of_a_job_whose_place_expired_count_it_once(stack_env, 
     places = asyncio.run(polls())
     assert len(counts) == 2  # the first poll, then one for the 20 after it expired
     assert places[0] is not None and all(place == places[0] for place in places)
+
+
+def _queued_job():
+    tenant = make_tenant()
+    with session_scope() as session:
+        job = create_job(session, tenant_id=tenant.id, params=PARAMS)[0]
+        session.commit()
+        session.refresh(job)
+        session.expunge(job)
+    return job
+
+
+def _slow_counts(store: JobStore, monkeypatch, delay_s: float = 0.2) -> list:
+    """Make the store's counts take `delay_s` (as in a deep queue); the ids of the jobs counted."""
+    counts = []
+    count = store._queue_place
+
+    async def counted(job):
+        counts.append(job.id)
+        await asyncio.sleep(delay_s)
+        return await count(job)
+
+    monkeypatch.setattr(store, "_queue_place", counted)
+    return counts
+
+
+def test_on_the_server_loop_an_expired_place_is_answered_at_once_and_counted_again_off_the_request(
+        stack_env, monkeypatch):
+    """Only a place never counted makes its caller wait for the count; past its second the last place is answered
+    and one count runs in the background, whose result the next polls get."""
+    job = _queued_job()
+    store = JobStore(get_settings().database)
+    counts = _slow_counts(store, monkeypatch)
+
+    async def polls() -> tuple[float, float, list, object, int]:
+        await store.open()
+        try:
+            started = time.monotonic()
+            first = await store.queue_place(job)  # never counted: waits for its count
+            first_s = time.monotonic() - started
+            store.places._by_job[job.id] = (0.0, replace(first, position=first.position + 5))  # expired, stale
+            started = time.monotonic()
+            answers = await asyncio.gather(*(store.queue_place(job) for _ in range(20)))
+            stale_s = time.monotonic() - started
+            while store._background:
+                await asyncio.sleep(0.05)
+            return first_s, stale_s, answers, await store.queue_place(job), len(counts)
+        finally:
+            await store.close()
+
+    first_s, stale_s, answers, after, count_n = asyncio.run(polls())
+    assert first_s >= 0.2  # the first count was waited for
+    assert stale_s < 0.2 and count_n == 2  # the 20 did not wait; one count ran for them, off the request
+    assert {a.position for a in answers} == {after.position + 5}  # they got the last place...
+    assert after.position == answers[0].position - 5  # ...and the poll after the count its result
+
+
+def test_close_cancels_a_count_still_running_in_the_background(stack_env, monkeypatch):
+    job = _queued_job()
+    store = JobStore(get_settings().database)
+    counts = _slow_counts(store, monkeypatch, delay_s=30)
+
+    async def poll_then_close() -> float:
+        await store.open()
+        store.places.remember(job.id, None)
+        store.places._by_job[job.id] = (0.0, None)  # known (it left the queue) but expired: counted in background
+        assert await store.queue_place(job) is None and len(store._background) == 1
+        started = time.monotonic()
+        await store.close()
+        return time.monotonic() - started
+
+    assert asyncio.run(poll_then_close()) < 5 and counts == [job.id] and not store._background

@@ -1,6 +1,7 @@
 """api/recent_places.py: a job's place is kept for the TTL, then counted again; a new job's place follows the newest
-counted one of its queue plus the jobs queued behind it since, within the TTL only; one count at a time per job and
-per lane, the others answered the last place meanwhile."""
+counted one of its queue plus the jobs queued behind it since; one count at a time per job and per lane, the others
+answered the last place meanwhile; past the TTL the caller that counts again is answered the last place too (it
+counts in the background), and only a place never counted makes its caller wait."""
 from __future__ import annotations
 
 import uuid
@@ -19,32 +20,32 @@ def clock(monkeypatch):
     return now
 
 
-def test_a_place_is_kept_for_the_ttl_only(clock):
+def test_a_place_is_kept_for_the_ttl_then_counted_again_while_the_last_one_is_answered(clock):
     places, job = RecentPlaces(ttl_s=1.0), uuid.uuid4()
-    assert places.of(job) == (False, None)
+    assert places.of(job) == (False, None, True)  # never counted: this caller counts while it waits
     places.remember(job, QueuePlace(position=7, eta_s=8.0))
     clock[0] += 0.9
-    assert places.of(job) == (True, QueuePlace(position=7, eta_s=8.0))
+    assert places.of(job) == (True, QueuePlace(position=7, eta_s=8.0), False)
     places.remember(uuid.uuid4(), None)  # a job that left the queue is remembered as such
     clock[0] += 0.2
-    assert places.of(job) == (False, None)
+    assert places.of(job) == (True, QueuePlace(position=7, eta_s=8.0), True)  # expired: answered, counted again
 
 
 def test_new_jobs_follow_the_newest_counted_place_of_their_queue(clock):
     places = RecentPlaces(ttl_s=1.0)
-    assert places.of_new("interactive") is None  # nothing counted yet: the caller counts
+    assert places.of_new("interactive") == (None, True)  # nothing counted yet: the caller counts while it waits
     places.remember_new("interactive", QueuePlace(position=10, eta_s=5.5), rate=2.0)
-    assert places.of_new("interactive") == QueuePlace(position=11, eta_s=6.0)
-    assert places.of_new("interactive") == QueuePlace(position=12, eta_s=6.5)
-    assert places.of_new("interactive-high") is None  # another lane has its own count
+    assert places.of_new("interactive") == (QueuePlace(position=11, eta_s=6.0), False)
+    assert places.of_new("interactive") == (QueuePlace(position=12, eta_s=6.5), False)
+    assert places.of_new("interactive-high") == (None, True)  # another lane has its own count
     clock[0] += 1.1
-    assert places.of_new("interactive") is None
+    assert places.of_new("interactive") == (QueuePlace(position=13, eta_s=7.0), True)  # expired: counted again
 
 
 def test_no_eta_without_a_throughput(clock):
     places = RecentPlaces(ttl_s=1.0)
     places.remember_new("interactive", QueuePlace(position=0, eta_s=None), rate=None)
-    assert places.of_new("interactive") == QueuePlace(position=1, eta_s=None)
+    assert places.of_new("interactive") == (QueuePlace(position=1, eta_s=None), False)
 
 
 def test_memory_is_bounded(clock, monkeypatch):
@@ -59,23 +60,23 @@ def test_while_one_caller_counts_a_place_again_the_others_get_the_last_one(clock
     places, job = RecentPlaces(ttl_s=1.0), uuid.uuid4()
     places.remember(job, QueuePlace(position=7, eta_s=8.0))
     clock[0] += 1.1
-    assert places.of(job) == (False, None)  # expired: this caller counts
-    assert places.of(job) == (True, QueuePlace(position=7, eta_s=8.0))  # meanwhile: the last place
+    assert places.of(job) == (True, QueuePlace(position=7, eta_s=8.0), True)  # expired: this caller counts
+    assert places.of(job) == (True, QueuePlace(position=7, eta_s=8.0), False)  # meanwhile: the last place
     places.remember(job, QueuePlace(position=5, eta_s=6.0))
-    assert places.of(job) == (True, QueuePlace(position=5, eta_s=6.0))
+    assert places.of(job) == (True, QueuePlace(position=5, eta_s=6.0), False)
     clock[0] += 1.1
-    assert places.of(job) == (False, None)
+    assert places.of(job)[2]
     places.forget_count(job)  # that count failed: the next caller counts
-    assert places.of(job) == (False, None)
+    assert places.of(job) == (True, QueuePlace(position=5, eta_s=6.0), True)
 
 
 def test_one_count_at_a_time_for_a_lane_of_new_jobs(clock):
     places = RecentPlaces(ttl_s=1.0)
-    assert places.of_new("interactive") is None  # the first ever: this caller counts...
-    assert places.of_new("interactive") is None  # ...and with nothing counted yet, so does the next
+    assert places.of_new("interactive") == (None, True)  # the first ever: this caller counts...
+    assert places.of_new("interactive") == (None, True)  # ...and with nothing counted yet, so does the next
     places.remember_new("interactive", QueuePlace(position=10, eta_s=None), rate=None)
     clock[0] += 1.1
-    assert places.of_new("interactive") is None  # expired: this caller counts
-    assert places.of_new("interactive") == QueuePlace(position=11, eta_s=None)  # meanwhile: the last count, on
+    assert places.of_new("interactive") == (QueuePlace(position=11, eta_s=None), True)  # expired: this one counts
+    assert places.of_new("interactive") == (QueuePlace(position=12, eta_s=None), False)  # meanwhile: on the last
     places.remember_new("interactive", None, rate=None)  # the count found the job gone: nothing new is kept
-    assert places.of_new("interactive") is None  # expired and nobody counting: the next caller counts
+    assert places.of_new("interactive") == (QueuePlace(position=13, eta_s=None), True)  # expired, nobody counting
