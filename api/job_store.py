@@ -38,7 +38,7 @@ from sqlalchemy.dialects.postgresql.psycopg import dialect as psycopg_dialect
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import ColumnProperty
 
-from api.recent_places import RecentPlaces
+from api.recent_places import RecentPlaces, RecentRanks
 from api.send_queue import SendQueue
 from common import quotas
 from common.auth import usable_key
@@ -46,11 +46,14 @@ from common.db import server_options
 from common.errors import AuthenticationError, Forbidden, NotFound
 from common.models import ApiKey, Job, JobImage, JobStatus, Tenant
 from common.queue_position import (
+    LANE_RANK_SQL,
     THROUGHPUT_PARAMS,
     THROUGHPUT_SQL,
+    LaneRank,
     QueuePlace,
     cached_throughput,
     eta_s,
+    lanes_before,
     position_query,
     remember_throughput,
 )
@@ -122,6 +125,7 @@ KEY_SCOPES = _compile(
     select(ApiKey.scopes, *quotas.usage_row(Tenant.id, Tenant.limits, _DEFAULTS))
     .join(Tenant, Tenant.id == ApiKey.tenant_id).where(usable_key(bindparam("key_hash"))))
 INSERT_JOB = _insert_statement()
+LANE_RANK = _compile(LANE_RANK_SQL)
 # One statement that also turns synchronous_commit off for its own (implicit) transaction: the set_config runs in
 # a FROM subquery, so the commit does not wait for the WAL flush, without a pipeline of SET LOCAL and the update
 # (which cost about 0.5 ms of this process's CPU a submit).
@@ -168,6 +172,7 @@ class JobStore:
         self._background: set[asyncio.Task] = set()  # queue places counted again off the request (queue_place)
         self.sends = SendQueue(self.mark_enqueued, linger_s=send_linger_s)
         self.places = RecentPlaces()
+        self.ranks = RecentRanks(self._read_rank)
 
     def _connect_kwargs(self) -> dict[str, Any]:
         return {"autocommit": True, "row_factory": dict_row, "connect_timeout": 5, "options": server_options(self.db)}
@@ -325,6 +330,8 @@ class JobStore:
         if new:
             place, count = self.places.of_new(job.queue)
             known = place is not None
+            if known:
+                self.places.remember(job.id, place)  # its polls within the TTL are answered from it
         else:
             known, place, count = self.places.of(job.id)
         if not count:
@@ -366,15 +373,26 @@ class JobStore:
             log.error("a background count failed", exc_info=task.exception())
 
     async def _queue_place(self, job: Job) -> QueuePlace | None:
-        sql, params = position_query(job_id=job.id, queue=job.queue, batch_item=job.batch_id is not None)
-        database = self.db.url
-        async with self.connection() as conn:
-            row = await (await conn.execute(_compile(sql), params)).fetchone()
-            if row is None or row["position"] is None:
-                return None  # it left the queue since it was read
-            hit, rate = cached_throughput(database)
-            if not hit:
-                sample = await (await conn.execute(_compile(THROUGHPUT_SQL), THROUGHPUT_PARAMS)).fetchone()
-                rate = remember_throughput(database, sample["n"], sample["span_s"])
-        position = int(row["position"])
+        position = await self._position(job)
+        if position is None:
+            return None  # it left the queue since it was read
+        hit, rate = cached_throughput(self.db.url)
+        if not hit:
+            sample = await self._fetchone(_compile(THROUGHPUT_SQL), THROUGHPUT_PARAMS)
+            rate = remember_throughput(self.db.url, sample["n"], sample["span_s"])
         return QueuePlace(position=position, eta_s=eta_s(position, rate))
+
+    async def _position(self, job: Job) -> int | None:
+        """The job's position: from its lane's ranking (api/recent_places.RecentRanks) for a job of a broker list on
+        the server's loop, else (or when the ranking cannot place it) its own count."""
+        batch_item = job.batch_id is not None
+        if not batch_item and self._on_server_loop():
+            position = (await self.ranks.of(job.queue)).position(job.id, job.created_at)
+            if position is not None:
+                return position
+        sql, params = position_query(job_id=job.id, queue=job.queue, batch_item=batch_item)
+        row = await self._fetchone(_compile(sql), params)
+        return None if row is None or row["position"] is None else int(row["position"])
+
+    async def _read_rank(self, queue: str) -> LaneRank:
+        return LaneRank.of_row(await self._fetchone(LANE_RANK, {"queue": queue, "higher": lanes_before(queue)}))

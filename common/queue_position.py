@@ -46,7 +46,9 @@ further than the cap, when only min(items, cap) is wanted); past that the rest a
 line numbers at the density of the last half counted (exact for a batch's untouched tail, where lines are
 consecutive; close for the scattered items of a resumed batch; low where a scattered head meets an untouched tail).
 So a position costs about EXACT_UPTO index entries per in-progress batch at most, plus the broker lists' lengths,
-never a whole backlog: a few ms (docs/PERFORMANCE.md, "Queue position").
+never a whole backlog: a few ms (docs/PERFORMANCE.md, "Queue position"). A job of a broker list costs O(jobs ahead
+of it) (an index range); for many polled jobs of one list, LANE_RANK_SQL reads the whole list once (its ids in
+order, 16 bytes a job) and LaneRank places each of them from that (the API's polls, api/recent_places.py).
 
 ETA: `(position + 1) / throughput`, where throughput is jobs started fleet-wide per second recently (interactive
 and batch jobs share the workers): the last THROUGHPUT_SAMPLE starts within THROUGHPUT_WINDOW_S, over the time they
@@ -60,6 +62,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy import TextClause, text
 from sqlalchemy.orm import Session
@@ -226,18 +229,55 @@ higher AS (     -- jobs waiting in the lanes served before mine (lanes_before)
 SELECT s.n + u.n + h.n AS position FROM me, sent s, unsent u, higher h
 """)
 
+# A broker list's order, as FIFO_SQL counts it: sent jobs in send order, then unsent ones by age.
+_LIST_ORDER = "enqueued_at NULLS LAST, created_at, id"
+_HIGHER = "SELECT count(*) FROM jobs WHERE status = 'queued' AND queue = ANY(CAST(:higher AS varchar[]))"
+
 # FIFO_SQL for many jobs of one broker list at once (a list page): the same count, as each job's rank in the list's
-# order (sent ones in send order, then unsent ones by age), in one statement instead of one per job.
-FIFO_MANY_SQL = text("""
+# order, in one statement instead of one per job.
+FIFO_MANY_SQL = text(f"""
 WITH ranked AS (
-    SELECT id, row_number() OVER (ORDER BY enqueued_at NULLS LAST, created_at, id) - 1 AS k
+    SELECT id, row_number() OVER (ORDER BY {_LIST_ORDER}) - 1 AS k
     FROM jobs WHERE status = 'queued' AND queue = :queue
-),
-higher AS (
-    SELECT count(*) AS n FROM jobs WHERE status = 'queued' AND queue = ANY(CAST(:higher AS varchar[]))
 )
-SELECT r.id, r.k + h.n AS position FROM ranked r, higher h WHERE r.id = ANY(:ids)
+SELECT r.id, r.k + ({_HIGHER}) AS position FROM ranked r WHERE r.id = ANY(:ids)
 """)
+
+# A broker list at once, for LaneRank: the ids of its first RANKED_MOST queued jobs in the list's order (16 bytes
+# each, one bytea: no row or object per job), the jobs waiting in the lanes served before it, and when it was read.
+RANKED_MOST = 50_000  # 800 kB; read in about 45 ms on the 2-core machine, a place found in it in at most 0.2 ms
+LANE_RANK_SQL = text(f"""
+SELECT now() AS read_at, ({_HIGHER}) AS higher,
+       coalesce((SELECT string_agg(uuid_send(id), ''::bytea ORDER BY {_LIST_ORDER}) FROM (
+                     SELECT id, enqueued_at, created_at FROM jobs WHERE status = 'queued' AND queue = :queue
+                     ORDER BY {_LIST_ORDER} LIMIT {RANKED_MOST}) listed), ''::bytea) AS ids
+""")
+
+
+@dataclass(frozen=True)
+class LaneRank:
+    """A broker list ranked at one moment (LANE_RANK_SQL): every queued job's position in it, from one read."""
+    read_at: datetime  # the database's time of the read
+    higher: int        # jobs waiting then in the lanes served before this one
+    ids: bytes         # the list's queued job ids then, in its order, 16 bytes each
+
+    @classmethod
+    def of_row(cls, row) -> LaneRank:
+        return cls(read_at=row["read_at"], higher=int(row["higher"]), ids=bytes(row["ids"]))
+
+    def position(self, job_id: uuid.UUID, created_at: datetime) -> int | None:
+        """The job's position when the list was read; for a job created since, the place behind every job read
+        (it was not queued yet: its position then, the jobs queued alongside it aside). None: the job was not in
+        the list then although it existed (requeued since, in another list, or past the first RANKED_MOST): count
+        it on its own (FIFO_SQL)."""
+        needle, at = job_id.bytes, self.ids.find(job_id.bytes)
+        while at >= 0 and at % 16:  # a match across two ids (never seen with random ids, but cheap to rule out)
+            at = self.ids.find(needle, at + 1)
+        if at >= 0:
+            return at // 16 + self.higher
+        whole = len(self.ids) < RANKED_MOST * 16  # else the jobs past the first RANKED_MOST are counted on their own
+        return len(self.ids) // 16 + self.higher if whole and created_at > self.read_at else None
+
 
 THROUGHPUT_SQL = text("""
 SELECT count(*) AS n, extract(epoch FROM now() - min(started_at)) AS span_s FROM (

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from dataclasses import replace
 
 import psycopg
 
 from api.job_store import MARK_ENQUEUED, JobStore, conninfo
 from common.db import session_scope
-from common.job_states import create_job
+from common.job_states import create_job, mark_enqueued
+from common.queue_position import position
 from common.settings import get_settings
 from tests.common.test_job_states import PARAMS
 from tests.support import make_tenant
@@ -51,10 +53,10 @@ def test_concurrent_polls_of_a_job_whose_place_expired_count_it_once(stack_env, 
     assert places[0] is not None and all(place == places[0] for place in places)
 
 
-def _queued_job():
-    tenant = make_tenant()
+def _queued_job(queue: str | None = None, tenant=None):
+    tenant = tenant or make_tenant()
     with session_scope() as session:
-        job = create_job(session, tenant_id=tenant.id, params=PARAMS)[0]
+        job = create_job(session, tenant_id=tenant.id, params=PARAMS, **({"queue": queue} if queue else {}))[0]
         session.commit()
         session.refresh(job)
         session.expunge(job)
@@ -121,3 +123,35 @@ def test_close_cancels_a_count_still_running_in_the_background(stack_env, monkey
         return time.monotonic() - started
 
     assert asyncio.run(poll_then_close()) < 5 and counts == [job.id] and not store._background
+
+
+def test_polls_of_many_jobs_of_a_lane_read_its_ranking_once(stack_env, monkeypatch):
+    """On the server's loop, the places of a broker list's jobs come from one ranking of the list a second
+    (api/recent_places.RecentRanks), each the position its own count gives (sent jobs in send order, then unsent)."""
+    queue, tenant = f"held-rank-{uuid.uuid4().hex[:6]}", make_tenant()
+    jobs = [_queued_job(queue, tenant) for _ in range(12)]
+    with session_scope() as session:
+        mark_enqueued(session, [j.id for j in jobs[4:]])  # the first four stay unsent: behind the eight sent
+    store = JobStore(get_settings().database)
+    reads = []
+    read = store.ranks._read
+
+    async def counted_read(lane: str):
+        reads.append(lane)
+        return await read(lane)
+
+    monkeypatch.setattr(store.ranks, "_read", counted_read)
+
+    async def polls() -> list:
+        await store.open()
+        try:
+            return await asyncio.gather(*(store.queue_place(job) for job in jobs))
+        finally:
+            await store.close()
+
+    places = asyncio.run(polls())
+    with session_scope() as session:
+        counted = [position(session, job_id=j.id, queue=queue, batch_item=False) for j in jobs]
+    assert [p.position for p in places] == counted
+    assert counted[4:] == list(range(counted[4], counted[4] + 8)) and counted[0] == counted[4] + 8
+    assert reads == [queue]

@@ -6,6 +6,8 @@ Redis: common.batches.feed_candidates picks, job_states.mark_enqueued marks (wha
 from __future__ import annotations
 
 import uuid
+from datetime import datetime, timezone
+
 import pytest
 from sqlalchemy import event, func, select, text, update
 
@@ -393,3 +395,45 @@ def test_a_list_page_shows_the_same_positions_in_fewer_statements(db):
         event.remove(engine, "before_cursor_execute", listen)
     assert sum("row_number()" in st for st in statements) == 1
     assert not any("WITH me AS" in st for st in statements)  # no per-job position statement
+
+
+def rank_of(queue: str) -> qp.LaneRank:
+    with session() as s:
+        row = s.execute(qp.LANE_RANK_SQL, {"queue": queue, "higher": qp.lanes_before(queue)}).mappings().one()
+    return qp.LaneRank.of_row(row)
+
+
+def test_a_lanes_ranking_gives_every_job_the_position_of_its_own_count(db):
+    """LaneRank (the API's polls of a lane's jobs, api/recent_places.RecentRanks): sent and unsent jobs, the lanes
+    served before, a job that left the lane; a job created after the ranking stands behind every job in it."""
+    t = tenant("t")
+    high = interactive(t, 2, priority="high")
+    a, b, c, d = interactive(t, 4)
+    with session() as s:  # c goes back to the queue unsent: behind every sent job
+        s.execute(update(Job).where(Job.id == c).values(enqueued_at=None))
+    start([b])
+    rank = rank_of(interactive_queue("normal"))
+    with session() as s:
+        created = {j.id: j.created_at for j in s.scalars(select(Job))}
+    assert [rank.position(j, created[j]) for j in (a, c, d)] == positions([a, c, d]) == [2, 4, 3]
+    assert rank.position(b, created[b]) is None  # not in the lane when ranked, older than the ranking: counted alone
+    assert rank_of(interactive_queue("high")).position(high[1], created[high[1]]) == pos(high[1]) == 1
+    [late] = interactive(t, 1)
+    with session() as s:
+        late_created = s.get(Job, late).created_at
+    # behind the 3 ranked and the 2 high ones: an estimate at most a ranking old (its own count puts it before
+    # c, which is unsent)
+    assert (rank.position(late, late_created), pos(late)) == (5, 4)
+    empty = rank_of("a-lane-with-no-jobs")  # behind every lane: 2 high, 4 normal (a, c, d, late)
+    assert (empty.higher, empty.ids) == (6, b"")
+
+
+def test_a_ranking_holds_the_first_jobs_of_a_list_only_and_leaves_the_rest_to_their_own_counts(db, monkeypatch):
+    limited = text(qp.LANE_RANK_SQL.text.replace(f"LIMIT {qp.RANKED_MOST}", "LIMIT 2"))
+    monkeypatch.setattr(qp, "RANKED_MOST", 2)
+    monkeypatch.setattr(qp, "LANE_RANK_SQL", limited)
+    a, b, c = interactive(tenant("t"), 3)
+    rank = rank_of(interactive_queue("normal"))
+    assert [rank.position(j, rank.read_at) for j in (a, b, c)] == [0, 1, None]  # c: counted on its own
+    [late] = interactive(tenant("t"), 1)
+    assert rank.position(late, datetime.now(timezone.utc)) is None  # the list was not whole: count it

@@ -3,6 +3,7 @@
     python -m worker.bench.front_door                       # submit 50..400/s, read 100..1000/s, uploads
     python -m worker.bench.front_door --submit-rates 50,100 --read-rates 100 --duration 10 --api-workers 2
     python -m worker.bench.front_door --in-process 1000 --submit-rates "" --read-rates "" --uploads 0
+    python -m worker.bench.front_door --submit-rates 400 --read-rates 1000 --read-jobs 1000 --uploads 0
 
 Starts throwaway Postgres and Redis and the API under uvicorn (no GPU worker: submits only queue), then drives
 open-loop load: requests leave on a fixed schedule whatever the answers, so a slow server shows as latency and
@@ -13,6 +14,8 @@ Each rate also reports how many of the API processes' event-loop lag observation
 a process) came over 50 ms late: many, and the API processes themselves held the requests; few with a high p99,
 and the time went elsewhere (Postgres, the kernel, the machine). And how late the load generator itself started
 its requests (p99): a late instrument sends in bursts and adds its lateness to every latency it reports.
+Reads poll the queue's first job, or with `--read-jobs N` N queued jobs drawn at random once the submits are done
+(as clients polling each of their own jobs do: their places are spread over the queue).
 The load generator runs on the same machine: on a 2-core box it takes CPU from the API, so read the figures as a
 lower bound.
 `--in-process N` first runs api.request_cost: N reads and N submits (one at a time, then 20 at once) through the
@@ -235,17 +238,33 @@ async def healthz_during_uploads(url: str, key: str, workdir: Path, uploads: int
             "healthz_max_ms": _ms(max(probes) if probes else None)}
 
 
-async def run(url: str, key: str, args, workdir: Path, api_pid: int) -> dict:
+def queued_jobs(db_url: str, n: int) -> list[str]:
+    """The ids of `n` queued jobs drawn at random, so their places spread over the whole queue."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            return [str(row[0]) for row in conn.execute(
+                text("SELECT id FROM jobs WHERE status = 'queued' ORDER BY random() LIMIT :n"), {"n": n})]
+    finally:
+        engine.dispose()
+
+
+async def run(url: str, key: str, args, workdir: Path, api_pid: int, db_url: str) -> dict:
     host, port = url.removeprefix("http://").split(":")
     server_cpu = functools.partial(tree_cpu_s, api_pid)
     client = RawHttp(host, int(port), key, connections=args.connections, timeout=args.timeout)
     result: dict = {"submit": [], "read": []}
     async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}) as setup:
         job_id = (await setup.post("/v1/jobs", json=JOB)).json()["id"]
-        read = client.build("GET", f"/v1/jobs/{job_id}")
+        reads = [client.build("GET", f"/v1/jobs/{job_id}")]  # the queue's first job; --read-jobs: spread over it
         calls = [("submit", rate, lambda i: client.build("POST", "/v1/jobs", {**JOB, "seed": i}))
-                 for rate in args.submit_rates] + [("read", rate, lambda i: read) for rate in args.read_rates]
+                 for rate in args.submit_rates] + [("read", rate, lambda i: reads[i % len(reads)])
+                                                   for rate in args.read_rates]
         for call, rate, request in calls:
+            if call == "read" and args.read_jobs > 1 and len(reads) == 1:
+                reads[:] = [client.build("GET", f"/v1/jobs/{j}") for j in queued_jobs(db_url, args.read_jobs)]
             if args.warmup:  # the same load first, reported apart: the server's connections and caches filling
                 warm = await open_loop(client, rate, args.warmup, request, server_cpu)
                 result.setdefault("warmup", []).append({"call": call, **warm})
@@ -254,6 +273,8 @@ async def run(url: str, key: str, args, workdir: Path, api_pid: int) -> dict:
             observed, late = await loop_lag(setup)
             result[call][-1]["loop_lag"] = {"observed": round(observed - observed_before),
                                             "over_50ms": round(late - late_before)}
+            if call == "read":
+                result[call][-1]["jobs"] = len(reads)  # distinct jobs polled
             print(json.dumps({call: result[call][-1]}), flush=True)
             await asyncio.sleep(args.pause)
     if args.uploads:
@@ -309,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--upload-lines", type=int, default=1000)
     parser.add_argument("--api-workers", type=int, default=1, help="uvicorn worker processes")
     parser.add_argument("--connections", type=int, default=256, help="keep-alive connections of the load")
+    parser.add_argument("--read-jobs", type=int, default=1, metavar="N",
+                        help="reads cycle over N queued jobs drawn at random when the reads start (default: the "
+                             "queue's first job only); their places are spread over the queue the submits left")
     parser.add_argument("--in-process", type=int, default=0, metavar="N",
                         help="first, N reads and N submits through the app in-process (api.request_cost)")
     parser.add_argument("--out", type=Path)
@@ -337,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     in_process = in_process_cost(env, key, args.in_process) if args.in_process else []
     api, url = start_api(env)
     try:
-        result = asyncio.run(run(url, key, args, workdir, api.pid))
+        result = asyncio.run(run(url, key, args, workdir, api.pid, db_url))
         result["in_process"] = in_process
     finally:
         api.terminate()

@@ -19,12 +19,13 @@ def test_the_bench_runs_each_rate_and_reports_it(tmp_path):
     out = tmp_path / "result.json"
     proc = subprocess.run([sys.executable, "-m", "worker.bench.front_door", "--submit-rates", "20", "--read-rates",
                            "40", "--duration", "1", "--pause", "0", "--warmup", "0.5", "--uploads", "2",
-                           "--upload-lines", "5", "--api-workers", "2", "--out", str(out)],
+                           "--upload-lines", "5", "--api-workers", "2", "--read-jobs", "5", "--out", str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     (submit,), (read,) = result["submit"], result["read"]
     assert submit["statuses"] == {"202": 20} and read["statuses"] == {"200": 40}
+    assert read["jobs"] == 5  # spread over five of the queued jobs
     for run in (submit, read):
         assert run["answered"] == run["sent"] and 0 < run["p50_ms"] <= run["p99_ms"] and run["server_cpu_ms"] > 0
         # two processes, a timer each every 0.25 s, over at least the run's second
