@@ -9,7 +9,8 @@ Starts throwaway Postgres and Redis and the API under uvicorn (no GPU worker: su
 open-loop load: requests leave on a fixed schedule whatever the answers, so a slow server shows as latency and
 timeouts, not as a politely slower client. For each rate it reports answered, status counts, p50/p99 latency and
 timeouts, each after a warm-up of the same load (`--warmup` seconds, reported apart: a cold server's first second
-fills its connections and caches); then /healthz p50/p99 while 30 batch uploads (1,000 lines each) run at once.
+fills its connections and caches); then /healthz p50/p99, probed every 10 ms, while 30 clients upload batches of
+1,000 lines for 5 seconds, each again after its answer (after a 429, when its Retry-After says).
 Each rate also reports how many of the API processes' event-loop lag observations (`/metrics`, one every 0.25 s
 a process) came over 50 ms late: many, and the API processes themselves held the requests; few with a high p99,
 and the time went elsewhere (Postgres, the kernel, the machine). And how late the load generator itself started
@@ -201,17 +202,26 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 1)
 
 
-async def healthz_during_uploads(url: str, key: str, workdir: Path, uploads: int, lines: int) -> dict:
+async def healthz_during_uploads(url: str, key: str, workdir: Path, uploads: int, lines: int,
+                                 seconds: float) -> dict:
+    """`uploads` clients each uploading a batch of `lines` lines again and again for `seconds` (after a 429, again
+    when its Retry-After says, as a client should), while /healthz is probed every 10 ms."""
     path = workdir / "upload.jsonl"
     write_jsonl(path, lines)
     data = path.read_bytes()
-    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+    codes: Counter = Counter()
+    async with httpx.AsyncClient(base_url=url, timeout=120,
+                                 limits=httpx.Limits(max_connections=uploads + 1)) as client:
         headers = {"Authorization": f"Bearer {key}"}
+        until = time.perf_counter() + seconds
 
-        async def upload(i: int) -> int:
-            resp = await client.post("/v1/batches", headers={**headers, "Idempotency-Key": f"u-{uuid.uuid4()}"},
-                                     files={"file": (f"in{i}.jsonl", data)})
-            return resp.status_code
+        async def uploader(i: int) -> None:
+            while time.perf_counter() < until:
+                resp = await client.post("/v1/batches", headers={**headers, "Idempotency-Key": f"u-{uuid.uuid4()}"},
+                                         files={"file": (f"in{i}.jsonl", data)})
+                codes[str(resp.status_code)] += 1
+                if resp.status_code == 429:
+                    await asyncio.sleep(float(resp.headers.get("Retry-After", "1")))
 
         async def probe() -> list[float]:
             seen = []
@@ -222,20 +232,19 @@ async def healthz_during_uploads(url: str, key: str, workdir: Path, uploads: int
                     seen.append(time.perf_counter() - t0)
                 except httpx.HTTPError:
                     seen.append(10.0)
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.01)
             return seen
 
         done = asyncio.Event()
         prober = asyncio.create_task(probe())
         t0 = time.perf_counter()
-        codes = await asyncio.gather(*(upload(i) for i in range(uploads)))
+        await asyncio.gather(*(uploader(i) for i in range(uploads)))
         elapsed = time.perf_counter() - t0
         done.set()
         probes = await prober
-    return {"uploads": uploads, "lines": lines, "statuses": dict(Counter(map(str, codes))),
-            "wall_s": round(elapsed, 2), "healthz_probes": len(probes),
-            "healthz_p50_ms": _ms(percentile(probes, 0.5)), "healthz_p99_ms": _ms(percentile(probes, 0.99)),
-            "healthz_max_ms": _ms(max(probes) if probes else None)}
+    return {"uploads": uploads, "lines": lines, "statuses": dict(codes), "wall_s": round(elapsed, 2),
+            "healthz_probes": len(probes), "healthz_p50_ms": _ms(percentile(probes, 0.5)),
+            "healthz_p99_ms": _ms(percentile(probes, 0.99)), "healthz_max_ms": _ms(max(probes) if probes else None)}
 
 
 def queued_jobs(db_url: str, n: int) -> list[str]:
@@ -278,7 +287,8 @@ async def run(url: str, key: str, args, workdir: Path, api_pid: int, db_url: str
             print(json.dumps({call: result[call][-1]}), flush=True)
             await asyncio.sleep(args.pause)
     if args.uploads:
-        result["uploads"] = await healthz_during_uploads(url, key, workdir, args.uploads, args.upload_lines)
+        result["uploads"] = await healthz_during_uploads(url, key, workdir, args.uploads, args.upload_lines,
+                                                         args.upload_seconds)
         print(json.dumps({"uploads": result["uploads"]}), flush=True)
     return result
 
@@ -311,7 +321,7 @@ def render(result: dict) -> str:
                     f"({r['calls']} calls)")
     if "uploads" in result:
         u = result["uploads"]
-        rows.append(f"\n/healthz while {u['uploads']} uploads of {u['lines']} lines run ({u['wall_s']} s; "
+        rows.append(f"\n/healthz while {u['uploads']} clients upload batches of {u['lines']} lines ({u['wall_s']} s; "
                     f"uploads {u['statuses']}): p50 {u['healthz_p50_ms']} ms, p99 {u['healthz_p99_ms']} ms, "
                     f"max {u['healthz_max_ms']} ms over {u['healthz_probes']} probes")
     return "\n".join(rows)
@@ -328,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=10.0)
     parser.add_argument("--uploads", type=int, default=30)
     parser.add_argument("--upload-lines", type=int, default=1000)
+    parser.add_argument("--upload-seconds", type=float, default=5.0,
+                        help="how long the --uploads clients keep uploading (each again after its answer)")
     parser.add_argument("--api-workers", type=int, default=1, help="uvicorn worker processes")
     parser.add_argument("--connections", type=int, default=256, help="keep-alive connections of the load")
     parser.add_argument("--read-jobs", type=int, default=1, metavar="N",

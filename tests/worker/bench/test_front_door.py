@@ -19,7 +19,8 @@ def test_the_bench_runs_each_rate_and_reports_it(tmp_path):
     out = tmp_path / "result.json"
     proc = subprocess.run([sys.executable, "-m", "worker.bench.front_door", "--submit-rates", "20", "--read-rates",
                            "40", "--duration", "1", "--pause", "0", "--warmup", "0.5", "--uploads", "2",
-                           "--upload-lines", "5", "--api-workers", "2", "--read-jobs", "5", "--out", str(out)],
+                           "--upload-lines", "5", "--upload-seconds", "1", "--api-workers", "2", "--read-jobs", "5",
+                           "--out", str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
