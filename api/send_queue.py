@@ -7,10 +7,9 @@ a third of a submit's CPU in the API (docs/PERFORMANCE.md, "Front door: the hot 
 group by themselves (while one run is being sent the next gathers), so their cost per job falls as the rate
 rises. Each run also waits `linger_s` (the setting `api.send_linger_ms`, 20 ms by default) after the first job
 of a run arrives, so the submits of those milliseconds share its thread hop, Redis pipeline and mark: at 200
-submits a second into one process, runs of one or two jobs cost about a millisecond of CPU each, as much again
-as the rest of a submit (in-process: 2.4 ms of CPU a submit one at a time, 1.3 ms twenty at once;
-docs/PERFORMANCE.md, "Front door: sends that wait for company"). A job leaves at most that much later, which a
-queue of seconds-long generations does not notice.
+submits a second into one process, runs were of one or two jobs. Over HTTP at 400 submits a second that saved
+about 0.2–0.3 ms of API CPU a submit (docs/PERFORMANCE.md, "sends that wait for company"). A job leaves at most
+that much later, which a queue of seconds-long generations does not notice.
 
 Nothing is lost by answering first: Postgres is the truth (common.dispatch). A job whose message is not sent (the
 process died before its turn, Redis was down) keeps `enqueued_at IS NULL`, and maintenance sends it
