@@ -193,6 +193,7 @@ class JobStore:
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+        await self.ranks.close()
         pool, self._pool, self._pool_loop = self._pool, None, None
         if pool is not None:
             await pool.close()

@@ -121,6 +121,13 @@ class RecentRanks:
             reading = self._reading[queue] = asyncio.ensure_future(self._read_and_keep(queue))
         return await asyncio.shield(reading)  # a caller cancelled does not cancel the others' read
 
+    async def close(self) -> None:
+        """Cancel the reads in flight (the pool they read on is closing)."""
+        reading = list(self._reading.values())
+        for read in reading:
+            read.cancel()
+        await asyncio.gather(*reading, return_exceptions=True)
+
     async def _read_and_keep(self, queue: str) -> LaneRank:
         try:
             rank = await self._read(queue)

@@ -155,3 +155,31 @@ def test_polls_of_many_jobs_of_a_lane_read_its_ranking_once(stack_env, monkeypat
     assert [p.position for p in places] == counted
     assert counted[4:] == list(range(counted[4], counted[4] + 8)) and counted[0] == counted[4] + 8
     assert reads == [queue]
+
+
+def test_a_ranking_that_fails_to_be_read_leaves_the_place_out_and_the_next_poll_reads_it_again(
+        stack_env, monkeypatch):
+    """The database failing during a lane's ranking costs the poll its position only (the job is still answered),
+    and nothing stays stuck: the next poll reads the ranking again."""
+    queue = f"held-rank-{uuid.uuid4().hex[:6]}"
+    job = _queued_job(queue)
+    store = JobStore(get_settings().database)
+    read, reads = store.ranks._read, []
+
+    async def failing_once(lane: str):
+        reads.append(lane)
+        if len(reads) == 1:
+            raise psycopg.OperationalError("the database went away")
+        return await read(lane)
+
+    monkeypatch.setattr(store.ranks, "_read", failing_once)
+
+    async def polls() -> list:
+        await store.open()
+        try:
+            return [await store.queue_place(job), await store.queue_place(job)]
+        finally:
+            await store.close()
+
+    first, second = asyncio.run(polls())
+    assert first is None and second is not None and second.position >= 0 and len(reads) == 2
