@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 
 from common.errors import Conflict, InvalidRequest, NotFound
 from common.job_request import ADAPTER_NAME_PATTERN
-from common.lora_files import NotALora, inspect_lora, transformer_linear_shapes
+from common.lora_files import NotALora, check_for_model
 from common.models import Adapter
 from common.settings import Settings
 from common.storage import COPY_CHUNK, Storage
@@ -105,7 +105,7 @@ def register(session: Session, *, tenant_id: uuid.UUID, name: str, staged: Stage
     database's idle_in_transaction_session_timeout, which would end a transaction left open across them."""
     check_name(name)
     try:
-        info = inspect_lora(staged.path, transformer_linear_shapes(settings.model))
+        info = check_for_model(staged.path, settings.model)
     except NotALora as exc:
         raise InvalidRequest(f"not a LoRA for this model: {exc}", field=field) from None
     if info.rank > settings.adapters.max_rank:

@@ -90,13 +90,13 @@ def test_a_registration_slower_than_the_idle_transaction_timeout_still_lands(sta
     settings = get_settings()
     database = settings.database.model_copy(update={"idle_in_transaction_timeout_s": 1.0,
                                                     "url": f"{settings.database.url}?application_name=lp-slow-check"})
-    real_inspect = common.adapters.inspect_lora
+    real_check = common.adapters.check_for_model
 
-    def slow_inspect(*args, **kwargs):
+    def slow_check(*args, **kwargs):
         time.sleep(1.5)
-        return real_inspect(*args, **kwargs)
+        return real_check(*args, **kwargs)
 
-    monkeypatch.setattr(common.adapters, "inspect_lora", slow_inspect)
+    monkeypatch.setattr(common.adapters, "check_for_model", slow_check)
     with use_settings(settings.model_copy(update={"database": database})):
         tenant = make_tenant()
         with TestClient(create_app(), raise_server_exceptions=False) as slow_http:
