@@ -127,6 +127,7 @@ class RecentRanks:
         for read in reading:
             read.cancel()
         await asyncio.gather(*reading, return_exceptions=True)
+        self._reading.clear()  # a read cancelled before it started never ran its own cleanup
 
     async def _read_and_keep(self, queue: str) -> LaneRank:
         try:
@@ -134,4 +135,4 @@ class RecentRanks:
             self._ranks[queue] = (time.monotonic() + self.ttl_s, rank)
             return rank
         finally:
-            del self._reading[queue]
+            self._reading.pop(queue, None)

@@ -9,7 +9,7 @@ import uuid
 import pytest
 
 from api import recent_places
-from api.recent_places import RecentPlaces
+from api.recent_places import RecentPlaces, RecentRanks
 from common.queue_position import QueuePlace
 
 
@@ -80,3 +80,27 @@ def test_one_count_at_a_time_for_a_lane_of_new_jobs(clock):
     assert places.of_new("interactive") == (QueuePlace(position=12, eta_s=None), False)  # meanwhile: on the last
     places.remember_new("interactive", None, rate=None)  # the count found the job gone: nothing new is kept
     assert places.of_new("interactive") == (QueuePlace(position=13, eta_s=None), True)  # expired, nobody counting
+
+
+def test_a_lane_ranking_closed_before_its_read_started_leaves_nothing_behind():
+    """RecentRanks.close cancels the reads in flight, even one cancelled before it ran; the next read is new."""
+    import asyncio
+
+    reads = []
+
+    async def read(queue: str):
+        reads.append(queue)
+        await asyncio.sleep(0)
+        return queue
+
+    async def run() -> tuple[bool, bool, str]:
+        ranks = RecentRanks(read)
+        waiting = asyncio.ensure_future(ranks.of("interactive"))
+        await asyncio.sleep(0)  # the caller has asked: its read is scheduled, not started
+        assert ranks._reading and not reads
+        await ranks.close()
+        cancelled = await asyncio.gather(waiting, return_exceptions=True)
+        return (not ranks._reading, isinstance(cancelled[0], asyncio.CancelledError),
+                await ranks.of("interactive"))
+
+    assert asyncio.run(run()) == (True, True, "interactive") and reads == ["interactive"]
